@@ -1,0 +1,86 @@
+r"""Reverse-time steps of the recipe SDE as affine maps, built once per time grid in float64.
+
+With ε-prediction the score is ``s = -L_t^{-T} ε`` (HSM kernel factor), so every step used here is
+
+    z' = P z + R ε + S ξ,       ξ ~ N(0, I),
+
+with k×k matrices P, R, S acting as ``M ⊗ I_d`` (see :mod:`diffusers_psld.sde.blocks`). Builders take
+forward times ``t`` (start) and ``t_next < t`` and return ``(P, R, S)`` (S is ``None`` for
+deterministic steps). Heun's two-stage step is written with :func:`pf_drift` pieces.
+
+* :func:`em_step` — Euler–Maruyama on the reverse SDE (PSLD paper Eq. 11).
+* :func:`pf_euler_step` — Euler on the probability-flow ODE (drift ``f - ½ G Gᵀ s``).
+* :func:`sscs_step` — modified SSCS (paper Eq. 12): exact linear half-step ``A``, Euler step of
+  the score part ``S``, exact half-step ``A``. Splitting the reverse drift as
+  ``-βFz + 2βD s = β(Q - D)A z + 2βD(s + Az)`` shows that the linear part is the recipe SDE with
+  ``Q → -Q`` (paper Eq. 12's ``A``), whose kernel the recipe already computes exactly and whose
+  stationary law is the same prior N(0, A⁻¹).
+"""
+from __future__ import annotations
+
+import torch
+
+from .sde import RecipeSDE
+from .sde.kernels import psd_cholesky
+
+__all__ = ["em_step", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step", "x0_coefficients"]
+
+
+def _eye(sde: RecipeSDE) -> torch.Tensor:
+    return torch.eye(sde.k, dtype=torch.float64)
+
+
+def _score_matrix(sde: RecipeSDE, t) -> torch.Tensor:
+    """``-L_t^{-T}``: multiplies ε to give the score at forward time ``t``."""
+    return -sde.hsm_kernel(t).inv_chol_t()
+
+
+def pf_drift(sde: RecipeSDE, t):
+    """Probability-flow drift as ``(P, R)``: ``dz/dt = P z + R ε`` (forward time)."""
+    drift, score_w = sde.reverse_drift_matrices(t, probability_flow=True)
+    return drift, score_w @ _score_matrix(sde, t)
+
+
+def em_step(sde: RecipeSDE, t: float, t_next: float, noise: bool = True):
+    """Euler–Maruyama step of the reverse SDE from ``t`` to ``t_next`` (paper Eq. 11).
+
+    ``noise=False`` gives the mean of the step (used for the final denoising step).
+    """
+    h = t - t_next
+    drift, score_w = sde.reverse_drift_matrices(t)
+    P = _eye(sde) - h * drift
+    R = -h * score_w @ _score_matrix(sde, t)
+    S = sde.diffusion(t) * h ** 0.5 if noise else None
+    return P, R, S
+
+
+def pf_euler_step(sde: RecipeSDE, t: float, t_next: float):
+    """Euler step of the probability-flow ODE from ``t`` to ``t_next``."""
+    h = t - t_next
+    P, R = pf_drift(sde, t)
+    return _eye(sde) - h * P, -h * R, None
+
+
+def sscs_linear(sde: RecipeSDE, t_from: float, t_to: float):
+    """Exact transition of the SSCS linear part ``A`` from forward time ``t_from`` down to ``t_to``.
+
+    Returns ``(Φ, L)`` with ``z' = Φ z + L ξ``.
+    """
+    b = sde.beta_integral(t_from, t_to)
+    from .sde.kernels import transition
+
+    linear = sde.with_Q(-sde.Q)
+    phi, sigma = transition(linear.F, linear.D, linear.prior_cov, b)
+    return phi, psd_cholesky(sigma, "SSCS half-step covariance")
+
+
+def sscs_score_step(sde: RecipeSDE, h: float, t_eval: float):
+    """Euler step of the SSCS score part ``S``: ``z += h·2β D (s + A z)``, s at ``t_eval``."""
+    w = 2.0 * h * sde.beta(t_eval) * sde.D
+    return _eye(sde) + w @ sde.A, w @ _score_matrix(sde, t_eval)
+
+
+def x0_coefficients(sde: RecipeSDE, t):
+    """``(a, L)`` of the HSM kernel: ``x̂₀ = aᵀ(z - L ε) / aᵀa`` (exact when ε is)."""
+    kern = sde.hsm_kernel(t)
+    return kern.mean_coef, kern.chol

@@ -1,0 +1,4 @@
+from .scheduling_psld import PSLDScheduler, PSLDSchedulerOutput
+from .scheduling_sscs import SSCSScheduler
+
+__all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SSCSScheduler"]

@@ -1,0 +1,419 @@
+r"""``PSLDScheduler``: reverse-time samplers of the complete recipe behind the Diffusers scheduler API.
+
+State layout: ``sample = [x ; m]`` stacked on the channel axis (``k*C`` channels, k = 2 for PSLD and
+CLD, k = 1 for VP); the model predicts ε for all ``k*C`` channels. With Γ = 0 (CLD) the ε_x half
+cannot influence the reverse dynamics (``D L⁻ᵀ`` has a zero column), so it is ignored here and
+excluded from the loss (:func:`diffusers_psld.losses.hsm_loss`): one shape contract for every preset.
+
+Time: ``timesteps`` are continuous forward times t in [sampling_eps, 1] (float, descending); the UNet
+receives :meth:`PSLDScheduler.model_time` ``(t) = t * time_scale`` as a float tensor (a raw t in
+[0, 1] barely moves UNet2DModel's sinusoidal embedding, and a Python float would be cast to int).
+Training uses the same function.
+
+``num_inference_steps`` is the exact number of model evaluations: N - 1 reverse steps on
+[sampling_eps, 1] (for Heun, pairs of evaluations) and one final noiseless denoising step from
+``sampling_eps`` to 0 (the mean of an Euler(-Maruyama) step, as in the paper's code).
+
+Every step except Heun's is the affine map ``z' = P z + R ε + S ξ`` with k×k float64 matrices built
+in :meth:`set_timesteps` (see :mod:`diffusers_psld.sampling`), so a step costs three small einsums.
+
+The standard Diffusers loop drives every sampler::
+
+    scheduler.set_timesteps(50)
+    z = scheduler.sample_prior((batch, 2 * C, H, W), generator=g)
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(z, t)
+        eps = unet(inp, scheduler.model_time(t, batch)).sample
+        z = scheduler.step(eps, t, z, generator=g).prev_sample
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import sampling
+from ..sde import RecipeSDE, blocks
+
+__all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SAMPLERS", "STRIDINGS"]
+
+SAMPLERS = ("em", "pf_euler", "pf_heun", "sscs")
+STRIDINGS = ("uniform", "quadratic")
+DIFFUSIONS = ("psld", "vp")
+_PRESET_BETA = {"psld": (8.0, 8.0), "vp": (0.1, 20.0)}
+
+# kinds of model-evaluation calls in a step table
+_AFFINE, _HEUN_PRED, _HEUN_CORR = 0, 1, 2
+
+
+@dataclass
+class PSLDSchedulerOutput(BaseOutput):
+    """Output of :meth:`PSLDScheduler.step`.
+
+    Args:
+        prev_sample (`torch.Tensor` of shape `[B, k*C, ...]`): the state at the next timestep.
+        pred_original_sample (`torch.Tensor` of shape `[B, C, ...]`): x̂₀ estimated from this step's ε.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+def time_grid(n: int, eps: float, striding: str) -> torch.Tensor:
+    """``n + 1`` descending float64 forward times from 1 to ``eps`` (uniform or quadratic)."""
+    i = torch.arange(n + 1, dtype=torch.float64)
+    if striding == "uniform":
+        return 1.0 - i * (1.0 - eps) / n
+    if striding == "quadratic":
+        return eps + (1.0 - eps) * ((n - i) / n) ** 2
+    raise ValueError(f"`striding` must be one of {STRIDINGS}, got {striding!r}")
+
+
+class PSLDScheduler(SchedulerMixin, ConfigMixin):
+    r"""Samplers for PSLD / CLD / VP diffusions (PSLD paper Eq. 11-12) with ε-prediction.
+
+    Args:
+        diffusion (`str`, defaults to `"psld"`): `"psld"` (k = 2; Γ = 0 gives CLD) or `"vp"` (k = 1).
+        gamma (`float`, defaults to 0.01): Γ, x-space noise (>= 0).
+        nu (`float`, defaults to 4.01): ν, momentum-space noise (>= 0).
+        m_inv (`float`, *optional*): M⁻¹; `None` applies critical damping M⁻¹ = (ν - Γ)²/4.
+        beta_min (`float`, *optional*), beta_max (`float`, *optional*): linear β(t) endpoints;
+            `None` takes the preset's (8, 8 for PSLD; 0.1, 20 for VP).
+        kappa (`float`, defaults to 0.04): κ, HSM initial momentum variance factor (m₀ ~ N(0, κM)).
+        sampling_eps (`float`, defaults to 1e-3): last forward time before the denoising step.
+        time_scale (`float`, defaults to 1000): the UNet receives t · time_scale.
+        sampler (`str`, defaults to `"em"`): `"em"`, `"pf_euler"`, `"pf_heun"` or `"sscs"`.
+        striding (`str`, defaults to `"uniform"`): `"uniform"` or `"quadratic"` time grid.
+        sscs_score_time (`str`, defaults to `"midpoint"`): SSCS evaluates the score on the half-stepped
+            state at the interval midpoint (second-order Strang splitting) or, as the official code,
+            at the interval `"start"`.
+    """
+
+    _compatibles: List[str] = []
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        diffusion: Literal["psld", "vp"] = "psld",
+        gamma: float = 0.01,
+        nu: float = 4.01,
+        m_inv: Optional[float] = None,
+        beta_min: Optional[float] = None,
+        beta_max: Optional[float] = None,
+        kappa: float = 0.04,
+        sampling_eps: float = 1e-3,
+        time_scale: float = 1000.0,
+        sampler: Literal["em", "pf_euler", "pf_heun", "sscs"] = "em",
+        striding: Literal["uniform", "quadratic"] = "uniform",
+        sscs_score_time: Literal["midpoint", "start"] = "midpoint",
+    ):
+        self._setup()
+
+    # ------------------------------------------------------------------ construction
+    def _setup(self):
+        cfg = self.config
+        if cfg.diffusion not in DIFFUSIONS:
+            raise ValueError(f"`diffusion` must be one of {DIFFUSIONS} (CLD is 'psld' with gamma=0), got {cfg.diffusion!r}")
+        if cfg.sampler not in SAMPLERS:
+            raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {cfg.sampler!r}")
+        if cfg.striding not in STRIDINGS:
+            raise ValueError(f"`striding` must be one of {STRIDINGS}, got {cfg.striding!r}")
+        if cfg.sscs_score_time not in ("midpoint", "start"):
+            raise ValueError(f"`sscs_score_time` must be 'midpoint' or 'start', got {cfg.sscs_score_time!r}")
+        eps = cfg.sampling_eps
+        if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
+            raise ValueError(f"`sampling_eps` must be in (0, 1), got {eps!r}")
+        if not (isinstance(cfg.time_scale, (int, float)) and cfg.time_scale > 0):
+            raise ValueError(f"`time_scale` must be > 0, got {cfg.time_scale!r}")
+        bmin, bmax = _PRESET_BETA[cfg.diffusion]
+        bmin = bmin if cfg.beta_min is None else cfg.beta_min
+        bmax = bmax if cfg.beta_max is None else cfg.beta_max
+        if cfg.diffusion == "vp":
+            if cfg.sampler == "sscs":
+                raise ValueError("`sampler='sscs'` needs an augmented diffusion (diffusion='psld'); VP has no momentum")
+            self.sde = RecipeSDE.vp(bmin, bmax)
+        else:
+            self.sde = RecipeSDE.psld(cfg.gamma, cfg.nu, bmin, bmax, cfg.kappa, cfg.m_inv)
+        self.init_noise_sigma = 1.0  # not used: the prior is anisotropic, see `sample_prior`
+        self.num_inference_steps = None
+        self.timesteps = None
+        self._tables = None
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def num_components(self) -> int:
+        """k: 1 for VP, 2 for PSLD/CLD. The state has ``k * C`` channels."""
+        return self.sde.k
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    # ------------------------------------------------------------------ time
+    def model_time(self, t, batch_size: Optional[int] = None, device=None) -> torch.Tensor:
+        """What the UNet (and a time-dependent classifier) receives for forward time ``t``.
+
+        Returns a float32 tensor ``t * time_scale`` of shape ``[batch_size]`` (or ``t``'s shape).
+        Use this everywhere (training, sampling, guidance) so the network sees one convention.
+        """
+        t = torch.as_tensor(t, dtype=torch.float64, device=device)
+        out = (t * self.config.time_scale).to(torch.float32)
+        if batch_size is not None:
+            out = out.reshape(-1).expand(batch_size) if out.numel() == 1 else out.reshape(batch_size)
+        return out
+
+    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
+        """Build the time grid and the float64 step tables for exactly ``num_inference_steps`` model calls."""
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2:
+            raise ValueError(
+                f"`num_inference_steps` must be an int >= 2 (N - 1 reverse steps + 1 final denoising step), "
+                f"got {num_inference_steps!r}"
+            )
+        n_calls = num_inference_steps
+        eps, sde = self.config.sampling_eps, self.sde
+        builder = {"em": self._build_em, "pf_euler": self._build_pf, "pf_heun": self._build_heun,
+                   "sscs": self._build_sscs}[self.config.sampler]
+        calls = builder(n_calls - 1)
+        # final noiseless denoising step from eps to 0 (EM mean, or PF Euler for the ODE samplers)
+        if self.config.sampler in ("em", "sscs"):
+            P, R, _ = sampling.em_step(sde, eps, 0.0, noise=False)
+        else:
+            P, R, _ = sampling.pf_euler_step(sde, eps, 0.0)
+        calls.append((_AFFINE, eps, P, R, None, 0.0))
+        assert len(calls) == n_calls
+        self._tables = _StepTables(sde, calls)
+        self.num_inference_steps = n_calls
+        self.timesteps = torch.tensor([c[1] for c in calls], dtype=torch.float64, device=device)
+        self._step_index = None
+        self._begin_index = None
+        self._heun_cache = None
+
+    def _grid(self, n: int) -> torch.Tensor:
+        return time_grid(n, self.config.sampling_eps, self.config.striding)
+
+    def _build_em(self, n):
+        ts = self._grid(n).tolist()
+        return [(_AFFINE, t, *sampling.em_step(self.sde, t, tn), 0.0) for t, tn in zip(ts[:-1], ts[1:])]
+
+    def _build_pf(self, n):
+        ts = self._grid(n).tolist()
+        return [(_AFFINE, t, *sampling.pf_euler_step(self.sde, t, tn), 0.0) for t, tn in zip(ts[:-1], ts[1:])]
+
+    def _build_heun(self, n_evals):
+        # n_evals model calls before the denoising step: pairs of Heun calls, one Euler call first if odd
+        n_heun, n_euler = divmod(n_evals, 2)
+        ts = self._grid(n_heun + n_euler).tolist()
+        calls = []
+        for i, (t, tn) in enumerate(zip(ts[:-1], ts[1:])):
+            if i < n_euler:
+                calls.append((_AFFINE, t, *sampling.pf_euler_step(self.sde, t, tn), 0.0))
+                continue
+            h = t - tn
+            calls.append((_HEUN_PRED, t, *sampling.pf_drift(self.sde, t), None, h))
+            calls.append((_HEUN_CORR, tn, *sampling.pf_drift(self.sde, tn), None, h))
+        return calls
+
+    def _build_sscs(self, n):
+        ts = self._grid(n).tolist()
+        hs = [t - tn for t, tn in zip(ts[:-1], ts[1:])]
+        mids = [t - 0.5 * h for t, h in zip(ts[:-1], hs)]
+        calls = []
+        for i in range(n):
+            t_eval = mids[i] if self.config.sscs_score_time == "midpoint" else ts[i]
+            Ps, Rs = sampling.sscs_score_step(self.sde, hs[i], t_eval)
+            # trailing half-step of step i merged with the leading half-step of step i + 1 (exact)
+            t_to = mids[i + 1] if i + 1 < n else ts[-1]
+            phi, L = sampling.sscs_linear(self.sde, mids[i], t_to)
+            calls.append((_AFFINE, t_eval, phi @ Ps, phi @ Rs, L, 0.0, mids[i]))
+        return calls
+
+    # ------------------------------------------------------------------ forward process
+    def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Draw from the prior N(0, diag(masses)) per component (x ~ N(0, I), m ~ N(0, M I)).
+
+        With the SSCS sampler this is also exact for the state the first step expects (the SSCS
+        linear part keeps the prior invariant, so its leading half-step needs no simulation).
+        """
+        shape = tuple(shape)
+        blocks._check(torch.empty(shape[:2] + (0,)), self.num_components, "shape")
+        noise = randn_tensor(shape, generator=generator, device=torch.device(device) if device else None, dtype=dtype)
+        return blocks.apply(torch.diag(self.sde.masses.sqrt()), noise)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """z_t = a(t) x₀ + L_t ε from the HSM kernel p(z_t | x₀) (paper Eq. 10), for training.
+
+        Args:
+            original_samples: data x₀ ``[B, C, ...]``.
+            noise: ε ``[B, k*C, ...]``.
+            timesteps: forward times in [0, 1], a scalar or ``[B]``.
+        """
+        k = self.num_components
+        if noise.ndim < 2 or noise.shape[0] != original_samples.shape[0] or noise.shape[1] != k * original_samples.shape[1] \
+                or noise.shape[2:] != original_samples.shape[2:]:
+            raise ValueError(
+                f"`noise` must have shape [B, {k}*C, ...] for `original_samples` of shape [B, C, ...]: got "
+                f"noise {tuple(noise.shape)} and original_samples {tuple(original_samples.shape)}"
+            )
+        t = self._check_times(timesteps, original_samples.shape[0])
+        kern = self.sde.hsm_kernel(t.cpu())
+        z = blocks.apply(kern.chol.to(noise.device), noise.to(torch.float64))
+        x0 = original_samples.to(torch.float64).reshape(noise.shape[0], 1, -1)
+        z = z + (kern.mean_coef.to(noise.device)[:, :, None] * x0).reshape(noise.shape)
+        return z.to(noise.dtype)
+
+    @staticmethod
+    def _check_times(timesteps, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, dtype=torch.float64)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"`timesteps` must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
+        if not torch.all(torch.isfinite(t)) or torch.any(t < 0) or torch.any(t > 1):
+            raise ValueError(f"`timesteps` must be forward times in [0, 1], got range "
+                             f"[{t.min().item():.4g}, {t.max().item():.4g}]")
+        return t
+
+    def eps_to_score(self, eps: torch.Tensor, t: float) -> torch.Tensor:
+        """score = -L_t^{-T} ε (HSM kernel factor at forward time ``t``)."""
+        return blocks.apply(-self.sde.hsm_kernel(float(t)).inv_chol_t(), eps)
+
+    def score_to_eps_shift(self, grad: torch.Tensor, t: float) -> torch.Tensor:
+        """``Lᵀ g``: adding ``g`` to the score equals subtracting ``Lᵀ g`` from ε (used for guidance)."""
+        return blocks.apply(self.sde.hsm_kernel(float(t)).chol.transpose(-1, -2), grad)
+
+    # ------------------------------------------------------------------ sampling
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Identity: the network sees the state as is (kept for Diffusers interchangeability)."""
+        return sample
+
+    def state_time(self, index: Optional[int] = None) -> float:
+        """Forward time of the state passed to call ``index`` (default: the next call).
+
+        Equals ``timesteps[index]`` except for SSCS with ``sscs_score_time='start'``, where the state
+        sits at the interval midpoint, and after the final call (0.0).
+        """
+        index = (self._step_index or 0) if index is None else index
+        if index >= self.num_inference_steps:
+            return 0.0
+        return self._tables.state_times[index]
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        return_dict: bool = True,
+    ) -> Union[PSLDSchedulerOutput, Tuple]:
+        """Advance the state by one model evaluation (see the module docstring for the samplers)."""
+        if self._tables is None:
+            raise ValueError("call `set_timesteps(num_inference_steps)` before `step`")
+        if self._step_index is None:
+            self._step_index = self._begin_index or 0
+        i = self._step_index
+        if i >= self.num_inference_steps:
+            raise ValueError(f"all {self.num_inference_steps} steps are done; call `set_timesteps` again")
+        self._check_step_inputs(model_output, timestep, sample, i)
+
+        # 1. work in float32 (float64 if given), cast back at the end
+        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        z, eps = sample.to(work), model_output.to(work)
+        tab = self._tables.on(sample.device, work)
+        kind = self._tables.kinds[i]
+
+        # 2. x̂₀ from this step's ε (exact when ε is): aᵀ(z - L ε) / aᵀa
+        x0 = self._tables.project_x0(tab, i, z, eps)
+
+        # 3. the update
+        if kind == _AFFINE:
+            out = blocks.apply(tab.P[i], z) + blocks.apply(tab.R[i], eps)
+            if self._tables.noisy[i]:
+                noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=work)
+                out = out + blocks.apply(tab.S[i], noise)
+        elif kind == _HEUN_PRED:  # Euler predictor; remember the state and slope
+            slope = blocks.apply(tab.P[i], z) + blocks.apply(tab.R[i], eps)
+            self._heun_cache = (z, slope)
+            out = z - self._tables.h[i] * slope
+        else:  # _HEUN_CORR: trapezoid with the slope at the predicted state
+            z0, slope0 = self._heun_cache
+            slope = blocks.apply(tab.P[i], z) + blocks.apply(tab.R[i], eps)
+            out = z0 - 0.5 * self._tables.h[i] * (slope0 + slope)
+            self._heun_cache = None
+        self._step_index += 1
+        out = out.to(sample.dtype)
+        x0 = x0.to(sample.dtype)
+        if not return_dict:
+            return (out, x0)
+        return PSLDSchedulerOutput(prev_sample=out, pred_original_sample=x0)
+
+    def _check_step_inputs(self, model_output, timestep, sample, i):
+        k = self.num_components
+        if sample.ndim < 2 or sample.shape[1] % k != 0:
+            raise ValueError(f"`sample` must have shape [B, {k}*C, ...] ({k} stacked components), got {tuple(sample.shape)}")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"`model_output` must predict ε for all {sample.shape[1]} channels of the state, i.e. have shape "
+                f"{tuple(sample.shape)}; got {tuple(model_output.shape)}"
+            )
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)
+        if t.numel() == 0 or not torch.all(torch.isfinite(t)) or torch.any(t < 0) or torch.any(t > 1):
+            raise ValueError(f"`timestep` must be a forward time in [0, 1] taken from `scheduler.timesteps`, got {timestep!r}")
+        expected = self._tables.eval_times[i]
+        if torch.any((t - expected).abs() > 1e-6 * max(1.0, expected)):
+            raise ValueError(
+                f"`timestep` {t[0].item():.6g} does not match call {i} of this schedule (expected {expected:.6g}); "
+                "pass the entries of `scheduler.timesteps` in order"
+            )
+
+
+class _StepTables:
+    """Per-call float64 coefficient tables, with cached copies per (device, dtype)."""
+
+    def __init__(self, sde: RecipeSDE, calls):
+        zero = torch.zeros(sde.k, sde.k, dtype=torch.float64)
+        self.kinds = [c[0] for c in calls]
+        self.eval_times = [float(c[1]) for c in calls]
+        self.noisy = [c[4] is not None for c in calls]
+        self.h = [float(c[5]) for c in calls]
+        self.P = torch.stack([c[2] for c in calls])
+        self.R = torch.stack([c[3] for c in calls])
+        self.S = torch.stack([c[4] if c[4] is not None else zero for c in calls])
+        kern = sde.hsm_kernel(torch.tensor(self.eval_times, dtype=torch.float64))
+        a = kern.mean_coef  # [n, k]
+        self.x0_w = a / (a * a).sum(-1, keepdim=True)  # aᵀ / aᵀa
+        self.x0_L = kern.chol
+        self.state_times = [float(c[6]) if len(c) > 6 else float(c[1]) for c in calls]
+        self._cache = {}
+
+    def on(self, device, dtype):
+        key = (str(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = _Cast(self, device, dtype)
+        return self._cache[key]
+
+    def project_x0(self, tab, i, z, eps):
+        v = z - blocks.apply(tab.x0_L[i], eps)
+        k = tab.x0_w.shape[-1]
+        comps = v.reshape(v.shape[0], k, -1)
+        x0 = torch.einsum("j,bjn->bn", tab.x0_w[i], comps)
+        return x0.reshape(v.shape[0], v.shape[1] // k, *v.shape[2:])
+
+
+class _Cast:
+    def __init__(self, tables: _StepTables, device, dtype):
+        for name in ("P", "R", "S", "x0_w", "x0_L"):
+            setattr(self, name, getattr(tables, name).to(device=device, dtype=dtype))
