@@ -1,0 +1,4 @@
+"""Pipelines of diffusers-psld."""
+from .pipeline_psld import PSLDPipeline, PSLDPipelineOutput
+
+__all__ = ["PSLDPipeline", "PSLDPipelineOutput"]
