@@ -5,7 +5,8 @@ With ε-prediction the score is ``s = -L_t^{-T} ε`` (HSM kernel factor), so eve
     z' = P z + R ε + S ξ,       ξ ~ N(0, I),
 
 with k×k matrices P, R, S acting as ``M ⊗ I_d`` (see :mod:`diffusers_psld.sde.blocks`). Builders take
-forward times ``t`` (start) and ``t_next < t`` and return ``(P, R, S)`` (S is ``None`` for
+forward times ``t`` (start) and ``t_next < t`` — floats or 1-D float64 tensors, so a whole grid is
+built in one vectorised call — and return ``(P, R, S)`` of shape ``[..., k, k]`` (S is ``None`` for
 deterministic steps). Heun's two-stage step is written with :func:`pf_drift` pieces.
 
 * :func:`em_step` — Euler–Maruyama on the reverse SDE (PSLD paper Eq. 11).
@@ -21,13 +22,18 @@ from __future__ import annotations
 import torch
 
 from .sde import RecipeSDE
-from .sde.kernels import psd_cholesky
+from .sde.kernels import psd_cholesky, transition
 
 __all__ = ["em_step", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step", "x0_coefficients"]
 
 
 def _eye(sde: RecipeSDE) -> torch.Tensor:
     return torch.eye(sde.k, dtype=torch.float64)
+
+
+def _col(x) -> torch.Tensor:
+    """A float or ``[n]`` tensor as ``[..., 1, 1]`` for broadcasting against k×k matrices."""
+    return torch.as_tensor(x, dtype=torch.float64)[..., None, None]
 
 
 def _score_matrix(sde: RecipeSDE, t) -> torch.Tensor:
@@ -46,37 +52,36 @@ def em_step(sde: RecipeSDE, t: float, t_next: float, noise: bool = True):
 
     ``noise=False`` gives the mean of the step (used for the final denoising step).
     """
-    h = t - t_next
+    h = _col(torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(t_next, dtype=torch.float64))
     drift, score_w = sde.reverse_drift_matrices(t)
     P = _eye(sde) - h * drift
     R = -h * score_w @ _score_matrix(sde, t)
-    S = sde.diffusion(t) * h ** 0.5 if noise else None
+    S = sde.diffusion(t) * h.sqrt() if noise else None
     return P, R, S
 
 
 def pf_euler_step(sde: RecipeSDE, t: float, t_next: float):
     """Euler step of the probability-flow ODE from ``t`` to ``t_next``."""
-    h = t - t_next
+    h = _col(torch.as_tensor(t, dtype=torch.float64) - torch.as_tensor(t_next, dtype=torch.float64))
     P, R = pf_drift(sde, t)
     return _eye(sde) - h * P, -h * R, None
 
 
-def sscs_linear(sde: RecipeSDE, t_from: float, t_to: float):
+def sscs_linear(sde: RecipeSDE, t_from, t_to):
     """Exact transition of the SSCS linear part ``A`` from forward time ``t_from`` down to ``t_to``.
 
+    ``A`` is the recipe SDE with ``Q → -Q`` run over the β-integral ``B(t_to, t_from)``.
     Returns ``(Φ, L)`` with ``z' = Φ z + L ξ``.
     """
     b = sde.beta_integral(t_from, t_to)
-    from .sde.kernels import transition
-
-    linear = sde.with_Q(-sde.Q)
-    phi, sigma = transition(linear.F, linear.D, linear.prior_cov, b)
+    f_linear = -(sde.D - sde.Q) @ sde.A
+    phi, sigma = transition(f_linear, sde.D, sde.prior_cov, b)
     return phi, psd_cholesky(sigma, "SSCS half-step covariance")
 
 
 def sscs_score_step(sde: RecipeSDE, h: float, t_eval: float):
     """Euler step of the SSCS score part ``S``: ``z += h·2β D (s + A z)``, s at ``t_eval``."""
-    w = 2.0 * h * sde.beta(t_eval) * sde.D
+    w = 2.0 * _col(h) * _col(sde.beta(t_eval)) * sde.D
     return _eye(sde) + w @ sde.A, w @ _score_matrix(sde, t_eval)
 
 

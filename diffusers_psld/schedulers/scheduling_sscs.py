@@ -45,7 +45,7 @@ class SSCSScheduler(PSLDScheduler):
         time_scale: float = 1000.0,
         sampler: Literal["sscs"] = "sscs",
         striding: Literal["uniform", "quadratic"] = "uniform",
-        sscs_score_time: Literal["midpoint", "start"] = "midpoint",
+        sscs_score_time: Literal["midpoint", "start"] = "start",
     ):
         if sampler != "sscs":
             raise ValueError(f"SSCSScheduler only runs `sampler='sscs'`, got {sampler!r}; use PSLDScheduler for {sampler!r}")
