@@ -3,8 +3,8 @@ r"""Offline feature extractor for FID / IS: a small CNN classifier trained on th
 **Not comparable to published FID / IS.** Published numbers use the TF-Inception-v3 network
 (``pt_inception-2015-12-05``); its weights cannot be downloaded on an offline machine. This module
 provides a documented stand-in: :class:`DigitsFeatureNet`, a ~30k-parameter CNN trained in seconds on
-CPU on the same data set as the generative model (scikit-learn's bundled 8×8 ``digits`` by default,
-1797 images, 10 classes). Its penultimate layer (``feature_dim``) gives the FID features
+CPU on the same data set as the generative model (scikit-learn's bundled ``digits`` at 16 px by default
+(the same images as :func:`diffusers_psld.data.load_digits_dataset`; 1797 images, 10 classes). Its penultimate layer (``feature_dim``) gives the FID features
 (torchmetrics ``FrechetInceptionDistance(feature=<module>)``) and its class logits give the IS
 (torchmetrics ``InceptionScore(feature=<module returning logits>)``). Scores computed with it are
 useful to compare models *with each other* on this data set only.
@@ -32,23 +32,21 @@ __all__ = ["DigitsFeatureNet", "FeatureHead", "LogitsHead", "load_digits_images"
            "load_feature_extractor"]
 
 
-def load_digits_images(image_size: int = 8, channels: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_digits_images(image_size: int = 16, channels: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled ``digits`` (offline) as ``uint8`` ``[N, channels, image_size, image_size]`` + labels.
 
-    The 17 grey levels (0-16) are mapped to [0, 255]; sizes other than 8 are bilinear upsamplings.
+    Uses :func:`diffusers_psld.data.load_digits_dataset` (the generative models' training data: PIL
+    bicubic resize of the 17 grey levels) so the extractor sees the same images as the models.
     """
-    if not isinstance(image_size, int) or image_size < 4:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
         raise ValueError(f"`image_size` must be an int >= 4, got {image_size!r}")
     if channels not in (1, 3):
         raise ValueError(f"`channels` must be 1 or 3, got {channels!r}")
-    from sklearn.datasets import load_digits
+    from ..data import load_digits_dataset
 
-    ds = load_digits()
-    x = torch.as_tensor(ds.images, dtype=torch.float32)[:, None] / 16.0
-    if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = x.clamp(0, 1).repeat(1, channels, 1, 1)
-    return (x * 255).round().to(torch.uint8), torch.as_tensor(ds.target, dtype=torch.long)
+    ds = load_digits_dataset(resolution=image_size)
+    x = ((ds.images + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
+    return x.repeat(1, channels, 1, 1), ds.labels.clone()
 
 
 class DigitsFeatureNet(ModelMixin, ConfigMixin):
@@ -63,7 +61,7 @@ class DigitsFeatureNet(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, in_channels: int = 1, image_size: int = 8, feature_dim: int = 64, num_classes: int = 10,
+    def __init__(self, in_channels: int = 1, image_size: int = 16, feature_dim: int = 64, num_classes: int = 10,
                  width: int = 32):
         super().__init__()
         self.body = nn.Sequential(
@@ -128,8 +126,8 @@ class LogitsHead(nn.Module):
 def train_feature_extractor(
     images: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
-    image_size: int = 8,
-    epochs: int = 20,
+    image_size: int = 16,
+    epochs: int = 12,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
@@ -139,7 +137,7 @@ def train_feature_extractor(
     verbose: bool = False,
     num_threads: Optional[int] = 1,
 ):
-    """Train :class:`DigitsFeatureNet` (digits by default; ~10-20 s on 2 CPU cores) and optionally save it.
+    """Train :class:`DigitsFeatureNet` (digits by default; about 15-60 s on 2 shared CPU cores at 16 px) and optionally save it.
 
     Args:
         images, labels: ``uint8 [N, C, H, W]`` and ``long [N]``; ``None`` loads :func:`load_digits_images`.

@@ -1,0 +1,399 @@
+r"""Sample generation in resumable seed shards, and FID / IS with torchmetrics.
+
+Generation
+----------
+``N`` samples are split into shards of ``shard_size`` images; shard ``i`` is generated with
+``torch.Generator().manual_seed(base_seed + i)`` by process ``i % world_size`` and written atomically
+to ``<dir>/shard_{i:05d}.npz`` (``images``: uint8 ``[n, H, W, C]``, ``seed``, ``seconds``). A shard that
+already exists with the right size is not regenerated, so an interrupted run resumes where it stopped,
+and the result does not depend on the number of processes. The main process then reads all shards
+(the file system is the gather; per-process timings are gathered with Accelerate in
+``training/evaluate.py``).
+
+Conversion to uint8 follows the official PSLD code and torchmetrics' ``normalize=True``:
+``floor(255 · clamp(x, 0, 1))`` (truncation). Real data that is already 8-bit is converted exactly.
+
+Metrics
+-------
+* ``"inception"``: torchmetrics' ``FrechetInceptionDistance`` / ``InceptionScore`` with the standard
+  TF-Inception-v3 (``NoTrainInceptionV3``: 2048-d pool features for FID, ``logits_unbiased`` for IS),
+  weights from ``inception_weights`` (torchmetrics' ``feature_extractor_weights_path``) or downloaded
+  by torch-fidelity when online. Needs ``torch-fidelity`` (do **not** install it into a CPU-only
+  environment without ``--no-deps``: it pulls torchvision and a CUDA torch). Grey images are
+  repeated to 3 channels. Comparable to published numbers (given the same reference set and N).
+* a :class:`~diffusers_psld.evaluation.features.DigitsFeatureNet` (or a path to one): offline
+  features from a small classifier trained on the data set; **not comparable to published FID/IS**.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .features import DigitsFeatureNet, FeatureHead, LogitsHead, load_feature_extractor
+
+__all__ = [
+    "to_uint8",
+    "shard_path",
+    "shard_plan",
+    "generate_shards",
+    "load_shards",
+    "save_pngs",
+    "load_image_folder",
+    "build_metrics",
+    "compute_fid_is",
+    "pipeline_sample_fn",
+    "INCEPTION_NOTE",
+    "CUSTOM_NOTE",
+]
+
+INCEPTION_NOTE = "TF-Inception-v3 features (torchmetrics/torch-fidelity): comparable to published FID/IS."
+CUSTOM_NOTE = ("Offline features from a small classifier trained on the data set (DigitsFeatureNet): "
+               "NOT comparable to published FID/IS; use only to compare models with each other on this data set.")
+
+# A sample function takes (batch_size, generator) and returns images: float [0,1] (NCHW tensor or NHWC
+# numpy), or uint8; see `to_uint8`.
+SampleFn = Callable[[int, torch.Generator], Union[torch.Tensor, np.ndarray]]
+
+
+# ---------------------------------------------------------------------------------------- conversion
+def to_uint8(images) -> torch.Tensor:
+    """Images → uint8 ``[N, C, H, W]`` tensor.
+
+    Accepts a torch tensor ``[N, C, H, W]`` (float in [0, 1] or uint8), a NumPy array ``[N, H, W, C]``
+    (diffusers' ``output_type="np"``), or a list of PIL images. Floats are truncated:
+    ``floor(255 · clamp(x, 0, 1))`` as in the official PSLD code and torchmetrics' ``normalize=True``.
+    """
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im) for im in images])
+        if images.ndim == 3:
+            images = images[..., None]
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f"`images` as a NumPy array must be [N, H, W, C], got shape {images.shape}")
+        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"`images` must be [N, C, H, W] (tensor) or [N, H, W, C] (numpy), got {type(images)}")
+    if images.dtype == torch.uint8:
+        return images.cpu().contiguous()
+    if not images.is_floating_point():
+        raise ValueError(f"`images` must be uint8 or floating point in [0, 1], got dtype {images.dtype}")
+    return (images.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().contiguous()
+
+
+# ---------------------------------------------------------------------------------------- shards
+def shard_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"shard_{index:05d}.npz")
+
+
+def shard_plan(num_samples: int, shard_size: int) -> List[int]:
+    """Sizes of the shards covering ``num_samples`` (the last may be smaller)."""
+    for name, v in (("num_samples", num_samples), ("shard_size", shard_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {v!r}")
+    n_full, rest = divmod(num_samples, shard_size)
+    return [shard_size] * n_full + ([rest] if rest else [])
+
+
+def _shard_ok(path: str, size: int) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f["images"].shape[0] == size
+    except Exception:  # corrupt / partial file: regenerate
+        return False
+
+
+def generate_shards(
+    sample_fn: SampleFn,
+    directory: str,
+    num_samples: int,
+    shard_size: int,
+    base_seed: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, object]:
+    """Generate this process's shards (``i % num_processes == process_index``), skipping existing ones.
+
+    Shard ``i`` uses ``torch.Generator().manual_seed(base_seed + i)``; the generator is passed to
+    ``sample_fn(batch_size, generator)``.
+
+    Returns:
+        ``{"generated": [indices], "skipped": [indices], "images": n generated now, "seconds": generation time}``.
+    """
+    if not (isinstance(num_processes, int) and num_processes >= 1):
+        raise ValueError(f"`num_processes` must be an int >= 1, got {num_processes!r}")
+    if not (isinstance(process_index, int) and 0 <= process_index < num_processes):
+        raise ValueError(f"`process_index` must be in [0, {num_processes}), got {process_index!r}")
+    sizes = shard_plan(num_samples, shard_size)
+    os.makedirs(directory, exist_ok=True)
+    generated, skipped, n_images, seconds = [], [], 0, 0.0
+    for i, size in enumerate(sizes):
+        if i % num_processes != process_index:
+            continue
+        path = shard_path(directory, i)
+        if _shard_ok(path, size):
+            skipped.append(i)
+            continue
+        g = torch.Generator().manual_seed(base_seed + i)
+        t0 = time.perf_counter()
+        imgs = to_uint8(sample_fn(size, g))
+        dt = time.perf_counter() - t0
+        if imgs.shape[0] != size:
+            raise RuntimeError(f"`sample_fn` returned {imgs.shape[0]} images for batch_size={size}")
+        tmp = path[:-4] + f".tmp{os.getpid()}.npz"
+        np.savez(tmp, images=imgs.permute(0, 2, 3, 1).numpy(), seed=np.int64(base_seed + i), seconds=np.float64(dt))
+        os.replace(tmp, path)
+        generated.append(i)
+        n_images += size
+        seconds += dt
+        if log is not None:
+            log(f"shard {i}: {size} images in {dt:.2f} s (seed {base_seed + i})")
+    return {"generated": generated, "skipped": skipped, "images": n_images, "seconds": seconds}
+
+
+def load_shards(directory: str, num_samples: int, shard_size: int) -> Dict[str, object]:
+    """Read all shards of a run: ``{"images": uint8 [N, C, H, W], "seconds": total generation seconds}``."""
+    sizes = shard_plan(num_samples, shard_size)
+    imgs, secs = [], 0.0
+    for i, size in enumerate(sizes):
+        path = shard_path(directory, i)
+        if not _shard_ok(path, size):
+            raise FileNotFoundError(f"shard {i} ({size} images) missing or incomplete: {path}")
+        with np.load(path, allow_pickle=False) as f:
+            imgs.append(f["images"])
+            secs += float(f["seconds"])
+    arr = np.concatenate(imgs)
+    return {"images": torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), "seconds": secs}
+
+
+def save_pngs(images: torch.Tensor, directory: str, start: int = 0) -> List[str]:
+    """Write uint8 ``[N, C, H, W]`` images as ``{index:06d}.png`` (grey for C = 1)."""
+    import PIL.Image
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for j, im in enumerate(to_uint8(images).permute(0, 2, 3, 1).numpy()):
+        p = os.path.join(directory, f"{start + j:06d}.png")
+        PIL.Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(p)
+        paths.append(p)
+    return paths
+
+
+def load_image_folder(directory: str, channels: Optional[int] = None) -> torch.Tensor:
+    """All PNG/JPEG files of a folder (sorted) as uint8 ``[N, C, H, W]``; ``channels`` 1 → L, 3 → RGB."""
+    import PIL.Image
+
+    files = sorted(f for f in glob.glob(os.path.join(directory, "*"))
+                   if re.search(r"\.(png|jpe?g|bmp|webp)$", f, re.IGNORECASE))
+    if not files:
+        raise ValueError(f"no images found in {directory!r}")
+    mode = {1: "L", 3: "RGB", None: None}[channels]
+    arrs = []
+    for f in files:
+        im = PIL.Image.open(f)
+        im = im.convert(mode) if mode else im
+        a = np.asarray(im)
+        arrs.append(a[..., None] if a.ndim == 2 else a)
+    return to_uint8(np.stack(arrs))
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def _inception_module(features_list: Sequence[str], weights_path: Optional[str]):
+    # looked up at call time so tests can monkeypatch torchmetrics' class
+    from torchmetrics.image import fid as tm_fid
+
+    return tm_fid.NoTrainInceptionV3(name="inception-v3-compat", features_list=list(features_list),
+                                     feature_extractor_weights_path=weights_path)
+
+
+class _RGB(torch.nn.Module):
+    """Repeat grey images to 3 channels in front of an Inception module (which needs RGB)."""
+
+    def __init__(self, module: torch.nn.Module, num_features: Optional[int] = None):
+        super().__init__()
+        self.module = module
+        if num_features is not None:
+            self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        out = self.module(images)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def build_metrics(extractor: Union[str, DigitsFeatureNet] = "inception", inception_weights: Optional[str] = None,
+                  splits: int = 10):
+    """``(fid, inception_score, info)`` torchmetrics objects for uint8 images.
+
+    Args:
+        extractor: ``"inception"`` (standard TF-Inception-v3 via torchmetrics), a
+            :class:`DigitsFeatureNet`, or a directory holding one (``save_pretrained`` output).
+        inception_weights: local path of ``weights-inception-2015-12-05-6726825d.pth`` for the Inception
+            path (torchmetrics' ``feature_extractor_weights_path``); ``None`` lets torch-fidelity download it.
+        splits: IS splits.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"`splits` must be an int >= 1, got {splits!r}")
+    if isinstance(extractor, str) and extractor == "inception":
+        if inception_weights is not None and not os.path.isfile(inception_weights):
+            raise ValueError(f"`inception_weights` must be an existing file, got {inception_weights!r}")
+        fid_feat = _RGB(_inception_module(["2048"], inception_weights), num_features=2048)
+        is_feat = _RGB(_inception_module(["logits_unbiased"], inception_weights))
+        info = {"feature_extractor": "inception-v3-compat (TF-Inception, 2048-d pool / logits_unbiased)",
+                "inception_weights": inception_weights, "comparable_to_published": True, "note": INCEPTION_NOTE}
+    else:
+        if isinstance(extractor, str):
+            if not os.path.isdir(extractor):
+                raise ValueError(f"`extractor` must be 'inception', a DigitsFeatureNet or a directory with one; "
+                                 f"got {extractor!r}")
+            path, extractor = extractor, load_feature_extractor(extractor)
+        elif isinstance(extractor, DigitsFeatureNet):
+            path = None
+        else:
+            raise ValueError(f"`extractor` must be 'inception', a DigitsFeatureNet or a directory, got {type(extractor)}")
+        extractor = extractor.eval()
+        fid_feat, is_feat = FeatureHead(extractor), LogitsHead(extractor)
+        info = {"feature_extractor": f"DigitsFeatureNet ({extractor.config.feature_dim}-d features, "
+                                     f"{extractor.config.num_classes} classes, {extractor.config.image_size} px)",
+                "feature_extractor_path": path, "comparable_to_published": False, "note": CUSTOM_NOTE}
+    fid = FrechetInceptionDistance(feature=fid_feat, normalize=False, reset_real_features=True)
+    inception_score = InceptionScore(feature=is_feat, splits=splits, normalize=False)
+    return fid, inception_score, info
+
+
+@torch.no_grad()
+def compute_fid_is(fake, real, extractor: Union[str, DigitsFeatureNet] = "inception",
+                   inception_weights: Optional[str] = None, batch_size: int = 256, splits: int = 10,
+                   seed: int = 0) -> Dict[str, object]:
+    """FID(fake, real) and IS(fake) with torchmetrics.
+
+    Args:
+        fake, real: images accepted by :func:`to_uint8` (uint8 ``[N, C, H, W]`` preferred).
+        extractor, inception_weights, splits: see :func:`build_metrics` (``splits`` is capped at N).
+        batch_size: feature-extraction batch.
+        seed: IS shuffles the features with the global RNG; it is seeded here (and restored).
+    """
+    fake, real = to_uint8(fake), to_uint8(real)
+    if fake.shape[0] < 2 or real.shape[0] < 2:
+        raise ValueError(f"FID needs >= 2 images per set, got {fake.shape[0]} fake and {real.shape[0]} real")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+    fid, inc, info = build_metrics(extractor, inception_weights, min(splits, fake.shape[0]))
+    t0 = time.perf_counter()
+    for i in range(0, real.shape[0], batch_size):
+        fid.update(real[i:i + batch_size], real=True)
+    for i in range(0, fake.shape[0], batch_size):
+        fid.update(fake[i:i + batch_size], real=False)
+        inc.update(fake[i:i + batch_size])
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        is_mean, is_std = inc.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    fid_val = float(fid.compute())
+    return {"fid": fid_val, "is_mean": float(is_mean), "is_std": float(is_std) if math.isfinite(float(is_std)) else None,
+            "is_splits": min(splits, fake.shape[0]), "num_fake": int(fake.shape[0]), "num_real": int(real.shape[0]),
+            "metric_seconds": time.perf_counter() - t0, **info}
+
+
+# ---------------------------------------------------------------------------------------- pipelines
+def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler: Optional[str] = None,
+                       striding: Optional[str] = None, num_inference_steps: int = 100,
+                       device: Union[str, torch.device] = "cpu", torch_dtype=None):
+    """A :data:`SampleFn` for a saved pipeline directory, with an optional scheduler swap.
+
+    The directory is a ``PSLDPipeline.save_pretrained`` output (``model_index.json``); a bare
+    ``unet/`` + ``scheduler/`` layout is also accepted and sampled with the standard Diffusers loop.
+
+    Args:
+        scheduler: ``"psld"`` (:class:`PSLDScheduler`), ``"sscs"`` (:class:`SSCSScheduler`) or ``None``
+            (keep the saved one). The SDE parameters are taken from the saved scheduler config.
+        sampler: ``PSLDScheduler`` sampler (``em``, ``pf_euler``, ``pf_heun``, ``sscs``); ``None`` keeps it.
+        striding: ``uniform`` / ``quadratic``; ``None`` keeps it.
+
+    Returns:
+        ``(sample_fn, info)``; ``info`` describes the model and scheduler for the report.
+    """
+    from diffusers import UNet2DModel
+
+    from ..schedulers import PSLDScheduler, SSCSScheduler
+
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"`model_dir` must be a directory (a saved pipeline), got {model_dir!r}")
+    if scheduler not in (None, "psld", "sscs"):
+        raise ValueError(f"`scheduler` must be 'psld', 'sscs' or None, got {scheduler!r}")
+    pipe = None
+    if os.path.isfile(os.path.join(model_dir, "model_index.json")):
+        from ..pipelines import PSLDPipeline
+
+        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        pipe = PSLDPipeline.from_pretrained(model_dir, **kw)
+        unet, sched = pipe.unet, pipe.scheduler
+    else:
+        unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
+        sched = PSLDScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    overrides = {}
+    if sampler is not None:
+        overrides["sampler"] = sampler
+    if striding is not None:
+        overrides["striding"] = striding
+    if scheduler == "sscs":
+        if overrides.get("sampler", "sscs") != "sscs":
+            raise ValueError(f"`sampler` must be 'sscs' (or unset) with scheduler='sscs', got {sampler!r}")
+        overrides["sampler"] = "sscs"
+        sched = SSCSScheduler.from_config(sched.config, **overrides)
+    elif scheduler == "psld" or overrides:
+        sched = PSLDScheduler.from_config(sched.config, **overrides)
+    unet = unet.to(device).eval()
+    if pipe is not None:
+        pipe.scheduler = sched
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+
+    k = sched.num_components
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    data_channels = unet.config.in_channels // k
+
+    @torch.no_grad()
+    def sample_fn(batch_size: int, generator: torch.Generator):
+        if pipe is not None:
+            return pipe(batch_size=batch_size, generator=generator, num_inference_steps=num_inference_steps,
+                        output_type="np").images
+        sched.set_timesteps(num_inference_steps)
+        z = sched.sample_prior((batch_size, k * data_channels, *size), generator=generator, device=device,
+                               dtype=unet.dtype)
+        for t in sched.timesteps:
+            eps = unet(z, sched.model_time(t, batch_size, device=device)).sample
+            z = sched.step(eps, t, z, generator=generator).prev_sample
+        return (z[:, :data_channels] / 2 + 0.5).clamp(0, 1)
+
+    info = {
+        "model": os.path.abspath(model_dir),
+        "model_layout": "PSLDPipeline" if pipe is not None else "unet/ + scheduler/ (standard loop)",
+        "unet_parameters": int(sum(p.numel() for p in unet.parameters())),
+        "scheduler": type(sched).__name__,
+        "sampler": sched.config.sampler,
+        "striding": sched.config.striding,
+        "diffusion": sched.config.diffusion,
+        "num_inference_steps": num_inference_steps,
+        "num_components": k,
+        "data_channels": data_channels,
+        "resolution": list(size),
+        "scheduler_config": {key: v for key, v in dict(sched.config).items() if not key.startswith("_")},
+    }
+    return sample_fn, info
