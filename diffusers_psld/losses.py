@@ -70,6 +70,11 @@ def hsm_loss(unet, scheduler, x0: torch.Tensor, generator: Optional[torch.Genera
     if noise.shape != (b, k * c, *x0.shape[2:]):
         raise ValueError(f"`noise` must have shape {(b, k * c, *x0.shape[2:])}, got {tuple(noise.shape)}")
     noise = noise.float()
+    cfg = getattr(getattr(unet, "module", unet), "config", None)
+    in_ch = getattr(cfg, "in_channels", None) if cfg is not None else None
+    if isinstance(in_ch, int) and in_ch != k * c:
+        raise ValueError(f"the UNet has {in_ch} input channels but the state has k*C = {k}*{c} = {k * c} channels "
+                         "(build it with diffusers_psld.models.build_unet(preset, C, scheduler.num_components))")
     z_t = scheduler.add_noise(x0.float(), noise, t)
     dtype = _model_dtype(unet)
     t_model = scheduler.model_time(t, b).to(device)

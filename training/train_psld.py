@@ -1,0 +1,726 @@
+#!/usr/bin/env python
+r"""Train a PSLD / CLD / VP-SDE UNet with Accelerate (in the style of diffusers' ``train_unconditional.py``).
+
+With no arguments it trains offline on scikit-learn's digits (16 px, ``digits`` preset) and writes a
+Diffusers-layout pipeline (``model_index.json``, ``unet/``, ``scheduler/``), ``samples.png``,
+``loss_curve.png`` and a model card ``README.md`` to ``--output_dir``::
+
+    python training/train_psld.py
+    accelerate launch training/train_psld.py --dataset_name cifar10 --model_preset cifar10 ...
+
+Defaults: the paper's recipe (Adam 2e-4, betas (0.9, 0.999), linear warm-up from 0 over 5000 steps then
+constant, grad-norm clip 1.0, EMA 0.9999, t ~ U(1e-5, 1), fp32) for Hub / image-folder data. For the
+offline digits run, where only a few thousand steps fit into minutes on a CPU, the defaults become
+lr 1e-3, warm-up 100 steps and EMA with the diffusers warm-up (decay 1 - (1 + step)^(-2/3), capped
+at ``--ema_decay``), because a fixed 0.9999 EMA would still be ~90 % the random initialisation after
+1000 steps. Every such default is printed at start and recorded in the model card.
+
+Reproducibility and resume: the data order of epoch e is ``randperm`` seeded by (seed, e), split
+into per-rank slices of each global batch; t, ε and label dropout of step s come from a generator
+seeded by (seed, rank, step, micro-batch). Checkpoints (``checkpoint-<step>``) are written by
+``accelerator.save_state`` into ``.tmp-checkpoint-<step>`` and renamed with ``os.replace``, so a
+killed run always leaves the previous complete checkpoint; ``--resume_from_checkpoint latest``
+continues with exactly the loss trajectory of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(_REPO))
+
+DIGITS_DEFAULTS = dict(learning_rate=1e-3, lr_warmup_steps=100, ema_warmup=True, max_train_steps=1500,
+                       train_batch_size=64, checkpointing_steps=500, save_images_steps=500,
+                       checkpoints_total_limit=2)
+PAPER_DEFAULTS = dict(learning_rate=2e-4, lr_warmup_steps=5000, ema_warmup=False, max_train_steps=None,
+                      train_batch_size=16, checkpointing_steps=5000, save_images_steps=5000,
+                      checkpoints_total_limit=None)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub data set (datasets.load_dataset); default: offline digits")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="image folder (datasets 'imagefolder'; sub-folders = labels)")
+    g.add_argument("--image_column", default=None, help="image column (default: first of image/img/pixel_values)")
+    g.add_argument("--label_column", default=None, help="label column for --class_conditional (default: label/labels/...)")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--resolution", type=int, default=None, help="default: the preset's native size")
+    g.add_argument("--center_crop", action="store_true",
+                   help="resize the shorter side then center-crop (default: direct resize to R×R, as the paper's CelebA-64)")
+    g.add_argument("--random_flip", action="store_true", help="random horizontal flips (deterministic per (seed, epoch, index))")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--diffusion", choices=["psld", "cld", "vp"], default="psld",
+                   help="psld (Γ, ν); cld = PSLD with Γ=0, ν=4; vp = VP-SDE β 0.1→20")
+    g.add_argument("--gamma", type=float, default=None, help="Γ (psld default 0.01; cld: must be 0)")
+    g.add_argument("--nu", type=float, default=None, help="ν (psld default 4.01, cld default 4.0); must be > Γ")
+    g.add_argument("--beta", type=float, nargs="+", default=None,
+                   help="β: one value = constant (psld/cld default 8), two = linear min max (vp default 0.1 20)")
+    g.add_argument("--kappa", type=float, default=0.04, help="HSM initial momentum variance factor (psld/cld)")
+    g.add_argument("--m_inv", type=float, default=None, help="M⁻¹ (default: critical damping (ν-Γ)²/4)")
+    g.add_argument("--time_scale", type=float, default=1000.0, help="UNet receives t*time_scale")
+    g.add_argument("--sampler", choices=["em", "pf_euler", "pf_heun", "sscs"], default=None,
+                   help="sampler for the sample grids and the saved scheduler (default: sscs for psld/cld, em for vp)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_preset", default="digits",
+                   help="tiny | digits | cifar10 | cifar10-large | celeba64 | afhqv2-128")
+    g.add_argument("--class_conditional", action="store_true",
+                   help="class-conditional UNet (num_class_embeds = n_classes + 1; last = null class for CFG)")
+    g.add_argument("--cond_drop_prob", type=float, default=0.1, help="label dropout to the null class (CFG)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=None, help="per process (digits default 64, else 16)")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (digits default 1500)")
+    g.add_argument("--num_epochs", type=int, default=None, help="used when --max_train_steps is not given")
+    g.add_argument("--learning_rate", type=float, default=None, help="default 2e-4 (paper); digits 1e-3")
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="linear warm-up from 0 (paper 5000; digits 100)")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (maximum decay with --ema_warmup)")
+    g.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="diffusers EMA warm-up 1-(1+step)^(-2/3) (default: on for digits, off (paper) otherwise)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("checkpoints, logging, output")
+    g.add_argument("--output_dir", default=None, help="default outputs/psld-<data>-<diffusion>")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard dir (relative to --output_dir)")
+    g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+    g.add_argument("--checkpointing_steps", type=int, default=None)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    g.add_argument("--save_images_steps", type=int, default=None, help="sample grid (EMA weights) every N steps")
+    g.add_argument("--num_inference_steps", type=int, default=100, help="network evaluations per sample")
+    g.add_argument("--eval_batch_size", type=int, default=64, help="images in the sample grid")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN / cached login); never logged")
+    g.add_argument("--hub_private_repo", action="store_true")
+    # test hooks (hidden)
+    a("--_inject_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--_crash_before_rename_at_step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--_debug_ranks", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _err(flag: str, msg: str):
+    raise ValueError(f"`{flag}`: {msg}")
+
+
+def resolve_and_validate(args) -> argparse.Namespace:
+    """Fill data-dependent defaults and check every flag that can be checked without data. Raises
+    ``ValueError`` naming the flag."""
+    from diffusers_psld.models.unet_presets import PRESETS, check_resolution
+
+    args.offline_digits = not (args.dataset_name or args.train_data_dir)
+    if args.dataset_name and args.train_data_dir:
+        _err("--dataset_name", "give either --dataset_name or --train_data_dir, not both")
+    defaults = DIGITS_DEFAULTS if args.offline_digits else PAPER_DEFAULTS
+    args.defaults_used = {}
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+            args.defaults_used[k] = v
+    if args.model_preset not in PRESETS:
+        _err("--model_preset", f"unknown preset {args.model_preset!r}; choose one of {sorted(PRESETS)}")
+    if args.resolution is None:
+        args.resolution = PRESETS[args.model_preset]["sample_size"]
+    check_resolution(args.model_preset, args.resolution)  # message names --resolution
+    # diffusion
+    if args.diffusion == "vp":
+        for flag in ("gamma", "nu", "m_inv"):
+            if getattr(args, flag) is not None:
+                _err(f"--{flag}", "has no meaning for --diffusion vp")
+        beta = args.beta or [0.1, 20.0]
+    else:
+        if args.diffusion == "cld":
+            if args.gamma not in (None, 0.0):
+                _err("--gamma", f"--diffusion cld means Γ = 0, got {args.gamma}; use --diffusion psld for Γ > 0")
+            args.gamma = 0.0
+            args.nu = 4.0 if args.nu is None else args.nu
+        else:
+            args.gamma = 0.01 if args.gamma is None else args.gamma
+            args.nu = 4.01 if args.nu is None else args.nu
+        if not (math.isfinite(args.gamma) and args.gamma >= 0):
+            _err("--gamma", f"Γ must be finite and >= 0, got {args.gamma}")
+        if not (math.isfinite(args.nu) and args.nu > args.gamma):
+            _err("--nu", f"ν must be finite and > Γ = {args.gamma} (critical damping M⁻¹ = (ν-Γ)²/4), got {args.nu}")
+        if not (math.isfinite(args.kappa) and args.kappa > 0):
+            _err("--kappa", f"κ must be > 0, got {args.kappa}")
+        if args.m_inv is not None and not (math.isfinite(args.m_inv) and args.m_inv > 0):
+            _err("--m_inv", f"must be > 0, got {args.m_inv}")
+        beta = args.beta or [8.0]
+    if len(beta) not in (1, 2) or not all(math.isfinite(b) and b > 0 for b in beta):
+        _err("--beta", f"one or two positive numbers expected, got {beta}")
+    args.beta_min, args.beta_max = (beta[0], beta[0]) if len(beta) == 1 else (beta[0], beta[1])
+    if args.beta_max < args.beta_min:
+        _err("--beta", f"max ({args.beta_max}) must be >= min ({args.beta_min})")
+    if args.sampler is None:
+        args.sampler = "em" if args.diffusion == "vp" else "sscs"
+    if args.diffusion == "vp" and args.sampler == "sscs":
+        _err("--sampler", "sscs needs momentum (psld/cld)")
+    # optimisation
+    for flag, v, lo in (("--train_batch_size", args.train_batch_size, 1), ("--gradient_accumulation_steps", args.gradient_accumulation_steps, 1),
+                        ("--num_inference_steps", args.num_inference_steps, 2), ("--eval_batch_size", args.eval_batch_size, 1),
+                        ("--dataloader_num_workers", args.dataloader_num_workers, 0), ("--lr_warmup_steps", args.lr_warmup_steps, 0),
+                        ("--checkpointing_steps", args.checkpointing_steps, 1), ("--save_images_steps", args.save_images_steps, 1)):
+        if v < lo:
+            _err(flag, f"must be >= {lo}, got {v}")
+    for flag, v in (("--max_train_steps", args.max_train_steps), ("--num_epochs", args.num_epochs),
+                    ("--checkpoints_total_limit", args.checkpoints_total_limit)):
+        if v is not None and v < 1:
+            _err(flag, f"must be >= 1, got {v}")
+    for flag, v in (("--learning_rate", args.learning_rate), ("--adam_epsilon", args.adam_epsilon), ("--max_grad_norm", args.max_grad_norm)):
+        if not (math.isfinite(v) and v > 0):
+            _err(flag, f"must be > 0, got {v}")
+    for flag, v in (("--adam_beta1", args.adam_beta1), ("--adam_beta2", args.adam_beta2), ("--ema_decay", args.ema_decay)):
+        if not (0.0 <= v < 1.0):
+            _err(flag, f"must be in [0, 1), got {v}")
+    if args.adam_weight_decay < 0:
+        _err("--adam_weight_decay", f"must be >= 0, got {args.adam_weight_decay}")
+    if not (0.0 <= args.cond_drop_prob < 1.0):
+        _err("--cond_drop_prob", f"must be in [0, 1), got {args.cond_drop_prob}")
+    if args.max_train_steps is None and args.num_epochs is None:
+        args.num_epochs = 1
+    # output
+    if args.output_dir is None:
+        data = args.dataset_name or (Path(args.train_data_dir).name if args.train_data_dir else "digits")
+        args.output_dir = os.path.join("outputs", f"psld-{data.replace('/', '-')}-{args.diffusion}")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        _err("--resume_from_checkpoint", f"{args.resume_from_checkpoint!r} is not a checkpoint directory (or use 'latest')")
+    if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
+        _err("--hub_model_id", f"must look like 'name' or 'user/name', got {args.hub_model_id!r}")
+    return args
+
+
+def check_output_dir(path: str):
+    """Create ``--output_dir`` and prove it is writable (a probe file), else ValueError naming the flag."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"`--output_dir` {path!r} is not writable: {err}") from err
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_scheduler(args):
+    from diffusers_psld import PSLDScheduler
+
+    if args.diffusion == "vp":
+        return PSLDScheduler(diffusion="vp", beta_min=args.beta_min, beta_max=args.beta_max, time_scale=args.time_scale,
+                             sampler=args.sampler)
+    return PSLDScheduler(diffusion="psld", gamma=args.gamma, nu=args.nu, m_inv=args.m_inv, beta_min=args.beta_min,
+                         beta_max=args.beta_max, kappa=args.kappa, time_scale=args.time_scale, sampler=args.sampler)
+
+
+def load_data(args):
+    from diffusers_psld import data
+
+    if args.offline_digits:
+        if args.image_column is not None:
+            _err("--image_column", "the offline digits set has no columns; give --dataset_name or --train_data_dir")
+        ds = data.load_digits_dataset(args.resolution, seed=args.seed, random_flip=args.random_flip)
+        args.dataset_label = "sklearn-digits"
+        channels = 1
+    else:
+        channels = 3
+        ds = data.load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
+                                     args.label_column, args.resolution, args.center_crop, args.random_flip,
+                                     channels=channels, cache_dir=args.cache_dir, seed=args.seed,
+                                     need_labels=args.class_conditional)
+        args.dataset_label = args.dataset_name or Path(args.train_data_dir).name
+    if len(ds) == 0:
+        raise ValueError("the training data set is empty (check `--dataset_name` / `--train_data_dir`)")
+    if args.class_conditional and not ds.num_classes:
+        _err("--class_conditional", "the data set has no labels")
+    return ds, channels
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int):
+    """Generator for t, ε and label dropout of one micro-batch: a pure function of its position."""
+    import numpy as np
+    import torch
+
+    s = int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank, step, micro]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(s & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+@__import__("torch").no_grad()
+def sample_images(unet, scheduler_config: dict, n: int, data_channels: int, resolution: int, num_inference_steps: int,
+                  seed: int, class_labels=None, device="cpu"):
+    """Sample ``n`` images (data half in [-1, 1]) with the standard loop (scheduler copy, own generator:
+    no global RNG is consumed, so sampling never changes the training trajectory)."""
+    import torch
+
+    from diffusers_psld import PSLDScheduler
+
+    sched = PSLDScheduler.from_config(scheduler_config)
+    k = sched.num_components
+    g = torch.Generator().manual_seed(seed)
+    sched.set_timesteps(num_inference_steps)
+    dtype = next(unet.parameters()).dtype
+    z = sched.sample_prior((n, k * data_channels, resolution, resolution), generator=g).to(device)
+    kw = {}
+    if unet.config.num_class_embeds is not None:
+        if class_labels is None:
+            class_labels = torch.full((n,), unet.config.num_class_embeds - 1, dtype=torch.long)
+        kw["class_labels"] = class_labels.to(device)
+    for t in sched.timesteps:
+        eps = unet(sched.scale_model_input(z, t).to(dtype), sched.model_time(t, n).to(device), **kw).sample
+        z = sched.step(eps.float(), t, z, generator=g).prev_sample
+    return z[:, :data_channels].clamp(-1, 1)
+
+
+def make_grid(x, nrow=None):
+    """``[N, C, H, W]`` in [-1, 1] → PIL grid (2 px gaps, nearest-upscaled to at least 256 px wide)."""
+    import numpy as np
+    import PIL.Image
+
+    n, c, h, w = x.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    pad = 2
+    grid = np.ones((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.float32)
+    arr = ((x.float().cpu().numpy() + 1) / 2).transpose(0, 2, 3, 1)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[i]
+    img = PIL.Image.fromarray((grid[:, :, 0] if c == 1 else grid).clip(0, 1).__mul__(255).round().astype(np.uint8))
+    scale = max(1, 256 // img.width)
+    return img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST) if scale > 1 else img
+
+
+def list_checkpoints(output_dir: str):
+    """Complete checkpoints (``checkpoint-<step>``, temp dirs excluded), oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    out = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
+           if (m := CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(output_dir, d))]
+    return sorted(out)
+
+
+def save_checkpoint(accelerator, args, step: int, extra: dict):
+    """Atomic ``save_state``: write ``.tmp-checkpoint-<step>`` (all ranks: accelerate writes weights on
+    the main process and one RNG file per rank), then the main process renames it with ``os.replace``
+    and prunes old checkpoints beyond ``--checkpoints_total_limit``."""
+    out = args.output_dir
+    final = os.path.join(out, f"checkpoint-{step}")
+    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "training_state.json"), "w") as f:
+            json.dump(dict(step=step, **extra), f)
+        if args._crash_before_rename_at_step == step:
+            raise RuntimeError(f"injected crash between temp write and rename at step {step}")
+        trash = None
+        if os.path.exists(final):  # re-saving the same step: keep the old one until the new one is in place
+            trash = os.path.join(out, f".trash-checkpoint-{step}-{os.getpid()}")
+            os.replace(final, trash)
+        os.replace(tmp, final)
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True)
+        if args.checkpoints_total_limit is not None:
+            cks = list_checkpoints(out)
+            for _, path in cks[: max(0, len(cks) - args.checkpoints_total_limit)]:
+                shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _rewrite_log(path: str, upto_step: int):
+    """Keep only the loss-log lines with step <= ``upto_step`` (a resumed run rewrites the rest)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= upto_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def plot_loss(log_path: str, out_png: str):
+    """Loss curve (raw and 50-step moving average) from ``train_log.jsonl``; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return None
+    rows = [json.loads(ln) for ln in open(log_path) if ln.strip()]
+    if not rows:
+        return None
+    s = np.array([r["step"] for r in rows])
+    v = np.array([r["loss"] for r in rows])
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(s, v, lw=0.5, alpha=0.4, label="loss")
+    w = min(50, len(v))
+    if w > 1:
+        ax.plot(s[w - 1:], np.convolve(v, np.ones(w) / w, mode="valid"), lw=1.5, label=f"{w}-step mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("HSM ε loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    resolve_and_validate(args)
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from diffusers_psld import data as psld_data
+    from diffusers_psld import hub
+    from diffusers_psld.losses import hsm_loss
+    from diffusers_psld.models.unet_presets import build_unet
+
+    scheduler = make_scheduler(args)  # validates the SDE parameters again (RecipeSDE)
+    report_to = args.report_to
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            print("tensorboard is not installed: --report_to none", file=sys.stderr)
+            report_to = "none"
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=None if report_to == "none" else report_to,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
+    is_main = accelerator.is_main_process
+    if is_main:
+        check_output_dir(args.output_dir)
+    accelerator.wait_for_everyone()
+    ds, channels = load_data(args)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = args.train_batch_size * world
+    if len(ds) < global_batch:
+        _err("--train_batch_size", f"the data set has {len(ds)} images, fewer than one global batch "
+                                   f"({args.train_batch_size} × {world} processes)")
+    batches_per_epoch = len(psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0))
+    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_epochs * steps_per_epoch
+    set_seed(args.seed)  # model initialisation identical on every rank
+
+    num_class_embeds = ds.num_classes + 1 if args.class_conditional else None
+    unet = build_unet(args.model_preset, channels, scheduler.num_components, args.resolution, num_class_embeds)
+    n_params = sum(p.numel() for p in unet.parameters())
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
+                       power=2 / 3, model_cls=UNet2DModel, model_config=unet.config)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for m in models:
+                accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "unet"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        if ema is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(accelerator.device)
+            del loaded
+        while models:
+            m = models.pop()
+            loaded = UNet2DModel.from_pretrained(input_dir, subfolder="unet")
+            m.register_to_config(**loaded.config)
+            m.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # AcceleratedScheduler steps num_processes times per optimizer step: scale the warm-up accordingly
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps * world)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    public_args = hub.redact({k: v for k, v in vars(args).items() if not k.startswith("_") and k != "defaults_used"})
+    if is_main:
+        print(f"diffusers-psld training: {args.diffusion} on {args.dataset_label} ({len(ds)} images, "
+              f"{args.resolution}px, C={channels}, k={scheduler.num_components}); preset {args.model_preset} "
+              f"({n_params:,} params); {world} process(es) × batch {args.train_batch_size} × accumulation "
+              f"{args.gradient_accumulation_steps}; {args.max_train_steps} steps", flush=True)
+        if args.defaults_used:
+            why = "offline digits defaults (short CPU run)" if args.offline_digits else "paper defaults"
+            print(f"{why}: " + ", ".join(f"{k}={v}" for k, v in args.defaults_used.items()), flush=True)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump(public_args, f, indent=1, default=str)
+    if report_to != "none":
+        accelerator.init_trackers("psld", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                  for k, v in public_args.items()})
+
+    # ---------------- resume
+    global_step = 0
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            cks = list_checkpoints(args.output_dir)
+            path = cks[-1][1] if cks else None
+        if path is None:
+            if is_main:
+                print("no checkpoint found in --output_dir: starting a new run", flush=True)
+        else:
+            m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+            if not m:
+                _err("--resume_from_checkpoint", f"{path!r} is not named checkpoint-<step>")
+            accelerator.load_state(path)
+            global_step = int(m.group(1))
+            if is_main:
+                print(f"resumed from {path} at step {global_step}", flush=True)
+    if is_main:
+        if global_step == 0 and os.path.exists(log_path):
+            os.remove(log_path)
+        _rewrite_log(log_path, global_step)
+    accelerator.wait_for_everyone()
+
+    # ---------------- data order: pure function of (seed, epoch)
+    def batches_from(micro_index: int):
+        epoch, offset = divmod(micro_index, batches_per_epoch)
+        while True:
+            ds.set_epoch(epoch)
+            idx = psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, epoch)[offset:]
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=idx, collate_fn=psld_data.collate,
+                                                 num_workers=args.dataloader_num_workers)
+            for b in loader:
+                yield epoch, b
+            epoch, offset = epoch + 1, 0
+
+    accum = args.gradient_accumulation_steps
+    batch_iter = batches_from(global_step * accum)
+    null_class = ds.num_classes if args.class_conditional else None
+    sched_config = dict(scheduler.config)
+    grid_labels = (torch.arange(args.eval_batch_size) % ds.num_classes) if args.class_conditional else None
+
+    def save_samples(step):
+        if not is_main:
+            return None
+        model = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        was_training = model.training
+        model.eval()
+        x = sample_images(model, sched_config, args.eval_batch_size, channels, args.resolution,
+                          args.num_inference_steps, seed=args.seed, class_labels=grid_labels, device=accelerator.device)
+        if was_training:
+            model.train()
+        if ema is not None:
+            ema.restore(model.parameters())
+        img = make_grid(x)
+        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+        img.save(os.path.join(args.output_dir, "samples", f"step-{step:07d}.png"))
+        if report_to == "tensorboard":
+            tb = accelerator.get_tracker("tensorboard", unwrap=True)
+            tb.add_images("samples", ((x.cpu() + 1) / 2).clamp(0, 1), step)
+        return img
+
+    unet.train()
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not is_main, desc="steps")
+    t_start, steps_done, last_losses = time.time(), 0, []
+    while global_step < args.max_train_steps:
+        step_losses, comp = [], {}
+        for micro in range(accum):
+            epoch, batch = next(batch_iter)
+            x0 = batch["input"].to(accelerator.device)
+            g = step_generator(args.seed, rank, global_step, micro)
+            labels = None
+            if args.class_conditional:
+                labels = batch["label"].clone()
+                drop = torch.rand(labels.shape[0], generator=g) < args.cond_drop_prob
+                labels[drop] = null_class
+                labels = labels.to(accelerator.device)
+            if args._debug_ranks and global_step == 0 and micro == 0:
+                print(f"[rank {rank}/{world}] first batch indices "
+                      f"{psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0)[0]}", flush=True)
+            with accelerator.autocast():
+                loss, stats = hsm_loss(unet, scheduler, x0, generator=g, class_labels=labels, return_stats=True)
+            if args._inject_nan_at_step == global_step + 1:
+                loss = loss * float("nan")
+            gathered = accelerator.gather(loss.detach().float().reshape(1))
+            if not torch.all(torch.isfinite(gathered)):
+                ck = list_checkpoints(args.output_dir)
+                raise FloatingPointError(
+                    f"non-finite loss ({gathered.tolist()}) at step {global_step + 1} (epoch {epoch}); training stopped. "
+                    f"Last good checkpoint: {ck[-1][1] if ck else 'none'}")
+            step_losses.append(gathered.double().mean().item())
+            for kname, v in stats.items():
+                if kname.startswith("loss_"):
+                    comp[kname] = comp.get(kname, 0.0) + accelerator.gather(v.float().reshape(1)).mean().item() / accum
+            if micro < accum - 1:
+                with accelerator.no_sync(unet):
+                    accelerator.backward(loss / accum)
+            else:
+                accelerator.backward(loss / accum)
+        if args.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        lr_now = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unet.parameters())
+        global_step += 1
+        steps_done += 1
+        loss_val = float(np.mean(step_losses))
+        last_losses = (last_losses + [loss_val])[-100:]
+        rate = steps_done / max(time.time() - t_start, 1e-9)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", steps_per_s=f"{rate:.2f}")
+        logs = {"loss": loss_val, "lr": lr_now, **comp}
+        if ema is not None:
+            logs["ema_decay"] = ema.cur_decay_value if ema.cur_decay_value is not None else 0.0
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": global_step, **logs}) + "\n")
+        if report_to != "none":
+            accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args, global_step, {"epoch": epoch, "loss": loss_val})
+        if global_step % args.save_images_steps == 0 and global_step < args.max_train_steps:
+            save_samples(global_step)
+            accelerator.wait_for_everyone()
+    progress.close()
+    wall = time.time() - t_start
+
+    if args._debug_ranks:
+        w = accelerator.unwrap_model(unet)
+        tot = sum(p.double().sum().item() for p in w.parameters())
+        print(f"[rank {rank}/{world}] param_checksum={tot!r}", flush=True)
+
+    # ---------------- final pipeline, samples, card (main process only)
+    accelerator.wait_for_everyone()
+    if is_main:
+        img = save_samples(global_step)
+        if img is not None:
+            img.save(os.path.join(args.output_dir, "samples.png"))
+        model = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(model.parameters())  # the saved pipeline carries the EMA weights
+        save_pipeline(model, make_scheduler(args), args.output_dir)
+        plot_loss(log_path, os.path.join(args.output_dir, "loss_curve.png"))
+        fields = card_fields(args, public_args, n_params, world, global_step, last_losses, wall, channels,
+                             scheduler.num_components, ema)
+        hub.write_model_card(args.output_dir, fields)
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or Path(args.output_dir).name
+            token = args.hub_token or os.environ.get("HF_TOKEN")
+            rid = hub.push_folder(args.output_dir, repo_id, token=token, private=args.hub_private_repo,
+                                  commit_message=f"PSLD {args.diffusion} on {args.dataset_label}, step {global_step}")
+            print(f"pushed {args.output_dir} to the Hub repo {rid}", flush=True)
+        print(f"done: {global_step} steps in {wall:.1f} s; pipeline, samples.png and README.md in {args.output_dir}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    result = {"global_step": global_step, "output_dir": args.output_dir, "wall_s": wall}
+    if world == 1:  # allow several in-process runs (tests)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return result
+
+
+def save_pipeline(unet, scheduler, output_dir: str):
+    """Save in the Diffusers layout: through ``PSLDPipeline.save_pretrained`` when the pipeline class is
+    importable, else ``unet/`` + ``scheduler/`` + a hand-written ``model_index.json`` (same content)."""
+    try:
+        from diffusers_psld.pipelines import PSLDPipeline
+    except ImportError:
+        PSLDPipeline = None
+    if PSLDPipeline is not None:
+        PSLDPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir, safe_serialization=True)
+        return "pipeline"
+    import diffusers
+
+    unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+    scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+    with open(os.path.join(output_dir, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "PSLDPipeline", "_diffusers_version": diffusers.__version__,
+                   "scheduler": [type(scheduler).__module__, type(scheduler).__name__],
+                   "unet": ["diffusers", "UNet2DModel"]}, f, indent=2)
+    return "components"
+
+
+def card_fields(args, public_args, n_params, world, steps, last_losses, wall, channels, k, ema) -> dict:
+    import platform
+
+    import torch
+
+    ema_txt = "off"
+    if ema is not None:
+        ema_txt = f"decay {args.ema_decay}" + (" with diffusers warm-up 1-(1+step)^(-2/3)" if args.ema_warmup else " (fixed)")
+    beta = f"{args.beta_min}" if args.beta_min == args.beta_max else f"linear {args.beta_min} → {args.beta_max}"
+    return dict(
+        diffusion=args.diffusion, dataset=args.dataset_label, resolution=args.resolution, channels=channels,
+        class_note=" class-conditional (null class for classifier-free guidance)" if args.class_conditional else "",
+        repo_or_path=args.hub_model_id if args.push_to_hub and args.hub_model_id else args.output_dir,
+        num_inference_steps=args.num_inference_steps, num_components=k, state_channels=k * channels,
+        gamma=args.gamma if args.diffusion != "vp" else "n/a", nu=args.nu if args.diffusion != "vp" else "n/a",
+        beta=beta, kappa=args.kappa if args.diffusion != "vp" else "n/a",
+        eps_components="ε_m only (Γ = 0)" if args.diffusion == "cld" else "all",
+        sampler=args.sampler, model_preset=args.model_preset, parameters=f"{n_params:,}",
+        learning_rate=args.learning_rate, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_weight_decay=args.adam_weight_decay, adam_epsilon=args.adam_epsilon, lr_warmup_steps=args.lr_warmup_steps,
+        max_grad_norm=args.max_grad_norm, train_batch_size=args.train_batch_size, num_processes=world,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        effective_batch=args.train_batch_size * world * args.gradient_accumulation_steps, steps=steps, ema=ema_txt,
+        mixed_precision=args.mixed_precision, seed=args.seed,
+        final_loss=f"{sum(last_losses) / len(last_losses):.4f}" if last_losses else "n/a",
+        wall_time=f"{wall / 60:.1f} min", hardware=f"{platform.machine()} CPU ×{os.cpu_count()}, torch {torch.__version__}"
+        + ("" if not torch.cuda.is_available() else f", {torch.cuda.get_device_name(0)}"),
+        samples_section="## Samples\n\n![samples](samples.png)\n\nEMA weights, seed {}.".format(args.seed),
+        tags=["class-conditional"] if args.class_conditional else [],
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:  # bad input: one clear line, exit code 2
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
