@@ -66,12 +66,15 @@ class PSLDSchedulerOutput(BaseOutput):
 
 def time_grid(n: int, eps: float, striding: str) -> torch.Tensor:
     """``n + 1`` descending float64 forward times from 1 to ``eps`` (uniform or quadratic)."""
-    i = torch.arange(n + 1, dtype=torch.float64)
+    frac = (n - torch.arange(n + 1, dtype=torch.float64)) / n  # 1 → 0
     if striding == "uniform":
-        return 1.0 - i * (1.0 - eps) / n
-    if striding == "quadratic":
-        return eps + (1.0 - eps) * ((n - i) / n) ** 2
-    raise ValueError(f"`striding` must be one of {STRIDINGS}, got {striding!r}")
+        grid = eps + (1.0 - eps) * frac
+    elif striding == "quadratic":
+        grid = eps + (1.0 - eps) * frac ** 2
+    else:
+        raise ValueError(f"`striding` must be one of {STRIDINGS}, got {striding!r}")
+    grid[0], grid[-1] = 1.0, eps  # exact end points
+    return grid
 
 
 class PSLDScheduler(SchedulerMixin, ConfigMixin):
