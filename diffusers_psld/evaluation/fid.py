@@ -232,7 +232,7 @@ class _RGB(torch.nn.Module):
 
 
 def build_metrics(extractor: Union[str, DigitsFeatureNet] = "inception", inception_weights: Optional[str] = None,
-                  splits: int = 10):
+                  splits: int = 10, inception_fid_features: int = 2048):
     """``(fid, inception_score, info)`` torchmetrics objects for uint8 images.
 
     Args:
@@ -241,6 +241,7 @@ def build_metrics(extractor: Union[str, DigitsFeatureNet] = "inception", incepti
         inception_weights: local path of ``weights-inception-2015-12-05-6726825d.pth`` for the Inception
             path (torchmetrics' ``feature_extractor_weights_path``); ``None`` lets torch-fidelity download it.
         splits: IS splits.
+        inception_fid_features: Inception layer for FID (64, 192, 768 or 2048 = the standard pool features).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.inception import InceptionScore
@@ -250,9 +251,13 @@ def build_metrics(extractor: Union[str, DigitsFeatureNet] = "inception", incepti
     if isinstance(extractor, str) and extractor == "inception":
         if inception_weights is not None and not os.path.isfile(inception_weights):
             raise ValueError(f"`inception_weights` must be an existing file, got {inception_weights!r}")
-        fid_feat = _RGB(_inception_module(["2048"], inception_weights), num_features=2048)
+        if inception_fid_features not in (64, 192, 768, 2048):
+            raise ValueError(f"`inception_fid_features` must be 64, 192, 768 or 2048, got {inception_fid_features!r}")
+        fid_feat = _RGB(_inception_module([str(inception_fid_features)], inception_weights),
+                        num_features=inception_fid_features)
         is_feat = _RGB(_inception_module(["logits_unbiased"], inception_weights))
-        info = {"feature_extractor": "inception-v3-compat (TF-Inception, 2048-d pool / logits_unbiased)",
+        info = {"feature_extractor": f"inception-v3-compat (TF-Inception, {inception_fid_features}-d FID features, "
+                                     "logits_unbiased for IS)",
                 "inception_weights": inception_weights, "comparable_to_published": True, "note": INCEPTION_NOTE}
     else:
         if isinstance(extractor, str):
@@ -277,12 +282,13 @@ def build_metrics(extractor: Union[str, DigitsFeatureNet] = "inception", incepti
 @torch.no_grad()
 def compute_fid_is(fake, real, extractor: Union[str, DigitsFeatureNet] = "inception",
                    inception_weights: Optional[str] = None, batch_size: int = 256, splits: int = 10,
-                   seed: int = 0) -> Dict[str, object]:
+                   seed: int = 0, inception_fid_features: int = 2048) -> Dict[str, object]:
     """FID(fake, real) and IS(fake) with torchmetrics.
 
     Args:
         fake, real: images accepted by :func:`to_uint8` (uint8 ``[N, C, H, W]`` preferred).
-        extractor, inception_weights, splits: see :func:`build_metrics` (``splits`` is capped at N).
+        extractor, inception_weights, splits, inception_fid_features: see :func:`build_metrics`
+            (``splits`` is capped at N).
         batch_size: feature-extraction batch.
         seed: IS shuffles the features with the global RNG; it is seeded here (and restored).
     """
@@ -291,7 +297,7 @@ def compute_fid_is(fake, real, extractor: Union[str, DigitsFeatureNet] = "incept
         raise ValueError(f"FID needs >= 2 images per set, got {fake.shape[0]} fake and {real.shape[0]} real")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
-    fid, inc, info = build_metrics(extractor, inception_weights, min(splits, fake.shape[0]))
+    fid, inc, info = build_metrics(extractor, inception_weights, min(splits, fake.shape[0]), inception_fid_features)
     t0 = time.perf_counter()
     for i in range(0, real.shape[0], batch_size):
         fid.update(real[i:i + batch_size], real=True)

@@ -1,0 +1,193 @@
+"""FID / IS tooling: uint8 conversion, resumable seed shards, offline features, stubbed Inception path."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_psld.evaluation import features as fx
+from diffusers_psld.evaluation import fid as fm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return fx.load_digits_images(8)
+
+
+@pytest.fixture(scope="module")
+def net8():
+    torch.manual_seed(0)
+    return fx.DigitsFeatureNet(image_size=8, feature_dim=16, width=8).eval()
+
+
+def test_to_uint8_formats():
+    x = torch.tensor([0.0, 0.5, 0.9999, 1.2, -0.1]).reshape(1, 1, 1, 5)
+    assert fm.to_uint8(x).flatten().tolist() == [0, 127, 254, 255, 0]  # truncation, clamped
+    a = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32)
+    out = fm.to_uint8(a)
+    assert out.shape == (2, 3, 4, 4) and out.dtype == torch.uint8
+    assert torch.equal(out, fm.to_uint8(torch.from_numpy(a).permute(0, 3, 1, 2)))
+    import PIL.Image
+
+    pil = [PIL.Image.fromarray(np.full((4, 4), 7, np.uint8))]
+    assert fm.to_uint8(pil).shape == (1, 1, 4, 4)
+    with pytest.raises(ValueError, match="images"):
+        fm.to_uint8(np.zeros((4, 4)))
+
+
+def test_shard_plan():
+    assert fm.shard_plan(10, 4) == [4, 4, 2]
+    assert fm.shard_plan(8, 4) == [4, 4]
+    with pytest.raises(ValueError, match="shard_size"):
+        fm.shard_plan(8, 0)
+
+
+class _Counter:
+    """A sample function recording calls; images depend only on the generator."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, n, generator):
+        self.calls.append(n)
+        return torch.rand(n, 1, 4, 4, generator=generator)
+
+
+def test_generate_shards_seeds_resume_and_world_size(tmp_path):
+    f = _Counter()
+    st = fm.generate_shards(f, str(tmp_path / "a"), 10, 4, base_seed=3)
+    assert st["generated"] == [0, 1, 2] and st["skipped"] == [] and f.calls == [4, 4, 2]
+    loaded = fm.load_shards(str(tmp_path / "a"), 10, 4)
+    assert loaded["images"].shape == (10, 1, 4, 4) and loaded["images"].dtype == torch.uint8
+    # shard i uses seed base + i
+    expect = fm.to_uint8(torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(3 + 1)))
+    assert torch.equal(loaded["images"][4:8], expect)
+    with np.load(fm.shard_path(str(tmp_path / "a"), 2)) as z:
+        assert int(z["seed"]) == 5
+    # resume: nothing regenerated
+    mtimes = [os.path.getmtime(fm.shard_path(str(tmp_path / "a"), i)) for i in range(3)]
+    st2 = fm.generate_shards(f, str(tmp_path / "a"), 10, 4, base_seed=3)
+    assert st2["generated"] == [] and st2["skipped"] == [0, 1, 2] and len(f.calls) == 3
+    assert mtimes == [os.path.getmtime(fm.shard_path(str(tmp_path / "a"), i)) for i in range(3)]
+    # a corrupt shard is regenerated
+    with open(fm.shard_path(str(tmp_path / "a"), 1), "wb") as fh:
+        fh.write(b"garbage")
+    st3 = fm.generate_shards(f, str(tmp_path / "a"), 10, 4, base_seed=3)
+    assert st3["generated"] == [1]
+    assert torch.equal(fm.load_shards(str(tmp_path / "a"), 10, 4)["images"], loaded["images"])
+    # two "processes" split the shards and give the same images as one
+    g = _Counter()
+    s0 = fm.generate_shards(g, str(tmp_path / "b"), 10, 4, base_seed=3, process_index=0, num_processes=2)
+    s1 = fm.generate_shards(g, str(tmp_path / "b"), 10, 4, base_seed=3, process_index=1, num_processes=2)
+    assert s0["generated"] == [0, 2] and s1["generated"] == [1]
+    assert torch.equal(fm.load_shards(str(tmp_path / "b"), 10, 4)["images"], loaded["images"])
+    with pytest.raises(ValueError, match="process_index"):
+        fm.generate_shards(g, str(tmp_path / "b"), 10, 4, process_index=2, num_processes=2)
+    with pytest.raises(FileNotFoundError):
+        fm.load_shards(str(tmp_path / "c"), 10, 4)
+
+
+def test_png_roundtrip(tmp_path):
+    imgs = torch.randint(0, 256, (3, 1, 5, 5), dtype=torch.uint8)
+    fm.save_pngs(imgs, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png", "000002.png"]
+    assert torch.equal(fm.load_image_folder(str(tmp_path), channels=1), imgs)
+
+
+def test_custom_feature_fid_and_is(digits8, net8, tmp_path):
+    imgs, _ = digits8
+    a, b = imgs[:200], imgs[200:400]
+    same = fm.compute_fid_is(a, a, net8, splits=4)
+    assert abs(same["fid"]) < 1e-3
+    assert same["comparable_to_published"] is False and "NOT comparable" in same["note"]
+    close = fm.compute_fid_is(a, b, net8, splits=4)
+    noise = fm.compute_fid_is(torch.randint(0, 256, (200, 1, 8, 8), dtype=torch.uint8), b, net8, splits=4)
+    assert 0 < close["fid"] < noise["fid"]
+    assert 1.0 <= close["is_mean"] <= 10.0 and close["is_splits"] == 4
+    # same network through a saved directory (safetensors only)
+    net8.save_pretrained(str(tmp_path / "fx"))
+    assert os.path.isfile(tmp_path / "fx" / "diffusion_pytorch_model.safetensors")
+    assert not any(p.endswith((".bin", ".pt", ".pth")) for p in os.listdir(tmp_path / "fx"))
+    again = fm.compute_fid_is(a, b, str(tmp_path / "fx"), splits=4)
+    assert again["fid"] == pytest.approx(close["fid"], rel=1e-5)
+    assert again["is_mean"] == pytest.approx(close["is_mean"], rel=1e-5)
+    # RGB input to a grey network and other sizes are handled by preprocessing
+    rgb16 = torch.nn.functional.interpolate(a.float(), size=16).to(torch.uint8).repeat(1, 3, 1, 1)
+    assert net8.features(rgb16).shape == (200, 16)
+
+
+def test_inception_path_with_stubbed_torchmetrics(monkeypatch, tmp_path):
+    """The Inception branch builds torchmetrics' NoTrainInceptionV3 (2048 pool / logits_unbiased) with the weights path."""
+    from torchmetrics.image import fid as tm_fid
+
+    made = []
+
+    class StubInception(torch.nn.Module):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None):
+            super().__init__()
+            made.append((name, list(features_list), feature_extractor_weights_path))
+            self.out = 64 if features_list == ["64"] else 1008
+            torch.manual_seed(len(made))
+            self.proj = torch.nn.Linear(3 * 8 * 8, self.out)
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append((x.dtype, tuple(x.shape)))
+            assert x.dtype == torch.uint8 and x.shape[1] == 3
+            return (self.proj(x.float().flatten(1) / 255.0),)  # torch-fidelity returns a tuple
+
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", StubInception)
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"stub")
+    g = torch.Generator().manual_seed(0)
+    fake = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
+    real = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
+    out = fm.compute_fid_is(fake, real, "inception", inception_weights=str(weights), splits=2,
+                            inception_fid_features=64)  # 64 keeps the covariance maths cheap
+    assert made == [("inception-v3-compat", ["64"], str(weights)),
+                    ("inception-v3-compat", ["logits_unbiased"], str(weights))]
+    assert out["comparable_to_published"] is True and out["inception_weights"] == str(weights)
+    assert np.isfinite(out["fid"]) and out["fid"] > 0 and out["is_mean"] >= 1.0
+    same = fm.compute_fid_is(real, real, "inception", inception_weights=str(weights), splits=2,
+                             inception_fid_features=64)
+    assert abs(same["fid"]) < 1e-2
+    with pytest.raises(ValueError, match="inception_weights"):
+        fm.build_metrics("inception", inception_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="inception_fid_features"):
+        fm.build_metrics("inception", inception_fid_features=100)
+    # default: the standard 2048-d pool features
+    made.clear()
+    fm.build_metrics("inception", inception_weights=str(weights))
+    assert made[0][1] == ["2048"]
+
+
+def test_build_metrics_errors(tmp_path):
+    with pytest.raises(ValueError, match="extractor"):
+        fm.build_metrics(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="extractor"):
+        fm.build_metrics(42)
+    with pytest.raises(ValueError, match="splits"):
+        fm.build_metrics("inception", splits=0)
+
+
+def test_train_feature_extractor_quick(digits8, tmp_path):
+    imgs, labels = digits8
+    net, info = fx.train_feature_extractor(imgs[:600], labels[:600], image_size=8, epochs=10, lr=5e-3,
+                                           output_dir=str(tmp_path))
+    assert info["val_accuracy"] > 0.5  # well above chance (0.1) after 10 short epochs
+    assert torch.get_num_threads() == 1  # restored (module fixture set 1)
+    loaded = fx.load_feature_extractor(str(tmp_path))
+    x = imgs[:5]
+    assert torch.allclose(loaded(x), net(x), atol=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        fx.train_feature_extractor(imgs[:10], None)
+    with pytest.raises(ValueError, match="image_size"):
+        fx.load_digits_images(2)
