@@ -2,13 +2,35 @@
 
 Public API::
 
-    from diffusers_psld import RecipeSDE, PSLDScheduler, SSCSScheduler
+    from diffusers_psld import RecipeSDE, PSLDScheduler, SSCSScheduler, PSLDPipeline
+    from diffusers_psld import build_unet, hsm_loss, TimeDependentClassifier
+
+Every module whose classes can appear in a saved ``model_index.json`` is imported here, so that
+``PSLDPipeline.from_pretrained`` finds them in ``sys.modules`` (diffusers does not import them itself).
+Those module paths are frozen: ``diffusers_psld.schedulers.scheduling_psld``,
+``diffusers_psld.schedulers.scheduling_sscs``, ``diffusers_psld.models.classifier``,
+``diffusers_psld.pipelines.pipeline_psld``.
 """
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' loader looks these names up here)
 
-from .sde import HSMKernel, RecipeSDE
+from .losses import hsm_loss
+from .models import TimeDependentClassifier, build_unet
+from .pipelines import PSLDPipeline, PSLDPipelineOutput
 from .schedulers import PSLDScheduler, PSLDSchedulerOutput, SSCSScheduler
+from .sde import HSMKernel, RecipeSDE
 
 __version__ = "0.1.0"
 
-__all__ = ["RecipeSDE", "HSMKernel", "PSLDScheduler", "PSLDSchedulerOutput", "SSCSScheduler", "__version__"]
+__all__ = [
+    "RecipeSDE",
+    "HSMKernel",
+    "PSLDScheduler",
+    "PSLDSchedulerOutput",
+    "SSCSScheduler",
+    "PSLDPipeline",
+    "PSLDPipelineOutput",
+    "TimeDependentClassifier",
+    "build_unet",
+    "hsm_loss",
+    "__version__",
+]
