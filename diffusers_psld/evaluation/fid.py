@@ -274,8 +274,10 @@ def build_metrics(extractor: Union[str, DigitsFeatureNet] = "inception", incepti
         info = {"feature_extractor": f"DigitsFeatureNet ({extractor.config.feature_dim}-d features, "
                                      f"{extractor.config.num_classes} classes, {extractor.config.image_size} px)",
                 "feature_extractor_path": path, "comparable_to_published": False, "note": CUSTOM_NOTE}
-    fid = FrechetInceptionDistance(feature=fid_feat, normalize=False, reset_real_features=True)
-    inception_score = InceptionScore(feature=is_feat, splits=splits, normalize=False)
+    # sync_on_compute=False: the images are already gathered (the main process computes alone; with the
+    # default, torchmetrics would wait in a collective for the other ranks of an Accelerate run).
+    fid = FrechetInceptionDistance(feature=fid_feat, normalize=False, reset_real_features=True, sync_on_compute=False)
+    inception_score = InceptionScore(feature=is_feat, splits=splits, normalize=False, sync_on_compute=False)
     return fid, inception_score, info
 
 
