@@ -51,7 +51,7 @@ from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (name needed by diffusers' loader)
 
 from ..sde import RecipeSDE
-from .scheduling_psld import _AFFINE, PSLDScheduler, _StepTables
+from .scheduling_psld import _AFFINE, PSLDScheduler, _Calls, _StepTables
 
 __all__ = ["ConjugateScheduler", "CONJUGATE_B", "conjugate_coefficients", "gauss_legendre_sqrt"]
 
@@ -92,9 +92,13 @@ def set_affine_timesteps(sched: PSLDScheduler, num_inference_steps: int, calls, 
     """Install a full list of affine call tuples (final step included) as the scheduler's tables."""
     n_calls = num_inference_steps
     assert len(calls) == n_calls, (len(calls), n_calls)
-    sched._tables = _StepTables(sched.sde, calls)
+    runs = []
+    for c in calls:  # (kind, t_eval, P, R, S or None, h[, t_state])
+        state = [c[6]] if len(c) > 6 else None
+        runs.append(_Calls([c[0]], [c[1]], c[2][None], c[3][None], None if c[4] is None else c[4][None], [c[5]], state))
+    sched._tables = _StepTables(sched.sde, _Calls.cat(runs))
     sched.num_inference_steps = n_calls
-    sched.timesteps = torch.tensor([c[1] for c in calls], dtype=torch.float64, device=device)
+    sched.timesteps = torch.tensor([float(c[1]) for c in calls], dtype=torch.float64, device=device)
     sched._step_index = None
     sched._begin_index = None
     sched._heun_cache = None
@@ -106,6 +110,33 @@ def check_num_inference_steps(n) -> int:
             f"`num_inference_steps` must be an int >= 2 (N - 1 reverse steps + 1 final denoising step), got {n!r}"
         )
     return n
+
+
+def expm_batch(M: np.ndarray) -> np.ndarray:
+    """Matrix exponential of a batch ``[n, k, k]``: closed form for k <= 2 (Putzer / Cayley-Hamilton,
+    ``e^{τ}(cosh δ I + sinh δ/δ (M - τI))`` with τ = tr/2, δ² = ((a-d)/2)² + bc, complex-safe and
+    continuous at δ = 0), ``scipy.linalg.expm`` otherwise. Tested against ``scipy.linalg.expm``."""
+    M = np.asarray(M, dtype=np.float64)
+    k = M.shape[-1]
+    if k == 1:
+        return np.exp(M)
+    if k != 2:
+        return scipy.linalg.expm(M)
+    a, b, c, d = M[:, 0, 0], M[:, 0, 1], M[:, 1, 0], M[:, 1, 1]
+    tau = 0.5 * (a + d)
+    delta = np.sqrt((0.5 * (a - d)) ** 2 + b * c + 0j)
+    ch = np.cosh(delta)
+    small = np.abs(delta) < 1e-4
+    dsafe = np.where(small, 1.0, delta)
+    sh = np.where(small, 1.0 + delta ** 2 / 6.0 + delta ** 4 / 120.0, np.sinh(dsafe) / dsafe)
+    ch, sh = ch.real, sh.real
+    e = np.exp(tau)
+    out = np.empty_like(M)
+    out[:, 0, 0] = e * (ch + sh * (a - tau))
+    out[:, 1, 1] = e * (ch + sh * (d - tau))
+    out[:, 0, 1] = e * sh * b
+    out[:, 1, 0] = e * sh * c
+    return out
 
 
 def gauss_legendre_sqrt(lo: np.ndarray, hi: np.ndarray, n: int = _GL_NODES):
@@ -136,9 +167,9 @@ def _relative_factor(sde: RecipeSDE, Bm: np.ndarray, a: float, s: np.ndarray) ->
     if commutes:
         b = sde.beta_integral(torch.from_numpy(s), a).numpy()  # ∫_a^s β
         lam_part = Bm[None] * (s - a)[:, None, None]
-        return scipy.linalg.expm(lam_part - F[None] * b[:, None, None])
+        return expm_batch(lam_part - F[None] * b[:, None, None])
     if sde.beta_min == sde.beta_max:
-        return scipy.linalg.expm((s - a)[:, None, None] * (Bm - sde.beta_min * F)[None])
+        return expm_batch((s - a)[:, None, None] * (Bm - sde.beta_min * F)[None])
     # generic: dV/ds = V (B - β_s F), V(a) = I, solved to tight tolerance
     def rhs(u, y):
         V = y.reshape(k, k)
