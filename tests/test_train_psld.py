@@ -1,0 +1,280 @@
+"""training/train_psld.py: tiny end-to-end runs (in-process), resume determinism, atomic checkpoints,
+NaN stop, flag validation, Hub push with a stub, and a 2-process DDP run (slow)."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "training" / "train_psld.py"
+_spec = importlib.util.spec_from_file_location("train_psld", SCRIPT)
+train_psld = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_psld)
+
+TINY = ["--model_preset", "tiny", "--resolution", "8", "--train_batch_size", "8", "--num_inference_steps", "2",
+        "--eval_batch_size", "4", "--report_to", "none", "--lr_warmup_steps", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 threads on a shared 2-core box slow tiny convolutions ~100x (OpenMP spinning); 1 is fastest here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(out, *extra):
+    return train_psld.main([*TINY, "--output_dir", str(out), *map(str, extra)])
+
+
+def losses(out):
+    return [json.loads(line) for line in open(Path(out) / "train_log.jsonl")]
+
+
+def test_tiny_run_produces_loadable_pipeline_card_and_grid(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from diffusers_psld import PSLDScheduler
+    from diffusers_psld.pipelines import PSLDPipeline
+
+    out = tmp_path / "run"
+    res = run(out, "--max_train_steps", 3, "--checkpointing_steps", 2, "--save_images_steps", 2)
+    assert res["global_step"] == 3
+    for f in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+              "README.md", "samples.png", "samples/step-0000002.png", "loss_curve.png", "checkpoint-2/unet_ema/config.json"):
+        assert (out / f).exists(), f
+    assert not list(out.glob(".tmp-*"))
+    pipe = PSLDPipeline.from_pretrained(str(out))
+    assert isinstance(pipe.scheduler, PSLDScheduler) and pipe.scheduler.config.sampler == "sscs"
+    assert pipe.unet.config.in_channels == 2 and pipe.unet.config.sample_size == 8
+    imgs = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert imgs.shape[:3] == (2, 8, 8)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.datasets == ["sklearn-digits"]
+    log = losses(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and log[0]["lr"] == 0.0  # warm-up from 0, like the paper
+
+
+@pytest.mark.parametrize("diffusion", ["cld", "vp"])
+def test_cld_and_vp_runs(tmp_path, diffusion):
+    from diffusers_psld.pipelines import PSLDPipeline
+
+    out = tmp_path / diffusion
+    run(out, "--diffusion", diffusion, "--max_train_steps", 2, "--checkpointing_steps", 100, "--save_images_steps", 100)
+    pipe = PSLDPipeline.from_pretrained(str(out))
+    k = 1 if diffusion == "vp" else 2
+    assert pipe.unet.config.in_channels == k and pipe.scheduler.num_components == k
+    if diffusion == "cld":
+        assert pipe.scheduler.config.gamma == 0.0 and pipe.scheduler.config.nu == 4.0
+        assert losses(out)[0]["loss_eps_m"] > 0
+    else:
+        assert pipe.scheduler.config.diffusion == "vp" and pipe.scheduler.sde.beta_max == 20.0
+
+
+def test_class_conditional_run(tmp_path):
+    from diffusers_psld.pipelines import PSLDPipeline
+
+    out = tmp_path / "cc"
+    run(out, "--class_conditional", "--max_train_steps", 2, "--checkpointing_steps", 100, "--save_images_steps", 100)
+    pipe = PSLDPipeline.from_pretrained(str(out))
+    assert pipe.unet.config.num_class_embeds == 11  # 10 digits + null class
+
+
+def test_resume_gives_identical_loss_trajectory(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--checkpointing_steps", 4, "--save_images_steps", 100, "--gradient_accumulation_steps", 2]
+    run(a, "--max_train_steps", 10, *common)
+    run(b, "--max_train_steps", 5, *common)  # "interrupted" after step 5; last checkpoint is step 4
+    with open(b / "train_log.jsonl", "a") as f:  # a line past the checkpoint must be rewritten on resume
+        f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
+    run(b, "--max_train_steps", 10, "--resume_from_checkpoint", "latest", *common)
+    la, lb = losses(a), losses(b)
+    assert [r["step"] for r in lb] == list(range(1, 11))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]  # exact float equality
+    assert [r["lr"] for r in la] == [r["lr"] for r in lb]
+    from safetensors.torch import load_file
+
+    wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_crash_between_temp_write_and_rename_keeps_previous_checkpoint(tmp_path):
+    out = tmp_path / "crash"
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--save_images_steps", 100,
+            "--_crash_before_rename_at_step", 4)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert (out / ".tmp-checkpoint-4").is_dir() and not (out / "checkpoint-4").exists()
+    assert [s for s, _ in train_psld.list_checkpoints(str(out))] == [2]
+    res = run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--save_images_steps", 100,
+              "--resume_from_checkpoint", "latest")
+    assert res["global_step"] == 6 and (out / "checkpoint-6").is_dir()
+    assert [r["step"] for r in losses(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_with_step_named(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="at step 3") as info:
+        run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--save_images_steps", 100, "--_inject_nan_at_step", 3)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert "checkpoint-2" in str(info.value) and (out / "checkpoint-2").is_dir()
+    assert not (out / "model_index.json").exists()
+
+
+def _folder(tmp_path, n=2):
+    import numpy as np
+    import PIL.Image
+
+    d = tmp_path / "imgs" / "a"
+    d.mkdir(parents=True)
+    for i in range(n):
+        PIL.Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(d / f"{i}.png")
+    return str(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--resolution", "7"], "--resolution"),
+    (["--model_preset", "digits", "--resolution", "10"], "--resolution"),
+    (["--model_preset", "huge"], "--model_preset"),
+    (["--gamma", "-0.1"], "--gamma"),
+    (["--nu", "0.005"], "--nu"),
+    (["--diffusion", "cld", "--gamma", "0.5"], "--gamma"),
+    (["--diffusion", "vp", "--gamma", "0.5"], "--gamma"),
+    (["--beta", "-1"], "--beta"),
+    (["--kappa", "0"], "--kappa"),
+    (["--learning_rate", "0"], "--learning_rate"),
+    (["--cond_drop_prob", "1.5"], "--cond_drop_prob"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "--resume_from_checkpoint"),
+    (["--image_column", "img"], "--image_column"),
+])
+def test_bad_flags_named(tmp_path, extra, flag):
+    with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
+        run(tmp_path / "bad", "--max_train_steps", 1, *extra)
+
+
+def test_bad_data_and_output_dir_named(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["--output_dir", str(blocker / "out")], "--output_dir"),
+        (["--train_data_dir", _folder(tmp_path), "--image_column", "photo", "--cache_dir", str(tmp_path / "c")], "--image_column"),
+        (["--train_data_dir", _folder(tmp_path / "x"), "--cache_dir", str(tmp_path / "c2")], "--train_batch_size"),
+    ]
+    for extra, flag in cases:
+        args = [*TINY, "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1", *extra]
+        with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
+            train_psld.main(args)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception):  # datasets refuses an empty image folder before we can
+        train_psld.main([*TINY, "--output_dir", str(tmp_path / "o2"), "--train_data_dir", str(empty), "--cache_dir", str(tmp_path / "c3")])
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_push_to_hub_with_stub_never_leaks_token(tmp_path, monkeypatch, capsys):
+    from diffusers_psld import hub
+
+    calls = []
+
+    class Api:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, **kw):
+            calls.append(("create_repo", kw))
+            return type("U", (), {"repo_id": "me/" + kw["repo_id"]})()
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw, sorted(p.relative_to(kw["folder_path"]).as_posix()
+                                                        for p in Path(kw["folder_path"]).rglob("*") if p.is_file())))
+
+    monkeypatch.setattr(hub, "HfApi", Api)
+    out = tmp_path / "push"
+    secret = "hf_SECRET_do_not_print_42"
+    run(out, "--max_train_steps", 2, "--checkpointing_steps", 1, "--save_images_steps", 100, "--push_to_hub",
+        "--hub_model_id", "psld-tiny", "--hub_token", secret, "--report_to", "tensorboard")
+    assert [c[0] for c in calls] == ["init", "create_repo", "upload_folder"] and calls[0][1] == secret
+    up = calls[2][1]
+    assert up["repo_id"] == "me/psld-tiny" and "checkpoint-*" in up["ignore_patterns"]
+    files = calls[2][2]
+    assert {"README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors"} <= set(files)
+    text = capsys.readouterr()
+    assert secret not in text.out + text.err
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert secret.encode() not in p.read_bytes(), p
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    """2 CPU ranks (gloo): identical weights, the global batch is split, only rank 0 writes outputs."""
+    out = tmp_path / "ddp"
+    accel = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accel), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(SCRIPT), *TINY, "--output_dir", str(out), "--max_train_steps", "3",
+           "--checkpointing_steps", "2", "--save_images_steps", "100", "--_debug_ranks"]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = p.stdout + p.stderr
+    sums = {int(l.split("[rank ")[1][0]): l.split("param_checksum=")[1].strip() for l in text.splitlines() if "param_checksum=" in l}
+    assert sums.keys() == {0, 1} and sums[0] == sums[1]
+    firsts = {int(l.split("[rank ")[1][0]): json.loads(l.split("first batch indices ")[1]) for l in text.splitlines()
+              if "first batch indices" in l}
+    from diffusers_psld.data import epoch_batches
+
+    assert firsts[0] == epoch_batches(1797, 8, 2, 0, 0, 0)[0] and firsts[1] == epoch_batches(1797, 8, 2, 1, 0, 0)[0]
+    assert not set(firsts[0]) & set(firsts[1]) and len(firsts[0]) == 8
+    assert text.count("done: 3 steps") == 1 and "2 process(es)" in text
+    assert (out / "model_index.json").exists() and (out / "README.md").exists()
+    ck = sorted(p.name for p in (out / "checkpoint-2").iterdir())
+    assert "random_states_0.pkl" in ck and "random_states_1.pkl" in ck  # accelerate's per-rank RNG files
+    assert len(losses(out)) == 3
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_leaves_loadable_checkpoint(tmp_path):
+    """Kill a real run at random moments (checkpoint every step) and resume from what is left."""
+    import random
+
+    out = tmp_path / "kill"
+    base = [sys.executable, str(SCRIPT), *TINY, "--output_dir", str(out), "--checkpointing_steps", "1",
+            "--save_images_steps", "1000"]
+    rng = random.Random(0)
+    for attempt in range(3):
+        extra = ["--resume_from_checkpoint", "latest"] if attempt else []
+        proc = subprocess.Popen(base + ["--max_train_steps", "200"] + extra, env=_env(), cwd=str(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while not train_psld.list_checkpoints(str(out)) or time.time() - t0 < 5:
+            time.sleep(0.2)
+            assert proc.poll() is None and time.time() - t0 < 300
+        time.sleep(rng.uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = train_psld.list_checkpoints(str(out))[-1][0]
+    p = subprocess.run(base + ["--max_train_steps", str(last + 1), "--resume_from_checkpoint", "latest"], env=_env(),
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from" in p.stdout and (out / "model_index.json").exists()
