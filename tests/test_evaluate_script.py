@@ -116,6 +116,16 @@ def test_train_feature_extractor_on_the_fly(workdir):
     assert rep["fid"] is not None
 
 
+def test_likelihood_option(workdir):
+    out = workdir / "lik"
+    rep = evaluate.main(_args(workdir, out, "--skip_metrics", "--likelihood_samples", "2", "--likelihood_method",
+                              "euler", "--likelihood_eps", "1e-3"))
+    lk = rep["likelihood"]
+    assert lk["num_images"] == 2 and lk["entropy_correction"] is True and lk["nfe_per_batch"] == [100]
+    assert lk["bpd_mean"] == lk["bpd_mean"]  # finite, not NaN
+    assert "bits/dim" in (out / "report.md").read_text()
+
+
 def test_cli_errors(workdir):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", "--scheduler", "sscs", "--sampler", "em"])
