@@ -1,0 +1,254 @@
+"""PSLDPipeline: save/load, Hub-id loading, determinism, outputs, callbacks, scheduler swap, dtypes, errors."""
+import doctest
+import json
+import os
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import diffusers_psld.pipelines.pipeline_psld as pipeline_module
+from diffusers_psld.models.classifier import TimeDependentClassifier
+from diffusers_psld.pipelines import PSLDPipeline
+from diffusers_psld.schedulers import PSLDScheduler, SSCSScheduler
+
+from _pipeline_stubs import tiny_unet
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    clf = TimeDependentClassifier(in_channels=2, num_classes=3, block_out_channels=(8, 16), norm_num_groups=4)
+    p = PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler(), classifier=clf)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "PSLDPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+    assert index["scheduler"] == ["diffusers_psld.schedulers.scheduling_psld", "PSLDScheduler"]
+    assert index["classifier"] == ["diffusers_psld.models.classifier", "TimeDependentClassifier"]
+    assert (tmp_path / "classifier" / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(tmp_path.rglob("*.bin"))
+    loaded = PSLDPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.classifier, TimeDependentClassifier)
+    for kw in ({}, {"class_labels": 1, "guidance_scale": 2.0}):
+        a = pipe(batch_size=2, num_inference_steps=3, output_type="pt", generator=gen(), **kw).images
+        b = loaded(batch_size=2, num_inference_steps=3, output_type="pt", generator=gen(), **kw).images
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_save_without_classifier(tmp_path):
+    p = PSLDPipeline(unet=tiny_unet(), scheduler=SSCSScheduler())
+    p.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["classifier"] == [None, None]
+    assert index["scheduler"] == ["diffusers_psld.schedulers.scheduling_sscs", "SSCSScheduler"]
+    loaded = PSLDPipeline.from_pretrained(tmp_path)
+    assert loaded.classifier is None and isinstance(loaded.scheduler, SSCSScheduler)
+    loaded2 = PSLDPipeline.from_pretrained(tmp_path, classifier=None)
+    assert loaded2.classifier is None
+
+
+def test_hub_id_loading_from_preseeded_cache(pipe, tmp_path, monkeypatch):
+    """A Hub repo id goes through snapshot_download (HF_HUB_OFFLINE=1 + a hand-built cache, ecosystem §9)."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--someuser--psld-tiny" / "snapshots" / sha
+    pipe.save_pretrained(snap)
+    (cache / "models--someuser--psld-tiny" / "refs").mkdir(parents=True)
+    (cache / "models--someuser--psld-tiny" / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    loaded = PSLDPipeline.from_pretrained("someuser/psld-tiny", cache_dir=str(cache))
+    assert isinstance(loaded.classifier, TimeDependentClassifier)
+    assert isinstance(loaded.scheduler, PSLDScheduler)
+    with pytest.raises(Exception):
+        PSLDPipeline.from_pretrained("someuser/not-there", cache_dir=str(cache))
+
+
+def test_hub_id_passes_download_kwargs(pipe, tmp_path, monkeypatch):
+    pipe.save_pretrained(tmp_path / "snap")
+    calls = []
+
+    def fake(repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(pipeline_module, "_snapshot_download", fake)
+    PSLDPipeline.from_pretrained("ns/name", revision="v1", token="hf_x", cache_dir=None)
+    assert calls == [("ns/name", {"revision": "v1", "token": "hf_x"})]
+
+
+def test_determinism_and_generator(pipe):
+    a = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=gen(5)).images
+    b = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=gen(5)).images
+    c = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=gen(6)).images
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    gl = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=[gen(1), gen(2)]).images
+    g1 = pipe(batch_size=1, num_inference_steps=4, output_type="np", generator=[gen(1)]).images
+    np.testing.assert_allclose(gl[:1], g1, atol=1e-5)  # per-sample generators: sample 0 does not depend on the batch
+
+
+def test_output_types_and_ranges(pipe):
+    pil = pipe(batch_size=2, num_inference_steps=2, generator=gen()).images
+    assert isinstance(pil, list) and len(pil) == 2 and isinstance(pil[0], PIL.Image.Image) and pil[0].size == (8, 8)
+    arr = pipe(batch_size=2, num_inference_steps=2, output_type="np", generator=gen()).images
+    assert arr.shape == (2, 8, 8, 1) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 1
+    pt = pipe(batch_size=2, num_inference_steps=2, output_type="pt", generator=gen()).images
+    assert pt.shape == (2, 1, 8, 8) and pt.min() >= 0 and pt.max() <= 1
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), arr)
+    tup = pipe(batch_size=1, num_inference_steps=2, output_type="pt", return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 1
+    out = pipe(batch_size=2, num_inference_steps=2, output_type="pt", return_momentum=True, generator=gen())
+    assert out.momentum.shape == (2, 1, 8, 8) and torch.equal(out.images, pt)
+    out = pipe(batch_size=2, num_inference_steps=2, output_type="np", return_momentum=True, return_dict=False)
+    assert len(out) == 2 and out[1].shape == (2, 8, 8, 1)
+
+
+def test_callbacks(pipe):
+    seen = []
+
+    def cb(p, i, t, tensors):
+        seen.append((i, float(t), set(tensors)))
+        if i == p.num_timesteps - 1:
+            return {"sample": torch.zeros_like(tensors["sample"])}
+        return {}
+
+    out = pipe(batch_size=1, num_inference_steps=4, output_type="pt", callback_on_step_end=cb,
+               callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"])
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    assert seen[0][2] == {"sample", "pred_original_sample"}
+    assert seen[-1][1] == pytest.approx(pipe.scheduler.config.sampling_eps)
+    assert torch.all(out.images == 0.5)  # the replaced final state (x = 0) maps to 0.5
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(num_inference_steps=2, callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_pipeline_callback_object(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class Count(PipelineCallback):
+        tensor_inputs = ["sample"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.n = getattr(self, "n", 0) + 1
+            return callback_kwargs
+
+    cb = Count(cutoff_step_ratio=1.0)
+    pipe(num_inference_steps=3, output_type="pt", callback_on_step_end=cb)
+    assert cb.n == 3
+
+
+@pytest.mark.parametrize("sampler", ["em", "pf_euler", "pf_heun", "sscs"])
+def test_scheduler_swap(pipe, sampler):
+    sched = SSCSScheduler.from_config(pipe.scheduler.config) if sampler == "sscs" else \
+        PSLDScheduler.from_config(pipe.scheduler.config, sampler=sampler)
+    p = PSLDPipeline(unet=pipe.unet, scheduler=sched)
+    p.set_progress_bar_config(disable=True)
+    out = p(batch_size=2, num_inference_steps=4, output_type="pt", generator=gen()).images
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    assert isinstance(p.scheduler, SSCSScheduler if sampler == "sscs" else PSLDScheduler)
+
+
+def test_vp_pipeline():
+    p = PSLDPipeline(unet=tiny_unet(k=1), scheduler=PSLDScheduler(diffusion="vp"))
+    p.set_progress_bar_config(disable=True)
+    assert p(batch_size=2, num_inference_steps=3, output_type="pt").images.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="return_momentum"):
+        p(num_inference_steps=2, return_momentum=True)
+
+
+def test_nfe_equals_num_inference_steps(pipe):
+    n = []
+    h = pipe.unet.register_forward_hook(lambda *a: n.append(1))
+    try:
+        pipe(num_inference_steps=5, output_type="pt")
+    finally:
+        h.remove()
+    assert len(n) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_unet(pipe, dtype):
+    p = PSLDPipeline(unet=tiny_unet().to(dtype), scheduler=PSLDScheduler())
+    p.set_progress_bar_config(disable=True)
+    ref = PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler())
+    ref.set_progress_bar_config(disable=True)
+    a = p(batch_size=2, num_inference_steps=3, output_type="pt", generator=gen()).images
+    b = ref(batch_size=2, num_inference_steps=3, output_type="pt", generator=gen()).images
+    assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert (a - b).abs().mean() < 0.05  # same weights, only the network runs in half precision
+    assert p.unet.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_inference_steps=1), "num_inference_steps"),
+        (dict(num_inference_steps=2.5), "num_inference_steps"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(output_type="latent"), "output_type"),
+        (dict(class_labels=7), "class_labels"),
+        (dict(class_labels=[0, 1, 2]), "class_labels"),
+        (dict(class_labels=0.5), "class_labels"),
+        (dict(class_labels=0, guidance_scale=-1.0), "guidance_scale"),
+        (dict(guidance_scale=3.0), "guidance_scale"),
+        (dict(class_labels=0, guidance_type="bogus"), "guidance_type"),
+        (dict(generator=[torch.Generator()]), "generator"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, name):
+    args = dict(batch_size=2, num_inference_steps=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        pipe(**args)
+
+
+def test_bad_components():
+    with pytest.raises(ValueError, match="unet"):
+        PSLDPipeline(unet=tiny_unet(k=1), scheduler=PSLDScheduler())  # 1 channel, k = 2
+    clf = TimeDependentClassifier(in_channels=4, num_classes=3, block_out_channels=(8, 16), norm_num_groups=4)
+    with pytest.raises(ValueError, match="classifier"):
+        PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler(), classifier=clf)
+
+
+def test_docstring_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    finder = doctest.DocTestFinder()
+    tests = [t for t in finder.find(pipeline_module) if t.examples and "PSLDPipeline.__call__" in t.name]
+    assert tests
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0
+
+
+def test_custom_pipeline_file(pipe, tmp_path):
+    """pipelines/pipeline_psld.py (top level) works as a custom_pipeline for DiffusionPipeline."""
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "repo")
+    path = os.path.join(REPO_ROOT, "pipelines", "pipeline_psld.py")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "repo", custom_pipeline=path, trust_remote_code=True)
+    assert type(loaded).__name__ == "PSLDPipeline"
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded(batch_size=1, num_inference_steps=2, output_type="pt", generator=gen()).images
+    ref = pipe(batch_size=1, num_inference_steps=2, output_type="pt", generator=gen()).images
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)  # same weights; float summation order may differ
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(tmp_path / "repo", custom_pipeline=path)
