@@ -9,9 +9,19 @@ import pytest
 import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(ROOT, "training"))
 
-import evaluate  # noqa: E402  (training/evaluate.py)
+
+def _load_script():
+    # training/evaluate.py under a unique name (a bare `import evaluate` could pick up HF's `evaluate` package)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("psld_training_evaluate", os.path.join(ROOT, "training", "evaluate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+evaluate = _load_script()
 
 
 @pytest.fixture(autouse=True, scope="module")

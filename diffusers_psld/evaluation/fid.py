@@ -31,6 +31,7 @@ import math
 import os
 import re
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -277,7 +278,9 @@ def build_metrics(extractor: Union[str, DigitsFeatureNet] = "inception", incepti
     # sync_on_compute=False: the images are already gathered (the main process computes alone; with the
     # default, torchmetrics would wait in a collective for the other ranks of an Accelerate run).
     fid = FrechetInceptionDistance(feature=fid_feat, normalize=False, reset_real_features=True, sync_on_compute=False)
-    inception_score = InceptionScore(feature=is_feat, splits=splits, normalize=False, sync_on_compute=False)
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": expected for IS
+        warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+        inception_score = InceptionScore(feature=is_feat, splits=splits, normalize=False, sync_on_compute=False)
     return fid, inception_score, info
 
 
