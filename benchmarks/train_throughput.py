@@ -126,6 +126,9 @@ def main(argv=None):
     header = ("# Training throughput: PSLD (HSM, 2C channels) vs DDPM ε-prediction (C channels)\n\n"
               "One optimizer step (forward, loss, backward, grad-clip 1.0, Adam) per timing; median over the timed steps "
               "after warm-up, DDPM and PSLD rounds alternated. Goal: ratio >= 0.95.\n\n"
+              "Caveat: rows measured on a 2-core machine shared with other jobs (load average in the run notes) vary by "
+              "several × between runs; a ratio above 1 there means 'not measurably slower', not a speed-up. "
+              "Re-run on an idle machine for publishable numbers.\n\n"
               "| preset | px | channels | batch | params DDPM / PSLD | DDPM img/s | PSLD img/s | PSLD/DDPM | timed steps |\n"
               "|---|---|---|---|---|---|---|---|---|\n")
     existing = out.read_text() if out.exists() else ""
