@@ -98,6 +98,7 @@ def test_correlated_conditional_mean_and_variance(sched):
     assert torch.all(var > 0.9 * ccov.diagonal()) and torch.all(var < 1.25 * ccov.diagonal()), (var, ccov.diagonal())
 
 
+@pytest.mark.slow
 def test_near_mean_conditional_is_accurate():
     image = torch.tensor([0.6, 0.45, 0.5, 0.5]).reshape(1, 1, 1, 4)  # x_known = (0.2, -0.1), 0.5 sd away
     cmean, ccov = conditional(MU, COV, image.reshape(4)[:2].double() * 2 - 1)
