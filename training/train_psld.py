@@ -39,7 +39,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO))
 
-DIGITS_DEFAULTS = dict(learning_rate=1e-3, lr_warmup_steps=100, ema_warmup=True, max_train_steps=1500,
+DIGITS_DEFAULTS = dict(learning_rate=1e-3, lr_warmup_steps=100, ema_warmup=True, max_train_steps=1000,
                        train_batch_size=64, checkpointing_steps=500, save_images_steps=500,
                        checkpoints_total_limit=2)
 PAPER_DEFAULTS = dict(learning_rate=2e-4, lr_warmup_steps=5000, ema_warmup=False, max_train_steps=None,
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="label dropout to the null class (CFG)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=None, help="per process (digits default 64, else 16)")
-    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (digits default 1500)")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (digits default 1000)")
     g.add_argument("--num_epochs", type=int, default=None, help="used when --max_train_steps is not given")
     g.add_argument("--learning_rate", type=float, default=None, help="default 2e-4 (paper); digits 1e-3")
     g.add_argument("--lr_warmup_steps", type=int, default=None, help="linear warm-up from 0 (paper 5000; digits 100)")
@@ -306,7 +306,7 @@ def make_grid(x, nrow=None):
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[i]
     img = PIL.Image.fromarray((grid[:, :, 0] if c == 1 else grid).clip(0, 1).__mul__(255).round().astype(np.uint8))
-    scale = max(1, 256 // img.width)
+    scale = max(1, math.ceil(256 / img.width))
     return img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST) if scale > 1 else img
 
 
