@@ -8,7 +8,8 @@ Public API::
 Every module whose classes can appear in a saved ``model_index.json`` is imported here, so that
 ``PSLDPipeline.from_pretrained`` finds them in ``sys.modules`` (diffusers does not import them itself).
 Those module paths are frozen: ``diffusers_psld.schedulers.scheduling_psld``,
-``diffusers_psld.schedulers.scheduling_sscs``, ``diffusers_psld.models.classifier``,
+``diffusers_psld.schedulers.scheduling_sscs``, ``…scheduling_conjugate``, ``…scheduling_splitting``,
+``diffusers_psld.models.classifier``,
 ``diffusers_psld.pipelines.pipeline_psld``.
 """
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' loader looks these names up here)
@@ -16,7 +17,8 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' load
 from .losses import hsm_loss
 from .models import TimeDependentClassifier, build_unet
 from .pipelines import PSLDPipeline, PSLDPipelineOutput
-from .schedulers import PSLDScheduler, PSLDSchedulerOutput, SSCSScheduler
+from .ode import ODESampleOutput, probability_flow_sample
+from .schedulers import ConjugateScheduler, PSLDScheduler, PSLDSchedulerOutput, SplittingScheduler, SSCSScheduler
 from .sde import HSMKernel, RecipeSDE
 
 __version__ = "0.1.0"
@@ -27,6 +29,10 @@ __all__ = [
     "PSLDScheduler",
     "PSLDSchedulerOutput",
     "SSCSScheduler",
+    "ConjugateScheduler",
+    "SplittingScheduler",
+    "probability_flow_sample",
+    "ODESampleOutput",
     "PSLDPipeline",
     "PSLDPipelineOutput",
     "TimeDependentClassifier",

@@ -50,12 +50,16 @@ def test_save_load_round_trip_and_from_config(cls, kw, tmp_path):
 
 
 def test_shared_defaults_and_cross_class_from_config():
+    """Every scheduler class of the package shares the base parameters with identical defaults."""
+    from diffusers_psld import ConjugateScheduler, SplittingScheduler
+
     sig_p = inspect.signature(PSLDScheduler.__init__).parameters
-    sig_s = inspect.signature(SSCSScheduler.__init__).parameters
-    assert list(sig_p) == list(sig_s)
-    for name in sig_p:
-        if name not in ("self", "sampler"):
-            assert sig_p[name].default == sig_s[name].default, name
+    for cls in (SSCSScheduler, ConjugateScheduler, SplittingScheduler):
+        sig = inspect.signature(cls.__init__).parameters
+        assert list(sig)[: len(sig_p)] == list(sig_p), cls
+        for name in sig_p:
+            if name not in ("self", "sampler"):
+                assert sig_p[name].default == sig[name].default, (cls.__name__, name)
     p = PSLDScheduler(gamma=0.02, nu=4.02, striding="quadratic")
     s = SSCSScheduler.from_config(p.config)
     assert s.config.sampler == "sscs" and s.config.gamma == 0.02 and s.config.striding == "quadratic"

@@ -1,4 +1,7 @@
+from .scheduling_conjugate import ConjugateScheduler
 from .scheduling_psld import PSLDScheduler, PSLDSchedulerOutput
+from .scheduling_splitting import SPLITTING_SAMPLERS, SplittingScheduler
 from .scheduling_sscs import SSCSScheduler
 
-__all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SSCSScheduler"]
+__all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SSCSScheduler", "ConjugateScheduler", "SplittingScheduler",
+           "SPLITTING_SAMPLERS"]

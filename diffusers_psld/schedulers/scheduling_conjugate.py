@@ -41,17 +41,16 @@ C_out = -R_t^{-T} preconditioning (notes §2.4c, §2.6).
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import numpy as np
 import scipy.integrate
-import scipy.linalg
 import torch
-from diffusers.configuration_utils import FrozenDict, register_to_config
+from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (name needed by diffusers' loader)
 
-from ..sde import RecipeSDE
-from .scheduling_psld import _AFFINE, PSLDScheduler, _Calls, _StepTables
+from ..sde import RecipeSDE, kernels
+from .scheduling_psld import _AFFINE, PSLDScheduler
 
 __all__ = ["ConjugateScheduler", "CONJUGATE_B", "conjugate_coefficients", "gauss_legendre_sqrt"]
 
@@ -60,19 +59,6 @@ _GL_NODES = 24
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def base_setup(sched: PSLDScheduler, base_sampler: str):
-    """Run :meth:`PSLDScheduler._setup` (validation, SDE construction) with ``sampler`` temporarily set to
-    ``base_sampler`` (a name the base class knows), so subclasses with new sampler names reuse it."""
-    saved = sched._internal_dict
-    patched = dict(saved)
-    patched["sampler"] = base_sampler
-    sched._internal_dict = FrozenDict(patched)
-    try:
-        PSLDScheduler._setup(sched)
-    finally:
-        sched._internal_dict = saved
-
-
 def check_real(value, name: str, low: Optional[float] = None, strict: bool = False) -> float:
     """A finite real number (optionally bounded below); ValueError naming ``name`` otherwise."""
     if isinstance(value, bool):
@@ -88,55 +74,9 @@ def check_real(value, name: str, low: Optional[float] = None, strict: bool = Fal
     return v
 
 
-def set_affine_timesteps(sched: PSLDScheduler, num_inference_steps: int, calls, device=None):
-    """Install a full list of affine call tuples (final step included) as the scheduler's tables."""
-    n_calls = num_inference_steps
-    assert len(calls) == n_calls, (len(calls), n_calls)
-    runs = []
-    for c in calls:  # (kind, t_eval, P, R, S or None, h[, t_state])
-        state = [c[6]] if len(c) > 6 else None
-        runs.append(_Calls([c[0]], [c[1]], c[2][None], c[3][None], None if c[4] is None else c[4][None], [c[5]], state))
-    sched._tables = _StepTables(sched.sde, _Calls.cat(runs))
-    sched.num_inference_steps = n_calls
-    sched.timesteps = torch.tensor([float(c[1]) for c in calls], dtype=torch.float64, device=device)
-    sched._step_index = None
-    sched._begin_index = None
-    sched._heun_cache = None
-
-
-def check_num_inference_steps(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(
-            f"`num_inference_steps` must be an int >= 2 (N - 1 reverse steps + 1 final denoising step), got {n!r}"
-        )
-    return n
-
-
 def expm_batch(M: np.ndarray) -> np.ndarray:
-    """Matrix exponential of a batch ``[n, k, k]``: closed form for k <= 2 (Putzer / Cayley-Hamilton,
-    ``e^{τ}(cosh δ I + sinh δ/δ (M - τI))`` with τ = tr/2, δ² = ((a-d)/2)² + bc, complex-safe and
-    continuous at δ = 0), ``scipy.linalg.expm`` otherwise. Tested against ``scipy.linalg.expm``."""
-    M = np.asarray(M, dtype=np.float64)
-    k = M.shape[-1]
-    if k == 1:
-        return np.exp(M)
-    if k != 2:
-        return scipy.linalg.expm(M)
-    a, b, c, d = M[:, 0, 0], M[:, 0, 1], M[:, 1, 0], M[:, 1, 1]
-    tau = 0.5 * (a + d)
-    delta = np.sqrt((0.5 * (a - d)) ** 2 + b * c + 0j)
-    ch = np.cosh(delta)
-    small = np.abs(delta) < 1e-4
-    dsafe = np.where(small, 1.0, delta)
-    sh = np.where(small, 1.0 + delta ** 2 / 6.0 + delta ** 4 / 120.0, np.sinh(dsafe) / dsafe)
-    ch, sh = ch.real, sh.real
-    e = np.exp(tau)
-    out = np.empty_like(M)
-    out[:, 0, 0] = e * (ch + sh * (a - tau))
-    out[:, 1, 1] = e * (ch + sh * (d - tau))
-    out[:, 0, 1] = e * sh * b
-    out[:, 1, 0] = e * sh * c
-    return out
+    """Matrix exponential of a batch ``[n, k, k]`` (NumPy front-end of :func:`diffusers_psld.sde.kernels.expm`)."""
+    return kernels.expm(torch.from_numpy(np.asarray(M, dtype=np.float64))).numpy()
 
 
 def gauss_legendre_sqrt(lo: np.ndarray, hi: np.ndarray, n: int = _GL_NODES):
@@ -233,31 +173,29 @@ class ConjugateScheduler(PSLDScheduler):
         time_scale: float = 1000.0,
         sampler: Literal["conjugate"] = "conjugate",
         striding: Literal["uniform", "quadratic"] = "uniform",
-        sscs_score_time: Literal["midpoint", "start"] = "midpoint",
+        sscs_score_time: Literal["midpoint", "start"] = "start",
         conjugate_b: Literal["zero", "identity", "ones"] = "ones",
         conjugate_lambda: float = 0.0,
         quadrature_nodes: int = _GL_NODES,
     ):
         self._setup()
 
+    _samplers = ("conjugate",)
+
     def _setup(self):
         cfg = self.config
-        if cfg.sampler != "conjugate":
-            raise ValueError(f"ConjugateScheduler only runs `sampler='conjugate'`, got {cfg.sampler!r}")
         if cfg.conjugate_b not in CONJUGATE_B:
             raise ValueError(f"`conjugate_b` must be one of {CONJUGATE_B}, got {cfg.conjugate_b!r}")
         check_real(cfg.conjugate_lambda, "conjugate_lambda")
         q = cfg.quadrature_nodes
         if isinstance(q, bool) or not isinstance(q, int) or q < 4:
             raise ValueError(f"`quadrature_nodes` must be an int >= 4, got {q!r}")
-        base_setup(self, "pf_euler")
+        super()._setup()
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
-        """Grid with ``num_inference_steps - 1`` conjugate steps down to sampling_eps, then one to 0."""
-        n = check_num_inference_steps(num_inference_steps)
+    def _build_calls(self, n: int) -> list:
+        """Grid with ``n - 1`` conjugate steps down to sampling_eps, then one to 0."""
         cfg = self.config
         times = torch.cat([self._grid(n - 1), torch.zeros(1, dtype=torch.float64)])
         P, Q = conjugate_coefficients(self.sde, times, cfg.conjugate_b, float(cfg.conjugate_lambda),
                                       cfg.quadrature_nodes)
-        calls = [(_AFFINE, float(times[i]), P[i], Q[i], None, float(times[i] - times[i + 1])) for i in range(n)]
-        set_affine_timesteps(self, n, calls, device)
+        return [(_AFFINE, float(times[i]), P[i], Q[i], None, float(times[i] - times[i + 1])) for i in range(n)]

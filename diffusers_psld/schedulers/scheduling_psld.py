@@ -100,6 +100,9 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles: List[str] = []
     order = 1
+    #: sampler names this class runs; a subclass that adds samplers sets its own tuple and overrides
+    #: :meth:`_build_calls` (see ``scheduling_conjugate.py``, ``scheduling_splitting.py``)
+    _samplers: Tuple[str, ...] = SAMPLERS
 
     @register_to_config
     def __init__(
@@ -124,8 +127,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if cfg.diffusion not in DIFFUSIONS:
             raise ValueError(f"`diffusion` must be one of {DIFFUSIONS} (CLD is 'psld' with gamma=0), got {cfg.diffusion!r}")
-        if cfg.sampler not in SAMPLERS:
-            raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {cfg.sampler!r}")
+        if cfg.sampler not in self._samplers:
+            raise ValueError(f"`sampler` must be one of {self._samplers} for {type(self).__name__}, got {cfg.sampler!r}")
         if cfg.striding not in STRIDINGS:
             raise ValueError(f"`striding` must be one of {STRIDINGS}, got {cfg.striding!r}")
         if cfg.sscs_score_time not in ("midpoint", "start"):
@@ -187,7 +190,14 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
                 f"`num_inference_steps` must be an int >= 2 (N - 1 reverse steps + 1 final denoising step), "
                 f"got {num_inference_steps!r}"
             )
-        n_calls = num_inference_steps
+        self._install_calls(self._build_calls(num_inference_steps), num_inference_steps, device)
+
+    def _build_calls(self, n_calls: int) -> list:
+        """The step tables for ``n_calls`` model calls, the final denoising call included.
+
+        Returns a list of :class:`_Calls` runs (or ``(kind, t_eval, P, R, S, h[, t_state])`` tuples, one
+        call each). Subclasses that add samplers override this.
+        """
         eps, sde = self.config.sampling_eps, self.sde
         builder = {"em": self._build_em, "pf_euler": self._build_pf, "pf_heun": self._build_heun,
                    "sscs": self._build_sscs}[self.config.sampler]
@@ -198,10 +208,17 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         else:
             P, R, _ = sampling.pf_euler_step(sde, eps, 0.0)
         calls.append(_Calls([_AFFINE], [eps], P[None], R[None], None, [0.0]))
-        self._tables = _StepTables(sde, _Calls.cat(calls))
-        assert len(self._tables.kinds) == n_calls
+        return calls
+
+    def _install_calls(self, runs, n_calls: int, device=None):
+        """Install step tables built by :meth:`_build_calls` and reset the step state."""
+        runs = [r if isinstance(r, _Calls) else _Calls.single(*r) for r in runs]
+        tables = _StepTables(self.sde, _Calls.cat(runs))
+        if len(tables.kinds) != n_calls:
+            raise RuntimeError(f"{type(self).__name__} built {len(tables.kinds)} calls for num_inference_steps={n_calls}")
+        self._tables = tables
         self.num_inference_steps = n_calls
-        self.timesteps = torch.tensor(self._tables.eval_times, dtype=torch.float64, device=device)
+        self.timesteps = torch.tensor(tables.eval_times, dtype=torch.float64, device=device)
         self._step_index = None
         self._begin_index = None
         self._heun_cache = None
@@ -399,6 +416,12 @@ class _Calls:
         self.noisy = [S is not None] * len(self.kinds)
         self.S = S if S is not None else torch.zeros_like(P)
         self.state_times = [float(x) for x in (state_times if state_times is not None else eval_times)]
+
+    @classmethod
+    def single(cls, kind, t_eval, P, R, S, h, t_state=None):
+        """One call from ``[k, k]`` matrices (S may be None)."""
+        return cls([kind], [t_eval], P[None], R[None], None if S is None else S[None], [h],
+                   None if t_state is None else [t_state])
 
     @staticmethod
     def cat(runs):

@@ -58,7 +58,7 @@ denoising call (EM mean for stochastic schemes, probability-flow Euler for deter
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -68,8 +68,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 from .. import sampling
 from ..sde import RecipeSDE
 from ..sde.kernels import psd_cholesky
-from .scheduling_conjugate import (base_setup, check_num_inference_steps, check_real, conjugate_coefficients,
-                                   gauss_legendre_sqrt, set_affine_timesteps)
+from .scheduling_conjugate import check_real, conjugate_coefficients, gauss_legendre_sqrt
 from .scheduling_psld import _AFFINE, PSLDScheduler
 
 __all__ = ["SplittingScheduler", "SPLITTING_SAMPLERS", "splitting_calls"]
@@ -233,7 +232,7 @@ class SplittingScheduler(PSLDScheduler):
         time_scale: float = 1000.0,
         sampler: str = "roba",
         striding: Literal["uniform", "quadratic"] = "uniform",
-        sscs_score_time: Literal["midpoint", "start"] = "midpoint",
+        sscs_score_time: Literal["midpoint", "start"] = "start",
         lambda_s: float = 1.0,
         lambda_s_mode: Literal["marginal", "scale"] = "marginal",
         conjugate_lambda: float = 0.0,
@@ -241,10 +240,10 @@ class SplittingScheduler(PSLDScheduler):
     ):
         self._setup()
 
+    _samplers = SPLITTING_SAMPLERS
+
     def _setup(self):
         cfg = self.config
-        if cfg.sampler not in SPLITTING_SAMPLERS:
-            raise ValueError(f"`sampler` must be one of {SPLITTING_SAMPLERS} for SplittingScheduler, got {cfg.sampler!r}")
         if cfg.diffusion != "psld":
             raise ValueError(f"splitting integrators need the augmented diffusion `diffusion='psld'`, got {cfg.diffusion!r}")
         check_real(cfg.lambda_s, "lambda_s", low=0.0)
@@ -254,7 +253,7 @@ class SplittingScheduler(PSLDScheduler):
         q = cfg.quadrature_nodes
         if isinstance(q, bool) or not isinstance(q, int) or q < 4:
             raise ValueError(f"`quadrature_nodes` must be an int >= 4, got {q!r}")
-        base_setup(self, "em")
+        super()._setup()
 
     @property
     def calls_per_step(self) -> int:
@@ -264,9 +263,8 @@ class SplittingScheduler(PSLDScheduler):
             return 1
         return sum(1 for f, _ in seq if _terms(f, stoch, 1.0, True)[3] > 0)
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
-        """``num_inference_steps`` model calls: full steps (+ leading reduced steps) and the final call."""
-        n_calls = check_num_inference_steps(num_inference_steps)
+    def _build_calls(self, n_calls: int) -> list:
+        """``n_calls`` model calls: full steps (+ leading reduced steps) and the final call."""
         cfg = self.config
         c = self.calls_per_step
         n_full, rem = divmod(n_calls - 1, c)
@@ -284,4 +282,4 @@ class SplittingScheduler(PSLDScheduler):
         else:
             P, R, _ = sampling.pf_euler_step(self.sde, eps, 0.0)
         calls.append((_AFFINE, eps, P, R, None, 0.0))
-        set_affine_timesteps(self, n_calls, calls, device)
+        return calls
