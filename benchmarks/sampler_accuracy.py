@@ -30,7 +30,6 @@ Outputs ``benchmarks/results/sampler_accuracy{_quick}.md`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -76,7 +75,6 @@ class RotatedMixture:
 
     def score(self, z, a, Sig):
         """∇ log p of the marginal at z ``[B, k, d]`` for mean coefficients a ``[k]`` and Σ ``[k, k]``."""
-        k = a.shape[0]
         if self.shared:
             C = torch.outer(a, a) * self.lam + Sig  # [k, k], same for every component and direction
             W = torch.linalg.inv(C)
@@ -88,7 +86,6 @@ class RotatedMixture:
             r = torch.softmax(logits, dim=1)
             mbar = r @ self.mu  # [B, d]
             return -Wz + Wa[None, :, None] * mbar[:, None, :]
-        B = z.shape[0]
         logps, scores = [], []
         for j in range(len(self.w)):
             C = torch.outer(a, a)[None] * self.lam[j][:, None, None] + Sig[None]  # [d, k, k]

@@ -7,7 +7,7 @@ Independent of :mod:`diffusers_psld.exact` (built from ``RecipeSDE.hsm_kernel`` 
 """
 import torch
 
-from diffusers_psld.schedulers.scheduling_psld import _AFFINE, _HEUN_CORR, _HEUN_PRED
+from diffusers_psld.schedulers.scheduling_psld import _AFFINE, _HEUN_PRED
 
 
 def exact_eps_affine(sde, mu, cov_x, times):

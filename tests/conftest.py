@@ -12,11 +12,17 @@ for key, value in {
     "HF_HUB_CACHE": os.path.join(_tmp, "hub"),
     "HF_MODULES_CACHE": os.path.join(_tmp, "modules"),
     "HF_DATASETS_CACHE": os.path.join(_tmp, "datasets"),
+    # The test problems are tiny: on a 2-core machine shared with another process, 2 OpenMP threads made
+    # small convolutions up to ~100x slower (spinning); 1 thread is robust. Inherited by subprocesses.
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(key, value)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

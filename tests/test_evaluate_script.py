@@ -24,13 +24,6 @@ def _load_script():
 evaluate = _load_script()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 def _tiny_unet():
     from diffusers import UNet2DModel
@@ -107,7 +100,7 @@ def test_scheduler_swap_and_bare_layout(workdir):
     os.remove(bare / "model_index.json")
     rep_b = evaluate.main(["--model_dir", str(bare), "--output_dir", str(workdir / "bare_out"), "--num_samples", "4",
                            "--shard_size", "4", "--num_inference_steps", "3", "--skip_metrics"])
-    rep_p = evaluate.main(["--model_dir", str(workdir / "pipe"), "--output_dir", str(workdir / "pipe_out"),
+    evaluate.main(["--model_dir", str(workdir / "pipe"), "--output_dir", str(workdir / "pipe_out"),
                            "--num_samples", "4", "--shard_size", "4", "--num_inference_steps", "3", "--skip_metrics"])
     assert rep_b["model"]["model_layout"].startswith("unet/")
     from diffusers_psld.evaluation.fid import load_shards

@@ -9,13 +9,6 @@ from diffusers_psld.evaluation import features as fx
 from diffusers_psld.evaluation import fid as fm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 @pytest.fixture(scope="module")
 def digits8():

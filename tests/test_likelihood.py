@@ -9,14 +9,6 @@ from diffusers_psld.exact import GaussianMixture
 from diffusers_psld.sde import RecipeSDE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny float64 problems: 1 thread is several times faster than 2 on a loaded shared CPU
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 MEAN = torch.tensor([0.3, -0.2], dtype=torch.float64)
 COV = torch.tensor([[0.20, 0.05], [0.05, 0.10]], dtype=torch.float64)

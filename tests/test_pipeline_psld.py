@@ -2,7 +2,6 @@
 import doctest
 import json
 import os
-import shutil
 
 import numpy as np
 import PIL.Image

@@ -5,7 +5,7 @@ import pytest
 import torch
 from _gaussian_moments import exact_eps_affine, propagate
 
-from diffusers_psld import PSLDScheduler, RecipeSDE, SSCSScheduler
+from diffusers_psld import PSLDScheduler, SSCSScheduler
 from diffusers_psld.exact import GaussianMixture
 from diffusers_psld.sde import kernels
 

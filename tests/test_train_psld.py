@@ -22,14 +22,6 @@ TINY = ["--model_preset", "tiny", "--resolution", "8", "--train_batch_size", "8"
         "--eval_batch_size", "4", "--report_to", "none", "--lr_warmup_steps", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 threads on a shared 2-core box slow tiny convolutions ~100x (OpenMP spinning); 1 is fastest here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run(out, *extra):
     return train_psld.main([*TINY, "--output_dir", str(out), *map(str, extra)])
@@ -277,4 +269,4 @@ def test_sigkill_during_training_leaves_loadable_checkpoint(tmp_path):
     p = subprocess.run(base + ["--max_train_steps", str(last + 1), "--resume_from_checkpoint", "latest"], env=_env(),
                        cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"resumed from" in p.stdout and (out / "model_index.json").exists()
+    assert "resumed from" in p.stdout and (out / "model_index.json").exists()
