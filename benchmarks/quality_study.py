@@ -86,31 +86,39 @@ SAMPLERS: Dict[str, Tuple[str, Callable, bool]] = {
                False),
 }
 
-# Priority tiers: (samplers, NFEs); every applicable model gets a tier before the next tier starts.
+# Priority tiers: (samplers, NFEs[, sampling seed]); every applicable model gets a tier before the next
+# tier starts. A tier with its own seed repeats jobs with other sample seeds (sampling noise of FID).
 DEFAULT_PLAN = [
     (["em-us"], [50]),
     (["em-qs", "sscs-us", "sscs-qs", "pf-heun-qs"], [50]),
     (["em-us"], [20, 100]),
-    (["em-qs", "sscs-qs", "sscs-us", "pf-heun-qs"], [20]),
-    (["conj0-qs", "rvv-qs"], [20]),
+    (["em-us"], [50], 1000),
+    (["em-qs", "sscs-us", "sscs-qs", "pf-heun-qs"], [20]),
     (["em-us"], [250]),
-    (["em-qs", "sscs-qs", "sscs-us", "pf-heun-qs"], [100]),
+    (["conj0-qs", "rvv-qs"], [20]),
+    (["em-qs", "sscs-us", "sscs-qs", "pf-heun-qs"], [100]),
     (["em-us"], [1000]),
 ]
 
 
 def parse_plan(spec: Optional[str]):
-    """``"em-us:50;em-qs,sscs-us:20,50"`` → tiers; ``None`` → :data:`DEFAULT_PLAN`."""
+    """``"em-us:50;em-qs,sscs-us:20,50;em-us:50@1000"`` → tiers (``@seed``: that tier's sampling seed);
+    ``None`` → :data:`DEFAULT_PLAN`."""
     if not spec:
         return DEFAULT_PLAN
     plan = []
     for tier in spec.split(";"):
         s, n = tier.split(":")
+        seed = None
+        if "@" in n:
+            n, seed = n.split("@")
+            seed = int(seed)
         samplers = [x.strip() for x in s.split(",") if x.strip()]
         for x in samplers:
             if x not in SAMPLERS:
                 raise ValueError(f"unknown sampler {x!r}; choose from {sorted(SAMPLERS)}")
-        plan.append((samplers, [int(v) for v in n.split(",")]))
+        nfes = [int(v) for v in n.split(",")]
+        plan.append((samplers, nfes) if seed is None else (samplers, nfes, seed))
     return plan
 
 
@@ -122,16 +130,18 @@ def model_diffusion(model_dir: str) -> str:
 
 def job_list(plan, models: List[str], models_dir: str, seed: int) -> List[dict]:
     jobs, seen = [], set()
-    for tier, (samplers, nfes) in enumerate(plan):
+    for tier, entry in enumerate(plan):
+        samplers, nfes = entry[0], entry[1]
+        tseed = entry[2] if len(entry) > 2 else seed
         for nfe in nfes:
             for sampler in samplers:
                 for m in models:
-                    key = (m, sampler, nfe, seed)
+                    key = (m, sampler, nfe, tseed)
                     if key in seen:
                         continue
                     seen.add(key)
-                    jobs.append({"tier": tier, "model": m, "sampler": sampler, "nfe": nfe, "seed": seed,
-                                 "name": f"{m}__{sampler}__nfe{nfe}__seed{seed}"})
+                    jobs.append({"tier": tier, "model": m, "sampler": sampler, "nfe": nfe, "seed": tseed,
+                                 "name": f"{m}__{sampler}__nfe{nfe}__seed{tseed}"})
     return jobs
 
 
@@ -214,7 +224,8 @@ def worker(args) -> int:
     jobs = []
     for seed in args.seeds:
         jobs += job_list(parse_plan(args.plan), args.models, args.models_dir, seed)
-    jobs.sort(key=lambda j: (j["tier"], args.seeds.index(j["seed"])))
+    jobs = list({j["name"]: j for j in reversed(jobs)}.values())[::-1]  # de-duplicate, keep the first
+    jobs.sort(key=lambda j: j["tier"])  # stable: seed order within a tier
     done = 0
     for job in jobs:
         if args.deadline_minutes and (time.perf_counter() - t_start) > 60 * args.deadline_minutes:
@@ -300,9 +311,9 @@ def write_report(args) -> dict:
             meta = json.load(f)
     train = training_info(args.models_dir, args.models, args.train_logs_dir) if os.path.isdir(args.models_dir) else {}
     plan = parse_plan(args.plan)
-    payload = {"results": results, "noise_floor": nf, "training": train, "meta": meta,
+    payload = {"results": results, "main_seed": args.seeds[0], "noise_floor": nf, "training": train, "meta": meta,
                "num_samples": args.num_samples, "models": args.models,
-               "plan": [{"samplers": s, "nfe": n} for s, n in plan],
+               "plan": [{"samplers": e[0], "nfe": e[1], "seed": e[2] if len(e) > 2 else args.seeds[0]} for e in plan],
                "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared), torch {torch.__version__}"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
     with open(args.out_json, "w") as f:
@@ -344,9 +355,9 @@ def markdown(p: dict, args) -> str:
     if nf:
         lines += [f"**FID noise floor at N = {nf['num_samples']}:** {nf['mean']:.2f} ± {nf['std']:.2f} "
                   f"(range {nf['min']:.2f}–{nf['max']:.2f}; {nf['what']}, {nf['repeats']} subsets).", ""]
-    used = [s for s in SAMPLERS if any(r["sampler"] == s for r in results)]
+    used = [s for s in SAMPLERS if any(r["sampler"] == s and r["seed"] == seed0 for r in results)]
     for s in used:
-        nfes = sorted({r["nfe"] for r in results if r["sampler"] == s})
+        nfes = sorted({r["nfe"] for r in results if r["sampler"] == s and r["seed"] == seed0})
         lines += [f"## {s}: {SAMPLERS[s][0]}", ""] + _table(results, models, s, nfes, seed0) + [""]
     extra = sorted({r["seed"] for r in results} - {seed0})
     if extra:
@@ -389,8 +400,9 @@ def markdown(p: dict, args) -> str:
         for title, body in p["meta"]["sections"]:
             lines += [f"## {title}", "", body, ""]
     lines += ["## Plan (priority tiers; later tiers were cut first)", ""]
-    for i, (s, n) in enumerate(parse_plan(args.plan)):
-        lines.append(f"{i}. {', '.join(s)} at NFE {', '.join(map(str, n))}")
+    for i, e in enumerate(parse_plan(args.plan)):
+        seed_txt = f" (sampling seed {e[2]})" if len(e) > 2 else ""
+        lines.append(f"{i}. {', '.join(e[0])} at NFE {', '.join(map(str, e[1]))}{seed_txt}")
     lines += ["", f"Machine: {p['machine']}.", ""]
     if p["meta"].get("commands"):
         lines += ["## Commands", "", "```bash", *p["meta"]["commands"], "```", ""]
@@ -403,7 +415,7 @@ def plot(p: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in p["results"] if r["seed"] == min(r2["seed"] for r2 in p["results"])] if p["results"] else []
+    results = [r for r in p["results"] if r["seed"] == p["main_seed"]]
     samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in results)]
     if not samplers:
         return

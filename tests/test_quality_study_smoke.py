@@ -61,6 +61,8 @@ def test_plan_parsing_and_vp_applicability():
     qs = _load()
     plan = qs.parse_plan("em-us:20,50;sscs-qs:20")
     assert plan == [(["em-us"], [20, 50]), (["sscs-qs"], [20])]
+    assert qs.parse_plan("em-us:50@7") == [(["em-us"], [50], 7)]
+    assert qs.job_list(qs.parse_plan("em-us:50@7"), ["cld"], "unused", 0)[0]["seed"] == 7
     jobs = qs.job_list(plan, ["vp", "cld"], "unused", 0)
     assert [j["tier"] for j in jobs] == [0, 0, 0, 0, 1, 1]
     assert qs.SAMPLERS["sscs-us"][2] is False and qs.SAMPLERS["em-us"][2] is True
