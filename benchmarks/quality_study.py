@@ -284,10 +284,10 @@ def training_info(models_dir: str, models: List[str], logs_dir: Optional[str] = 
         try:
             with open(os.path.join(d, "train_log.jsonl")) as f:
                 lines = [json.loads(x) for x in f if x.strip()]
-            losses = [x["loss"] for x in lines if "loss" in x]
-            if losses:
-                tail = losses[-50:]
-                row["final_loss_mean_last50"] = sum(tail) / len(tail)
+            for key in ("loss", "loss_eps_x", "loss_eps_m"):
+                tail = [x[key] for x in lines if key in x][-50:]
+                if tail:
+                    row[f"final_{key}_mean_last50"] = sum(tail) / len(tail)
         except (OSError, ValueError):
             pass
         log = os.path.join(logs_dir, f"train_{m}.log") if logs_dir else None
@@ -323,6 +323,10 @@ def write_report(args) -> dict:
     if args.out_png:
         plot(payload, args.out_png)
     return payload
+
+
+def _f(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
 
 
 def _table(results, models, sampler, nfes, seed) -> List[str]:
@@ -374,15 +378,17 @@ def markdown(p: dict, args) -> str:
         lines.append("")
     if p["training"]:
         lines += ["## Training (identical budget for every model)", "",
-                  "| model | diffusion | Γ | ν | steps | batch | lr | seed | final loss (mean of last 50 steps) | train wall s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| model | diffusion | Γ | ν | steps | batch | lr | seed | final loss (mean of last 50 steps) "
+                  "| of which ε_x | ε_m | train wall s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m in models:
             t = p["training"].get(m, {})
             fl, tw = t.get("final_loss_mean_last50"), t.get("train_seconds")
             lines.append(f"| {MODEL_LABELS.get(m, m)} | {t.get('diffusion', '?')} | {t.get('gamma', '')} | "
                          f"{t.get('nu', '')} | {t.get('max_train_steps', '?')} | {t.get('train_batch_size', '?')} | "
                          f"{t.get('learning_rate', '?')} | {t.get('seed', '?')} | "
-                         f"{'?' if fl is None else f'{fl:.4f}'} | {'?' if tw is None else f'{tw:.0f}'} |")
+                         f"{'?' if fl is None else f'{fl:.4f}'} | {_f(t.get('final_loss_eps_x_mean_last50'))} | "
+                         f"{_f(t.get('final_loss_eps_m_mean_last50'))} | {'?' if tw is None else f'{tw:.0f}'} |")
         lines += ["", "The training losses are **not comparable across diffusions** (VP regresses one ε per pixel, "
                   "CLD only ε_m, PSLD both ε_x and ε_m, each with a different noise-level distribution); compare "
                   "them only between the PSLD Γ values, and even there Γ changes the target.", ""]
@@ -433,6 +439,10 @@ def plot(p: dict, path: str):
             ax.axhspan(nf["mean"] - nf["std"], nf["mean"] + nf["std"], color="k", alpha=0.1)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ticks = sorted({r["nfe"] for r in results if r["sampler"] == s})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_title(s, fontsize=10)
         ax.set_xlabel("NFE")
         ax.set_ylabel("offline FID")
