@@ -24,7 +24,7 @@ import torch
 from .sde import RecipeSDE
 from .sde.kernels import psd_cholesky, transition
 
-__all__ = ["em_step", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step", "x0_coefficients"]
+__all__ = ["em_step", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step"]
 
 
 def _eye(sde: RecipeSDE) -> torch.Tensor:
@@ -83,9 +83,3 @@ def sscs_score_step(sde: RecipeSDE, h: float, t_eval: float):
     """Euler step of the SSCS score part ``S``: ``z += h·2β D (s + A z)``, s at ``t_eval``."""
     w = 2.0 * _col(h) * _col(sde.beta(t_eval)) * sde.D
     return _eye(sde) + w @ sde.A, w @ _score_matrix(sde, t_eval)
-
-
-def x0_coefficients(sde: RecipeSDE, t):
-    """``(a, L)`` of the HSM kernel: ``x̂₀ = aᵀ(z - L ε) / aᵀa`` (exact when ε is)."""
-    kern = sde.hsm_kernel(t)
-    return kern.mean_coef, kern.chol

@@ -38,7 +38,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
-from ..sde import RecipeSDE, blocks
+from ..sde import RecipeSDE, blocks, kernels
 
 __all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SAMPLERS", "STRIDINGS"]
 
@@ -314,13 +314,22 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
                              f"[{t.min().item():.4g}, {t.max().item():.4g}]")
         return t
 
+    def _chol(self, t: float) -> torch.Tensor:
+        """L_t of the HSM kernel: taken from the step tables when ``t`` is the current call's time
+        (the per-step case of guidance), computed in float64 otherwise."""
+        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        tab = self._tables
+        if tab is not None and i < len(tab.eval_times) and abs(tab.eval_times[i] - float(t)) <= 1e-12:
+            return tab.x0_L[i]
+        return self.sde.hsm_kernel(float(t)).chol
+
     def eps_to_score(self, eps: torch.Tensor, t: float) -> torch.Tensor:
         """score = -L_t^{-T} ε (HSM kernel factor at forward time ``t``)."""
-        return blocks.apply(-self.sde.hsm_kernel(float(t)).inv_chol_t(), eps)
+        return blocks.apply(-kernels.lower_inverse_transpose(self._chol(t)), eps)
 
     def score_to_eps_shift(self, grad: torch.Tensor, t: float) -> torch.Tensor:
         """``Lᵀ g``: adding ``g`` to the score equals subtracting ``Lᵀ g`` from ε (used for guidance)."""
-        return blocks.apply(self.sde.hsm_kernel(float(t)).chol.transpose(-1, -2), grad)
+        return blocks.apply(self._chol(t).transpose(-1, -2), grad)
 
     # ------------------------------------------------------------------ sampling
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

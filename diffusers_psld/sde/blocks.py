@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply", "lift", "project", "split_components"]
+__all__ = ["apply", "lift", "project"]
 
 
 def _check(z: torch.Tensor, k: int, name: str):
@@ -43,9 +43,3 @@ def project(z: torch.Tensor, k: int) -> torch.Tensor:
     """The data half (component 1) of a stacked state."""
     _check(z, k, "sample")
     return z[:, : z.shape[1] // k]
-
-
-def split_components(z: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """All ``k`` components of a stacked state, each ``[B, C, ...]``."""
-    _check(z, k, "sample")
-    return tuple(z.chunk(k, dim=1))

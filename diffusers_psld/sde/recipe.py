@@ -211,10 +211,6 @@ class RecipeSDE:
         linvt = self.hsm_kernel(0.5).inv_chol_t()
         return (self.D @ linvt).abs().amax(dim=0) > 0
 
-    def with_Q(self, Q) -> "RecipeSDE":
-        """Same recipe with another skew coupling (used for the SSCS linear part, Q → -Q)."""
-        return RecipeSDE(self.D, Q, self.masses, self.beta_min, self.beta_max, self.kappa)
-
     def __repr__(self) -> str:
         return (f"RecipeSDE(k={self.k}, D={self.D.tolist()}, Q={self.Q.tolist()}, masses={self.masses.tolist()}, "
                 f"beta=[{self.beta_min}, {self.beta_max}], kappa={self.kappa})")
