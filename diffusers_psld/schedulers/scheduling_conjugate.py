@@ -21,9 +21,11 @@ relative factors appear, so A_t itself (entries ~e^8 for PSLD) is never formed.
 
 * V in closed form: ``expm((s - a)(B - βF))`` for constant β; ``e^{λ(s-a)} expm(-F ∫_a^s β)`` when B
   commutes with F (B = λI, or k = 1); otherwise a DOP853 solve (rtol 1e-12) of the matrix ODE.
-* Q by Gauss–Legendre quadrature after the substitution s = u² (``L_s^{-T}`` behaves like s^{-1/2}
-  near 0 for PSLD, which makes the integrand smooth in u and lets the last step reach t = 0); every
-  node of every interval is evaluated in one batched float64 call. The tests check the quadrature
+* Q by composite Gauss–Legendre quadrature after the substitution s = u² (``L_s^{-T}`` behaves like
+  s^{-1/2} near 0 for PSLD, which makes the integrand smooth in u and lets the last step reach t = 0),
+  ``quadrature_nodes`` nodes per piece, pieces geometric in u with u_hi/u_lo <= 2 (a single wide first
+  interval [sampling_eps, 1] otherwise limits the accuracy to ~1e-8); every node of every interval is
+  evaluated in one batched float64 call. The tests check the quadrature
   against an adaptive ODE solve of a constant-ε manufactured solution.
 
 Choices of B (``conjugate_b``):
@@ -35,8 +37,30 @@ Choices of B (``conjugate_b``):
 
 With λ = 0 every choice reduces to ``"zero"`` (tested). The final (N-th) call integrates the same
 conjugate step from ``sampling_eps`` down to t = 0. ``num_inference_steps`` is the exact NFE: N - 1
-conjugate steps on a uniform or quadratic grid plus the final step. Not implemented: gDDIM's
-C_out = -R_t^{-T} preconditioning (notes §2.4c, §2.6).
+conjugate steps on a uniform or quadratic grid plus the final step.
+
+ε basis (``eps_basis``): which re-expression of the network output the step freezes over an interval.
+
+* ``"cholesky"``: ε itself, i.e. C_out = -L_t^{-T} (the checkpoints' native parameterisation).
+* ``"gddim"``: gDDIM's (Zhang, Tao & Chen, ICLR 2023) ε_R = R_t^{-1} L_t ε with C_out = -R_t^{-T}, where
+  ``dR/dt = β(F + D Σ_t^{-1}) R`` and ``R Rᵀ = Σ_t`` (the ODE preserves R Rᵀ = Σ because
+  dΣ/dt = βFΣ + βΣFᵀ + 2βD). Since R Rᵀ = L Lᵀ, R_t = L_t O_t with O_t orthogonal: ε_R is a rotation of ε
+  and the same network output is used, no retraining. For point-mass data the exact ε_R is constant
+  along the exact PF-ODE (z_t - a_t x₀ = R_t ε_R and d(R_t ε_R)/dt = β(F + DΣ⁻¹)R_t ε_R is the
+  PF-ODE drift minus β F a_t x₀), so every B = 0 step is exact for any N (tested; the Cholesky basis is
+  not, which is why it fails at low NFE). Only the transition ``Ψ(s, t) = R_s R_t^{-1}`` of the matrix
+  ODE ``dK/dτ = β_τ(F + D Σ_τ^{-1}) K`` is needed; it does not depend on R's initial value. For k = 2
+  the orthogonal factor is a rotation by θ_t, and differentiating R = L O gives
+  ``O' Oᵀ = L^{-1} β(F + DΣ^{-1}) L - L^{-1} L'``; the last term is lower triangular, so
+  ``θ'(t) = -[L^{-1} β(F L + D L^{-T})]_{01}`` (no derivative of L needed), and
+  ``Ψ(s, t) = L_s Rot(θ_s - θ_t) L_t^{-1}``. θ' ~ t^{-1/2} near 0 for Γ > 0 (integrable; the quadrature
+  runs in u = √t), so Ψ(0, t) exists: its x-row is 0 (Σ_0 has zero x-variance). For Γ = 0 (CLD) the
+  rotated basis mixes ε_x into every step, and a CLD network does not learn ε_x (masked in the loss), so
+  the gDDIM basis is refused for CLD. VP: k = 1,
+  Ψ = σ_s/σ_t. With C_out = -R^{-T} the ε-weight of a step becomes
+  ``Q_i = -∫ V_i(s) β_s D L_s^{-T} Rot(θ_s - θ_{t_i}) ds`` (R_s^{-T} R_{t_i}ᵀ L_{t_i}^{-T} = L_s^{-T} O_s O_{t_i}ᵀ).
+  Tests: Ψ against a DOP853 solve of the matrix ODE and R Rᵀ = Σ; B = 0 equals the data-prediction form
+  ``z_s = a_s x̂₀ + Ψ(s, t)(z_t - a_t x̂₀)`` (exact ε); Dirac data exact for any N; VP equals DDIM.
 """
 from __future__ import annotations
 
@@ -52,10 +76,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 from ..sde import RecipeSDE, kernels
 from .scheduling_psld import _AFFINE, PSLDScheduler
 
-__all__ = ["ConjugateScheduler", "CONJUGATE_B", "conjugate_coefficients", "gauss_legendre_sqrt"]
+__all__ = ["ConjugateScheduler", "CONJUGATE_B", "EPS_BASES", "conjugate_coefficients", "gauss_legendre_sqrt",
+           "gddim_angle", "gddim_transition"]
 
 CONJUGATE_B = ("zero", "identity", "ones")
+EPS_BASES = ("cholesky", "gddim")
 _GL_NODES = 24
+_PIECE_RATIO = 2.0  # composite quadrature: u_hi/u_lo <= 2 per piece (u = √t)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -79,13 +106,28 @@ def expm_batch(M: np.ndarray) -> np.ndarray:
     return kernels.expm(torch.from_numpy(np.asarray(M, dtype=np.float64))).numpy()
 
 
-def gauss_legendre_sqrt(lo: np.ndarray, hi: np.ndarray, n: int = _GL_NODES):
-    """Nodes ``s [m, n]`` and weights ``w [m, n]`` for ∫_lo^hi f(s) ds with s = u² (ds = 2u du)."""
+def gauss_legendre_sqrt(lo: np.ndarray, hi: np.ndarray, n: int = _GL_NODES, max_ratio: Optional[float] = None):
+    """Nodes ``s [m, q]`` and weights ``w [m, q]`` for ∫_lo^hi f(s) ds with s = u² (ds = 2u du).
+
+    With ``max_ratio`` every interval with lo > 0 is split into the same number p of pieces, geometric in u,
+    so that u_hi/u_lo <= max_ratio per piece (composite rule, q = p·n); intervals from 0 are split evenly in u.
+    """
     x, wx = np.polynomial.legendre.leggauss(n)
-    ulo, uhi = np.sqrt(lo)[:, None], np.sqrt(hi)[:, None]
-    u = 0.5 * (uhi - ulo) * x[None] + 0.5 * (uhi + ulo)
-    w = 0.5 * (uhi - ulo) * wx[None] * 2.0 * u
-    return u * u, w
+    ulo, uhi = np.sqrt(np.asarray(lo, dtype=np.float64)), np.sqrt(np.asarray(hi, dtype=np.float64))
+    p = 1
+    if max_ratio is not None:
+        pos = ulo > 0
+        if np.any(pos):
+            p = max(1, int(np.ceil(np.log(np.max(uhi[pos] / ulo[pos])) / np.log(max_ratio) - 1e-12)))
+    frac = np.arange(p + 1) / p
+    geo = ulo[:, None] * (uhi[:, None] / np.where(ulo > 0, ulo, 1.0)[:, None]) ** frac[None]
+    lin = ulo[:, None] + (uhi - ulo)[:, None] * frac[None]
+    edges = np.where((ulo > 0)[:, None], geo, lin)  # [m, p + 1]
+    a, b = edges[:, :-1, None], edges[:, 1:, None]
+    u = 0.5 * (b - a) * x + 0.5 * (b + a)  # [m, p, n]
+    w = 0.5 * (b - a) * wx * 2.0 * u
+    m = len(ulo)
+    return (u * u).reshape(m, p * n), w.reshape(m, p * n)
 
 
 def _b_matrix(kind: str, lam: float, k: int) -> np.ndarray:
@@ -96,6 +138,64 @@ def _b_matrix(kind: str, lam: float, k: int) -> np.ndarray:
     if kind == "ones":
         return lam * np.ones((k, k))
     raise ValueError(f"`conjugate_b` must be one of {CONJUGATE_B}, got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------- gDDIM basis
+# background grid in u = √t for the angle quadrature (consecutive u ratio ≈ 1.2; 8 Gauss–Legendre nodes each)
+_ANGLE_BASE_T = np.geomspace(1e-4, 1.0, 49) ** 2
+_ANGLE_NODES = 8
+
+
+def gddim_angle_rate(sde: RecipeSDE, t) -> np.ndarray:
+    """θ'(t) = -[L_t^{-1} β_t (F L_t + D L_t^{-T})]_{01} for ``t > 0`` (k = 2); see the module docstring."""
+    tt = torch.as_tensor(np.asarray(t, dtype=np.float64).reshape(-1))
+    L = sde.hsm_kernel(tt).chol
+    linvt = kernels.lower_inverse_transpose(L)
+    inner = sde.F @ L + sde.D @ linvt
+    M = torch.linalg.solve_triangular(L, inner, upper=False)
+    return -(sde.beta(tt) * M[:, 0, 1]).numpy()
+
+
+def gddim_angle(sde: RecipeSDE, times) -> np.ndarray:
+    """θ(t) = ∫_0^t θ'(τ) dτ (float64) at ``times`` in [0, 1]: the rotation angle of gDDIM's R_t = L_t Rot(θ_t).
+
+    Zeros for k = 1. Gauss–Legendre in u = √τ on the union of ``times`` and a fixed geometric background
+    grid (the integrand θ'(u²)·2u is smooth in u: θ' ~ t^{-1/2} near 0), accumulated from 0.
+    """
+    t = np.asarray(times, dtype=np.float64).reshape(-1)
+    if sde.k == 1:
+        return np.zeros_like(t)
+    if sde.k != 2:
+        raise ValueError(f"the gDDIM basis is implemented for k <= 2, got k = {sde.k}")
+    if np.any(t < 0) or np.any(t > 1) or not np.all(np.isfinite(t)):
+        raise ValueError("times must lie in [0, 1]")
+    pts = np.unique(np.concatenate([[0.0], t, _ANGLE_BASE_T]))
+    s, w = gauss_legendre_sqrt(pts[:-1], pts[1:], _ANGLE_NODES)
+    rate = gddim_angle_rate(sde, s.reshape(-1)).reshape(s.shape)
+    cum = np.concatenate([[0.0], np.cumsum((w * rate).sum(1))])
+    return cum[np.searchsorted(pts, t)]
+
+
+def _rotation(theta: np.ndarray, k: int) -> np.ndarray:
+    theta = np.asarray(theta, dtype=np.float64).reshape(-1)
+    if k == 1:
+        return np.ones((len(theta), 1, 1))
+    c, s = np.cos(theta), np.sin(theta)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+
+
+def gddim_transition(sde: RecipeSDE, s, t) -> torch.Tensor:
+    """Ψ(s, t) = R_s R_t^{-1} = L_s Rot(θ_s - θ_t) L_t^{-1} (``[n, k, k]`` float64) for times ``t > 0``, ``s >= 0``:
+    the transition matrix of ``dK/dτ = β_τ (F + D Σ_τ^{-1}) K`` from τ = t to τ = s."""
+    s = np.asarray(s, dtype=np.float64).reshape(-1)
+    t = np.asarray(t, dtype=np.float64).reshape(-1)
+    s, t = np.broadcast_arrays(s, t)
+    th = gddim_angle(sde, np.concatenate([s, t]))
+    rot = torch.from_numpy(_rotation(th[: len(s)] - th[len(s):], sde.k))
+    Ls = sde.hsm_kernel(torch.from_numpy(s.copy())).chol
+    Lt = sde.hsm_kernel(torch.from_numpy(t.copy())).chol
+    eye = torch.eye(sde.k, dtype=torch.float64).expand_as(Lt)
+    return Ls @ rot @ torch.linalg.solve_triangular(Lt, eye, upper=False)
 
 
 def _relative_factor(sde: RecipeSDE, Bm: np.ndarray, a: float, s: np.ndarray) -> np.ndarray:
@@ -124,18 +224,27 @@ def _relative_factor(sde: RecipeSDE, Bm: np.ndarray, a: float, s: np.ndarray) ->
 
 
 def conjugate_coefficients(sde: RecipeSDE, times, conjugate_b: str = "zero", lam: float = 0.0,
-                           nodes: int = _GL_NODES):
+                           nodes: int = _GL_NODES, eps_basis: str = "cholesky"):
     """``(P, Q)`` (``[n, k, k]`` float64 tensors) of the conjugate step for each interval of the
-    descending grid ``times`` (``t_0 > t_1 > ... > t_n >= 0``). See the module docstring."""
+    descending grid ``times`` (``t_0 > t_1 > ... > t_n >= 0``); ``Q`` multiplies the network's ε
+    (for ``eps_basis="gddim"`` the rotation to ε_R at the interval start is folded in). See the module
+    docstring."""
+    if eps_basis not in EPS_BASES:
+        raise ValueError(f"`eps_basis` must be one of {EPS_BASES}, got {eps_basis!r}")
     t = np.asarray(torch.as_tensor(times, dtype=torch.float64).tolist(), dtype=np.float64)
     k = sde.k
     Bm = _b_matrix(conjugate_b, lam, k)
     hi, lo = t[:-1], t[1:]
-    s, w = gauss_legendre_sqrt(lo, hi, nodes)  # [n, q]
+    s, w = gauss_legendre_sqrt(lo, hi, nodes, _PIECE_RATIO)  # [n, q]
     flat = torch.from_numpy(s.reshape(-1))
     linvt = sde.hsm_kernel(flat).inv_chol_t().numpy()  # [n*q, k, k]
     weight = sde.beta(flat).numpy()[:, None, None] * (sde.D.numpy()[None] @ linvt)  # β D L^{-T}
-    weight = weight.reshape(len(hi), nodes, k, k)
+    q = s.shape[1]
+    weight = weight.reshape(len(hi), q, k, k)
+    if eps_basis == "gddim":  # β D L_s^{-T} Rot(θ_s - θ_{t_i})
+        th = gddim_angle(sde, np.concatenate([s.reshape(-1), hi]))
+        rel = th[: s.size].reshape(s.shape) - th[s.size:][:, None]
+        weight = weight @ _rotation(rel.reshape(-1), k).reshape(len(hi), q, k, k)
     P, Q = [], []
     for i in range(len(hi)):
         V = _relative_factor(sde, Bm, lo[i], np.concatenate([s[i], [hi[i]]]))
@@ -156,7 +265,10 @@ class ConjugateScheduler(PSLDScheduler):
         sampler (`str`, defaults to `"conjugate"`): must be `"conjugate"`.
         conjugate_b (`str`, defaults to `"ones"`): B_t = 0 (`"zero"`), λI (`"identity"`) or λ𝟏 (`"ones"`).
         conjugate_lambda (`float`, defaults to 0.0): λ (finite real). λ = 0 is the exponential integrator.
-        quadrature_nodes (`int`, defaults to 24): Gauss–Legendre nodes per interval (in u = √t), >= 4.
+        quadrature_nodes (`int`, defaults to 24): Gauss–Legendre nodes per quadrature piece (in u = √t), >= 4.
+        eps_basis (`str`, defaults to `"cholesky"`): the ε frozen over a step: the network's ε
+            (`"cholesky"`, C_out = -L_t^{-T}) or gDDIM's rotated ε_R (`"gddim"`, C_out = -R_t^{-T}; exact
+            for point-mass data, needs gamma > 0 or VP). See the module docstring.
     """
 
     @register_to_config
@@ -177,6 +289,7 @@ class ConjugateScheduler(PSLDScheduler):
         conjugate_b: Literal["zero", "identity", "ones"] = "ones",
         conjugate_lambda: float = 0.0,
         quadrature_nodes: int = _GL_NODES,
+        eps_basis: Literal["cholesky", "gddim"] = "cholesky",
     ):
         self._setup()
 
@@ -190,6 +303,11 @@ class ConjugateScheduler(PSLDScheduler):
         q = cfg.quadrature_nodes
         if isinstance(q, bool) or not isinstance(q, int) or q < 4:
             raise ValueError(f"`quadrature_nodes` must be an int >= 4, got {q!r}")
+        if cfg.eps_basis not in EPS_BASES:
+            raise ValueError(f"`eps_basis` must be one of {EPS_BASES}, got {cfg.eps_basis!r}")
+        if cfg.eps_basis == "gddim" and cfg.diffusion == "psld" and cfg.gamma == 0:
+            raise ValueError("`eps_basis='gddim'` needs gamma > 0: for CLD (gamma = 0) the rotated basis uses ε_x, "
+                             "which a CLD network does not learn (masked in the loss)")
         super()._setup()
 
     def _build_calls(self, n: int) -> list:
@@ -197,5 +315,5 @@ class ConjugateScheduler(PSLDScheduler):
         cfg = self.config
         times = torch.cat([self._grid(n - 1), torch.zeros(1, dtype=torch.float64)])
         P, Q = conjugate_coefficients(self.sde, times, cfg.conjugate_b, float(cfg.conjugate_lambda),
-                                      cfg.quadrature_nodes)
+                                      cfg.quadrature_nodes, cfg.eps_basis)
         return [(_AFFINE, float(times[i]), P[i], Q[i], None, float(times[i] - times[i + 1])) for i in range(n)]
