@@ -72,3 +72,15 @@ def attach(module, mixture: GaussianMixture, scheduler):
     module.mixture = mixture
     module.sde = scheduler.sde
     return module
+
+
+class LinearEpsUNet(ModelMixin, ConfigMixin):
+    """ε = alpha · z (a deliberately wrong "network"; large alpha makes the implied Cov(x₀ | z_t) negative)."""
+
+    @register_to_config
+    def __init__(self, in_channels=2, out_channels=2, sample_size=1, num_class_embeds=None, alpha=1.0):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, sample, timestep, class_labels=None):
+        return SimpleNamespace(sample=self.config.alpha * sample)
