@@ -18,7 +18,7 @@ from .losses import hsm_loss
 from .models import TimeDependentClassifier, build_unet
 from .pipelines import PSLDPipeline, PSLDPipelineOutput
 from .ode import ODESampleOutput, probability_flow_sample
-from .schedulers import ConjugateScheduler, PSLDScheduler, PSLDSchedulerOutput, SplittingScheduler, SSCSScheduler
+from .schedulers import ConjugateScheduler, GDDIMMultistepScheduler, PSLDScheduler, PSLDSchedulerOutput, SplittingScheduler, SSCSScheduler
 from .sde import HSMKernel, RecipeSDE
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "PSLDSchedulerOutput",
     "SSCSScheduler",
     "ConjugateScheduler",
+    "GDDIMMultistepScheduler",
     "SplittingScheduler",
     "probability_flow_sample",
     "ODESampleOutput",

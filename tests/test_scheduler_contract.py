@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from diffusers_psld import PSLDScheduler, SSCSScheduler
+from diffusers_psld import GDDIMMultistepScheduler, PSLDScheduler, SSCSScheduler
 from diffusers_psld.schedulers.scheduling_psld import time_grid
 
 CONFIGS = [
@@ -16,6 +16,8 @@ CONFIGS = [
     (PSLDScheduler, dict(diffusion="vp")),
     (SSCSScheduler, dict()),
     (SSCSScheduler, dict(gamma=0.0, nu=4.0, striding="quadratic")),
+    (GDDIMMultistepScheduler, dict()),
+    (GDDIMMultistepScheduler, dict(diffusion="vp", solver_order=2, time_spacing="logsnr")),
 ]
 IDS = [f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw in CONFIGS]
 
@@ -54,7 +56,7 @@ def test_shared_defaults_and_cross_class_from_config():
     from diffusers_psld import ConjugateScheduler, SplittingScheduler
 
     sig_p = inspect.signature(PSLDScheduler.__init__).parameters
-    for cls in (SSCSScheduler, ConjugateScheduler, SplittingScheduler):
+    for cls in (SSCSScheduler, ConjugateScheduler, SplittingScheduler, GDDIMMultistepScheduler):
         sig = inspect.signature(cls.__init__).parameters
         assert list(sig)[: len(sig_p)] == list(sig_p), cls
         for name in sig_p:

@@ -1,7 +1,8 @@
 from .scheduling_conjugate import ConjugateScheduler
+from .scheduling_gddim import GDDIMMultistepScheduler
 from .scheduling_psld import PSLDScheduler, PSLDSchedulerOutput
 from .scheduling_splitting import SPLITTING_SAMPLERS, SplittingScheduler
 from .scheduling_sscs import SSCSScheduler
 
-__all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SSCSScheduler", "ConjugateScheduler", "SplittingScheduler",
-           "SPLITTING_SAMPLERS"]
+__all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SSCSScheduler", "ConjugateScheduler", "GDDIMMultistepScheduler",
+           "SplittingScheduler", "SPLITTING_SAMPLERS"]
