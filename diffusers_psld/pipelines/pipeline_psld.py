@@ -501,11 +501,11 @@ class PSLDPipeline(DiffusionPipeline):
         if self.inpaint_info:
             dropped = sum(info.dropped for info in self.inpaint_info)
             truncated = sum(info.truncated for info in self.inpaint_info)
-            if dropped or truncated:
+            if dropped:
                 logger.warning(
-                    f"inpaint_correction='tweedie': C_KK was not positive definite for {dropped} sample-steps (correction "
-                    f"dropped there: plain replacement) and CG was truncated for {truncated} more, out of "
-                    f"{batch_size * len(self.inpaint_info)}; see `pipe.inpaint_info`"
+                    f"inpaint_correction='tweedie': C_KK was not positive definite for {dropped} of "
+                    f"{batch_size * len(self.inpaint_info)} sample-steps (correction dropped there: plain replacement; CG "
+                    f"truncated at negative curvature for {truncated} more); see `pipe.inpaint_info`"
                 )
 
         # ---- output
