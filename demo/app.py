@@ -27,6 +27,8 @@ MAX_STEPS = int(os.environ.get("PSLD_MAX_STEPS", 500))
 SAMPLERS = {"Euler-Maruyama (SDE)": "em", "SSCS (SDE, PSLD Eq. 12)": "sscs", "Probability-flow Euler (ODE)": "pf_euler",
             "Probability-flow Heun (ODE)": "pf_heun"}
 MASK_PRESETS = ["keep left half", "keep top half", "keep border (fill centre)"]
+INPAINT_METHODS = {"replacement (paper; fast, biased for correlated pixels)": "replace",
+                   "replacement + Tweedie correction (slower per step)": "tweedie"}
 DISPLAY_PX = 128
 
 
@@ -141,13 +143,15 @@ def build_demo(pipe: PSLDPipeline, status: str) -> gr.Blocks:
             raise gr.Error(f"class label must be in [0, {n_classes - 1}]")
         return _run(pipe, sampler, batch, steps, seed, class_labels=label, guidance_scale=float(scale))
 
-    def inpaint(image, editor, preset, sampler, steps, seed, batch):
+    def inpaint(image, editor, preset, sampler, steps, seed, batch, method=list(INPAINT_METHODS)[0]):
         if image is None:
             raise gr.Error("Upload an image to inpaint")
+        if method not in INPAINT_METHODS:
+            raise gr.Error(f"Unknown inpainting method {method!r}; choose one of {list(INPAINT_METHODS)}")
         img = PIL.Image.fromarray(np.asarray(image)) if not isinstance(image, PIL.Image.Image) else image
         img = img.convert("L" if C == 1 else "RGB").resize((W, H), PIL.Image.BILINEAR)
         mask = _mask_from_editor(editor, (H, W), preset)
-        return _run(pipe, sampler, batch, steps, seed, image=img, mask_image=mask)
+        return _run(pipe, sampler, batch, steps, seed, image=img, mask_image=mask, inpaint_correction=INPAINT_METHODS[method])
 
     def controls():
         sampler = gr.Dropdown(list(SAMPLERS), value=list(SAMPLERS)[0], label="sampler")
@@ -179,9 +183,12 @@ def build_demo(pipe: PSLDPipeline, status: str) -> gr.Blocks:
             editor = gr.ImageEditor(label="mask: paint the region to regenerate", type="numpy")
             preset = gr.Dropdown(MASK_PRESETS, value=MASK_PRESETS[0], label="mask preset")
             ctl = controls()
+            method = gr.Dropdown(list(INPAINT_METHODS), value=list(INPAINT_METHODS)[0], label="conditioning",
+                                 info="Tweedie adds ∇ log p(known | z_t) to the score (exact for Gaussian data); "
+                                      "a few extra backward passes per step")
             btn = gr.Button("Inpaint", variant="primary")
             gal = gr.Gallery(label="inpainted", columns=4)
-            btn.click(inpaint, [image, editor, preset, *ctl], gal, api_name="inpaint")
+            btn.click(inpaint, [image, editor, preset, *ctl, method], gal, api_name="inpaint")
     return demo
 
 

@@ -69,6 +69,12 @@ def test_inpaint_tab(server, tmp_path):
     assert len(out) == 2
     got = np.asarray(PIL.Image.open(out[0]["image"]).convert("L").resize((8, 8), PIL.Image.NEAREST))
     np.testing.assert_allclose(got[:, :4], arr[:, :4], atol=3)  # kept half (WebP is lossy by a little)
+    tweedie = [m for m, v in app.INPAINT_METHODS.items() if v == "tweedie"][0]
+    out = client.predict(handle_file(str(path)), None, "keep top half", "Euler-Maruyama (SDE)", 3, 0, 1, tweedie,
+                         api_name="/inpaint")
+    assert len(out) == 1
+    got = np.asarray(PIL.Image.open(out[0]["image"]).convert("L").resize((8, 8), PIL.Image.NEAREST))
+    np.testing.assert_allclose(got[:4], arr[:4], atol=3)
 
 
 def test_limits_are_errors_not_tracebacks(server):
