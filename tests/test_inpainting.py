@@ -28,7 +28,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers_psld.exact import GaussianMixture
 from diffusers_psld.inpainting import tweedie_correction
 from diffusers_psld.pipelines import PSLDPipeline
-from diffusers_psld.schedulers import ConjugateScheduler, PSLDScheduler, SplittingScheduler, SSCSScheduler
+from diffusers_psld.schedulers import (ConjugateScheduler, GDDIMMultistepScheduler, PSLDScheduler, SplittingScheduler,
+                                      SSCSScheduler)
 
 from _pipeline_stubs import ExactEpsUNet, LinearEpsUNet, attach, tiny_unet
 
@@ -215,8 +216,8 @@ def test_tweedie_inpainting_3x3_sscs():
     "sched",
     [PSLDScheduler(), PSLDScheduler(sampler="pf_euler"), SSCSScheduler(), ConjugateScheduler(),
      ConjugateScheduler(conjugate_b="identity", conjugate_lambda=0.5), SplittingScheduler(), SplittingScheduler(sampler="nvv"),
-     SplittingScheduler(sampler="cvv"), PSLDScheduler(diffusion="vp")],
-    ids=["em", "pf_euler", "sscs", "conjugate", "conjugate_identity", "roba", "nvv", "cvv", "vp"],
+     SplittingScheduler(sampler="cvv"), GDDIMMultistepScheduler(), PSLDScheduler(diffusion="vp")],
+    ids=["em", "pf_euler", "sscs", "conjugate", "conjugate_identity", "roba", "nvv", "cvv", "gddim_multistep", "vp"],
 )
 def test_tweedie_works_with_every_scheduler(sched):
     """Every scheduler class: finite output, known data exact, one diagnostics entry per model call, and the
