@@ -22,8 +22,13 @@ is the same distance between two independent true sample sets. Fixed seeds every
 
 Usage::
 
-    .venv/bin/python benchmarks/sampler_accuracy.py            # full run  (minutes on CPU)
-    .venv/bin/python benchmarks/sampler_accuracy.py --quick    # smoke test (seconds)
+    .venv/bin/python benchmarks/sampler_accuracy.py            # full run (NFE 10-250, 2000 samples; ~1 h here)
+    .venv/bin/python benchmarks/sampler_accuracy.py --quick    # smoke test
+    .venv/bin/python benchmarks/sampler_accuracy.py --nfes 10,20 --num_samples 4000 --samplers gDDIM,DPM --tag _x
+
+``--samplers`` selects rows by substring; ``--goal_seeds`` (default 5) re-runs the best PSLD and best VP
+row of each NFE with fresh sampling seeds (mean ± s.d.): at NFE >= 50 every good sampler sits at the
+finite-sample floor and single-seed differences are noise.
 
 Outputs ``benchmarks/results/sampler_accuracy{_quick}.md`` and ``.png``.
 """
@@ -33,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -46,6 +52,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from diffusers_psld.ode import probability_flow_sample  # noqa: E402
 from diffusers_psld.schedulers.scheduling_conjugate import ConjugateScheduler  # noqa: E402
+from diffusers_psld.schedulers.scheduling_gddim import GDDIMMultistepScheduler  # noqa: E402
 from diffusers_psld.schedulers.scheduling_psld import PSLDScheduler  # noqa: E402
 from diffusers_psld.schedulers.scheduling_splitting import SplittingScheduler  # noqa: E402
 
@@ -225,6 +232,13 @@ def psld_samplers(tuned):
         "PF-ODE Heun (quadratic)": lambda nfe: PSLDScheduler(sampler="pf_heun", striding="quadratic"),
         "Exp. integrator λ=0": lambda nfe: ConjugateScheduler(conjugate_b="zero", striding=pick("conj0", nfe, "quadratic")),
         "λ-DDIM-II (B=λ1, tuned)": lambda nfe: ConjugateScheduler(conjugate_b="ones", **pick("conj", nfe, {})),
+        "gDDIM conj. (ε_R, B=0, tuned)": lambda nfe: ConjugateScheduler(eps_basis="gddim", conjugate_b="zero",
+                                                                         **pick("gconj0", nfe, {})),
+        "λ-DDIM-II ε_R (tuned)": lambda nfe: ConjugateScheduler(eps_basis="gddim", conjugate_b="ones",
+                                                                **pick("gconj", nfe, {})),
+        "gDDIM multistep 2M (tuned)": lambda nfe: GDDIMMultistepScheduler(solver_order=2, **pick("gms2", nfe, {})),
+        "gDDIM multistep 3M (tuned)": lambda nfe: GDDIMMultistepScheduler(solver_order=3, **pick("gms3", nfe, {})),
+        "gDDIM multistep 3M (defaults)": lambda nfe: GDDIMMultistepScheduler(),
         "RVV (reduced)": lambda nfe: SplittingScheduler(sampler="rvv", striding="quadratic"),
         "NVV (naive)": lambda nfe: SplittingScheduler(sampler="nvv", striding="quadratic"),
         "NOBA (naive, λs=1)": lambda nfe: SplittingScheduler(sampler="noba", striding="quadratic"),
@@ -242,20 +256,41 @@ TUNING_GRIDS = {
     "cvv": [dict(striding=s, conjugate_lambda=l) for s in ("uniform", "quadratic") for l in (0.0, 1.0, 2.0)],
     "coba": [dict(striding=s, conjugate_lambda=l, lambda_s=ls) for s in ("quadratic",) for l in (0.0, 1.0)
              for ls in (0.5, 1.0)],
+    "gconj0": [dict(striding=s) for s in ("uniform", "quadratic")],
+    "gconj": [dict(striding=s, conjugate_lambda=l) for s in ("uniform", "quadratic") for l in (0.0, 0.5, 1.0)],
+    "gms2": [dict(time_spacing="power", spacing_power=r, interpolation=i) for r in (2.0, 2.5, 3.0, 4.0)
+             for i in ("time", "logsnr")] + [dict(time_spacing="logsnr", interpolation=i) for i in ("time", "logsnr")],
 }
+TUNING_GRIDS["gms3"] = TUNING_GRIDS["gms2"]
 _TUNE_MAKERS = {
     "conj0": lambda kw: ConjugateScheduler(conjugate_b="zero", **kw),
     "conj": lambda kw: ConjugateScheduler(conjugate_b="ones", **kw),
     "roba": lambda kw: SplittingScheduler(sampler="roba", **kw),
     "cvv": lambda kw: SplittingScheduler(sampler="cvv", **kw),
     "coba": lambda kw: SplittingScheduler(sampler="coba", **kw),
+    "gconj0": lambda kw: ConjugateScheduler(eps_basis="gddim", conjugate_b="zero", **kw),
+    "gconj": lambda kw: ConjugateScheduler(eps_basis="gddim", conjugate_b="ones", **kw),
+    "gms2": lambda kw: GDDIMMultistepScheduler(solver_order=2, **kw),
+    "gms3": lambda kw: GDDIMMultistepScheduler(solver_order=3, **kw),
 }
+# which tuning key each tuned row reads
+_ROW_TUNE_KEY = {"Exp. integrator λ=0": "conj0", "λ-DDIM-II (B=λ1, tuned)": "conj", "ROBA (reduced, tuned)": "roba",
+                 "CVV (conj. split, tuned)": "cvv", "COBA (conj. split, tuned)": "coba",
+                 "gDDIM conj. (ε_R, B=0, tuned)": "gconj0", "λ-DDIM-II ε_R (tuned)": "gconj",
+                 "gDDIM multistep 2M (tuned)": "gms2", "gDDIM multistep 3M (tuned)": "gms3"}
 
 
-def tune(data, ref, nfes, n, seed, log):
+def selected(name, patterns):
+    """Row filter of ``--samplers``: no patterns = all; otherwise a case-insensitive substring match."""
+    return not patterns or any(p.lower() in name.lower() for p in patterns)
+
+
+def tune(data, ref, nfes, n, seed, log, keys=None):
     """Per-NFE best setting by Fréchet distance on the mixture (a separate sampling seed)."""
     tuned = {}
     for key, grid in TUNING_GRIDS.items():
+        if keys is not None and key not in keys:
+            continue
         tuned[key] = {}
         for nfe in nfes:
             scores = []
@@ -269,12 +304,16 @@ def tune(data, ref, nfes, n, seed, log):
     return tuned
 
 
-def evaluate(data, name, nfes, n, n_ref, tuned, log, rk45_tols):
+def evaluate(data, name, nfes, n, n_ref, tuned, log, rk45_tols, patterns=(), goal_seeds=()):
     ref = data.sample(n_ref, seed=101)
     floor_x = data.sample(n, seed=202)
     rows = {"noise floor (true vs true)": {nfe: (frechet(floor_x, ref), sliced_w2(floor_x, ref)) for nfe in nfes}}
     seed = 7
+    makers = {}
     for sname, make in psld_samplers(tuned).items():
+        if not selected(sname, patterns):
+            continue
+        makers[sname] = make
         rows[sname] = {}
         for nfe in nfes:
             t0 = time.time()
@@ -284,12 +323,15 @@ def evaluate(data, name, nfes, n, n_ref, tuned, log, rk45_tols):
             log(f"  [{name}] {sname:28s} NFE {nfe:4d}: FD {rows[sname][nfe][0]:.4g} SW {rows[sname][nfe][1]:.4g} "
                 f"({time.time() - t0:.1f}s)")
     rk = {}
-    for tol in rk45_tols:
+    for tol in (rk45_tols if selected("PF-ODE RK45", patterns) else ()):
         x, nfe = run_rk45(data, tol, n, seed)
         rk[nfe] = (frechet(x, ref), sliced_w2(x, ref))
         log(f"  [{name}] RK45 (dopri5) rtol=atol={tol:g}: NFE {nfe} FD {rk[nfe][0]:.4g} SW {rk[nfe][1]:.4g}")
-    rows["PF-ODE RK45 (adaptive; NFE measured)"] = rk
+    if rk:
+        rows["PF-ODE RK45 (adaptive; NFE measured)"] = rk
     for vname, make in VP_SCHEDULERS.items():
+        if not selected(f"VP {vname}", patterns):
+            continue
         rows[f"VP {vname}"] = {}
         for nfe in nfes:
             best = None
@@ -300,7 +342,38 @@ def evaluate(data, name, nfes, n, n_ref, tuned, log, rk45_tols):
                     best = r
             rows[f"VP {vname}"][nfe] = best
             log(f"  [{name}] VP {vname:20s} NFE {nfe:4d}: FD {best[0]:.4g} SW {best[1]:.4g} ({best[2]})")
-    return rows
+    goal = goal_check(data, name, nfes, n, ref, rows, makers, goal_seeds, log) if goal_seeds else {}
+    return rows, goal
+
+
+def goal_check(data, name, nfes, n, ref, rows, makers, seeds, log):
+    """Re-run the best PSLD and the best VP row of each NFE (picked by FD with seed 7) with fresh sampling seeds:
+    mean ± standard deviation of FD and SW, so that sampling noise is not read as a difference."""
+    out = {}
+    for nfe in nfes:
+        def best(is_vp):
+            cands = [(res[nfe][0], nm) for nm, res in rows.items() if nfe in res and not nm.startswith("noise")
+                     and not nm.startswith("PF-ODE RK45") and nm.startswith("VP ") == is_vp and res[nfe][0] == res[nfe][0]]
+            return min(cands)[1] if cands else None
+
+        bp, bv = best(False), best(True)
+        if bp is None or bv is None:
+            continue
+        res = {}
+        for nm in (bp, bv):
+            vals = []
+            for sd in seeds:
+                if nm.startswith("VP "):
+                    x = run_vp(VP_SCHEDULERS[nm[3:]](rows[nm][nfe][2]), data, nfe, n, sd)
+                else:
+                    x = run_psld_scheduler(makers[nm](nfe), data, nfe, n, sd)
+                vals.append((frechet(x, ref), sliced_w2(x, ref)) if torch.all(torch.isfinite(x)) else (float("nan"),) * 2)
+            v = np.array(vals)
+            res[nm] = (v.mean(0), v.std(0, ddof=1) if len(seeds) > 1 else np.zeros(2))
+            log(f"  [{name}] goal NFE {nfe:4d} {nm:30s}: FD {res[nm][0][0]:.4g} ± {res[nm][1][0]:.2g}  "
+                f"SW {res[nm][0][1]:.4g} ± {res[nm][1][1]:.2g}  ({len(seeds)} seeds)")
+        out[nfe] = (bp, bv, res)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -360,18 +433,45 @@ def plot(all_rows, nfes, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="reduced smoke-test run")
+    p.add_argument("--quick", action="store_true", help="reduced smoke-test run (writes the *_quick files)")
+    p.add_argument("--nfes", default=None, help="comma-separated NFE list (default 10,20,50,100,250; quick 10,20)")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="generated and true (reference) samples per set (default 2000; quick 300)")
+    p.add_argument("--samplers", default="", help="comma-separated substrings selecting rows (default: all), e.g. "
+                   "'gDDIM,DPM-Solver'")
+    p.add_argument("--goal_seeds", type=int, default=None,
+                   help="fresh sampling seeds for the goal check of the best PSLD/VP rows (default 5; quick 0)")
+    p.add_argument("--datasets", default="mixture,digits", help="comma-separated subset of mixture,digits")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: two threads on a shared 2-core box measured several times slower)")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--tag", default=None, help="output file suffix (default '' or '_quick')")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
+    global TUNING_GRIDS
     if args.quick:
-        nfes, n, n_ref, n_tune, rk_tols = [10, 20], 300, 300, 200, [1e-2]
-        global TUNING_GRIDS
-        TUNING_GRIDS = {"conj": [dict(striding="quadratic", conjugate_lambda=l) for l in (0.0, 1.0)]}
+        nfes, n, n_tune, rk_tols, n_goal = [10, 20], 300, 200, [1e-2], 0
+        TUNING_GRIDS = {"conj": [dict(striding="quadratic", conjugate_lambda=l) for l in (0.0, 1.0)],
+                        "gms3": [dict(time_spacing="power", spacing_power=r, interpolation="time") for r in (2.0, 3.0)]}
     else:
-        nfes, n, n_ref, n_tune, rk_tols = [10, 20, 50, 100, 250], 2000, 2000, 1000, [3e-1, 1e-1, 3e-2, 1e-2, 1e-3]
+        nfes, n, n_tune, rk_tols, n_goal = [10, 20, 50, 100, 250], 2000, 1000, [3e-1, 1e-1, 3e-2, 1e-2, 1e-3], 5
+    if args.nfes:
+        nfes = [int(x) for x in args.nfes.split(",")]
+    if args.num_samples:
+        if args.num_samples < 2:
+            raise SystemExit("--num_samples must be >= 2")
+        n = args.num_samples
+        n_tune = max(n // 2, 2)
+    if args.goal_seeds is not None:
+        n_goal = args.goal_seeds
+    n_ref = n
+    patterns = [x.strip() for x in args.samplers.split(",") if x.strip()]
+    datasets = [x.strip() for x in args.datasets.split(",") if x.strip()]
+    if not set(datasets) <= {"mixture", "digits"} or not datasets:
+        raise SystemExit(f"--datasets must be a subset of mixture,digits, got {args.datasets!r}")
     os.makedirs(args.out, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = args.tag if args.tag is not None else ("_quick" if args.quick else "")
+    goal_seeds = [1000 + i for i in range(n_goal)]
     lines = []
 
     def log(msg):
@@ -383,35 +483,54 @@ def main(argv=None):
     digits = make_digits_kde()
     log(f"digits KDE bandwidth (held-out log-likelihood): {digits.bandwidth}")
     log("tuning on the Gaussian mixture (separate seed, FD to a separate reference set)")
-    tuned = tune(mixture, mixture.sample(n_tune, seed=303), nfes, n_tune, seed=404, log=log)
-    all_rows = {}
-    all_rows["Gaussian mixture (64-d, tuned)"] = evaluate(mixture, "mixture", nfes, n, n_ref, tuned, log, rk_tols)
-    all_rows["digits KDE (64-d, untuned)"] = evaluate(digits, "digits", nfes, n, n_ref, tuned, log, rk_tols)
+    keys = {_ROW_TUNE_KEY[nm] for nm in psld_samplers({}) if nm in _ROW_TUNE_KEY and selected(nm, patterns)}
+    tuned = tune(mixture, mixture.sample(n_tune, seed=303), nfes, n_tune, seed=404, log=log, keys=keys)
+    all_rows, goals = {}, {}
+    for key, data, label in (("mixture", mixture, "Gaussian mixture (64-d, tuned)"),
+                             ("digits", digits, "digits KDE (64-d, untuned)")):
+        if key in datasets:
+            all_rows[label], goals[label] = evaluate(data, key, nfes, n, n_ref, tuned, log, rk_tols, patterns, goal_seeds)
+    cli = list(argv if argv is not None else sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampler_accuracy.py" + (" " + shlex.join(cli) if cli else "")
     md = [f"# Sampler accuracy with exact scores{' (quick)' if args.quick else ''}\n",
-          f"Command: `.venv/bin/python benchmarks/sampler_accuracy.py{' --quick' if args.quick else ''}`; "
-          f"{n} generated vs {n_ref} true samples, seeds fixed; wall time {time.time() - t_start:.0f} s.\n",
+          f"Command: `{command}`; {n} generated vs {n_ref} true samples, seeds fixed; wall time "
+          f"{time.time() - t_start:.0f} s (shared 2-core CPU).\n",
           "Distances of the data half to fresh true samples; `noise floor` = two independent true sets. "
           "VP rows: Diffusers schedulers driven by the exact discrete-time VP ε, the better of the default "
           "and `trailing` timestep spacing per NFE. PSLD: Γ=0.01, ν=4.01, β=8, ε=1e-3, final denoising "
-          "call included in NFE. RK45 cells are `value @ measured NFE`.\n",
+          "call included in NFE. RK45 cells are `value @ measured NFE`. Tables: one sampling seed (7); "
+          "the goal check re-runs the best PSLD and best VP row of each NFE with fresh seeds.\n",
           f"Digits KDE bandwidth {digits.bandwidth} (held-out log-likelihood). Tuned settings (per NFE, "
-          f"mixture only): `{json.dumps(tuned)}`\n"]
+          f"mixture only, FD with {n_tune} samples): `{json.dumps(tuned)}`\n"]
     summary = {}
     for dname, rows in all_rows.items():
         for metric, mname in ((0, "Fréchet distance"), (1, "sliced W2")):
             tab, bp, bv = table(rows, nfes, metric)
             md.append(f"## {dname} — {mname}\n\n{tab}\n")
             summary[f"{dname} {mname}"] = {n_: (bp[i][0], bv[i][0]) for i, n_ in enumerate(nfes)}
-    md.append("## Goal check (best PSLD ≤ best VP)\n")
+    md.append("## Goal check (best PSLD ≤ best VP), single seed, from the tables\n")
     for key, res in summary.items():
         md.append(f"* {key}: " + ", ".join(f"NFE {n_}: {_fmt(a)} vs {_fmt(b)} "
                                            f"({'yes' if a <= b else f'no, ×{a / b:.2f}'})" for n_, (a, b) in res.items()))
+    if any(goals.values()):
+        md.append(f"\n## Goal check with {len(goal_seeds)} fresh sampling seeds (mean ± s.d.)\n")
+        md.append("Rows picked by their seed-7 FD; `tie` = the difference of the means is within 2 standard errors.\n")
+        md.append("| data | NFE | best PSLD row | FD | SW | best VP row | FD | SW | FD: PSLD ≤ VP? |\n"
+                  "|---|---|---|---|---|---|---|---|---|")
+        for dname, goal in goals.items():
+            for nfe, (bp, bv, res) in goal.items():
+                (mp, sp), (mv, sv) = res[bp], res[bv]
+                se = math.sqrt((sp[0] ** 2 + sv[0] ** 2) / max(len(goal_seeds), 1))
+                verdict = ("yes" if mp[0] <= mv[0] else "no") + (" (tie)" if abs(mp[0] - mv[0]) <= 2 * se else "") + \
+                    f", ratio {mp[0] / mv[0]:.2f}"
+                md.append(f"| {dname.split(' (')[0]} | {nfe} | {bp} | {mp[0]:.3g} ± {sp[0]:.2g} | {mp[1]:.3g} ± {sp[1]:.2g} "
+                          f"| {bv[3:]} | {mv[0]:.3g} ± {sv[0]:.2g} | {mv[1]:.3g} ± {sv[1]:.2g} | {verdict} |")
     md.append("\n## Log\n\n```\n" + "\n".join(lines) + "\n```\n")
     with open(os.path.join(args.out, f"sampler_accuracy{suffix}.md"), "w") as f:
         f.write("\n".join(md))
     plot(all_rows, nfes, os.path.join(args.out, f"sampler_accuracy{suffix}.png"))
     log(f"done in {time.time() - t_start:.0f} s")
-    return all_rows
+    return all_rows, goals
 
 
 if __name__ == "__main__":

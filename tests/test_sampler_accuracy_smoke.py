@@ -65,3 +65,14 @@ def test_new_schedulers_in_pipeline():
         out = pipe(batch_size=1, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0))
         img = out.images if hasattr(out, "images") else out[0]
         assert torch.all(torch.isfinite(torch.as_tensor(img)))
+
+
+def test_cli_subset_run_writes_table_goal_check_and_plot(tmp_path):
+    rows, goals = sa.main(["--nfes", "4,6", "--num_samples", "64", "--samplers", "gDDIM multistep 3M (defaults),VP DDIM",
+                           "--goal_seeds", "2", "--datasets", "mixture", "--out", str(tmp_path), "--tag", "_t"])
+    (label, table_rows), = rows.items()
+    assert set(table_rows) == {"noise floor (true vs true)", "gDDIM multistep 3M (defaults)", "VP DDIM"}
+    assert set(goals[label]) == {4, 6}
+    md = (tmp_path / "sampler_accuracy_t.md").read_text()
+    assert "fresh sampling seeds" in md and "| Gaussian mixture | 6 | gDDIM multistep 3M (defaults) |" in md
+    assert (tmp_path / "sampler_accuracy_t.png").stat().st_size > 1000
