@@ -58,7 +58,8 @@ Numerics and cost
   asymmetry ‖C - Cᵀ‖/‖C‖ = 0.84 / 0.39 / 0.22 at t = 0.9 / 0.2 / 0.01, and about half of the
   eigenvalues of its symmetric part negative. Plain CG then diverges (residual ×10-100) and drives the
   filled-in pixels into saturation. Guards, per sample: CG keeps the iterate with the smallest
-  residual and stops as soon as the residual grows (``stalled``) or at the first direction with
+  residual and stops once the residual norm exceeds twice the best so far (``stalled``; stopping on
+  CG's energy instead, the SPD criterion, still saturated 8 % of the fill) or at the first direction with
   ``pᵀ(C + λI)p ≤ 0`` (``truncated``); if that happens at the very first direction, or the correction
   is not finite, the sample gets no correction at this call (plain replacement; ``dropped``, logged as
   a warning by the pipeline). The correction never produces a NaN. For the exact ε of a Gaussian, C is
@@ -77,6 +78,7 @@ import torch
 __all__ = ["INPAINT_CORRECTIONS", "TweedieInfo", "check_inpaint_args", "tweedie_correction", "posterior_x0"]
 
 INPAINT_CORRECTIONS = ("replace", "tweedie")
+_STALL_GROWTH = 2.0  # CG stops once its residual norm exceeds this multiple of the best one so far
 
 
 def check_inpaint_args(inpaint_correction, cg_iters, cg_tol, ridge) -> str:
@@ -100,7 +102,8 @@ class TweedieInfo:
     Attributes:
         t: forward time of the call.
         cg_iters: CG iterations run (= backward passes for ``C u`` products; one more for ``J_Kᵀ s``).
-        max_rel_residual: largest final relative CG residual ``|r_k| / |r_0|`` over the batch.
+        max_rel_residual: largest relative residual ``|r - (C_KK + λI) s| / |r|`` of the returned iterate over
+            the batch (1.0 = no iterate improved on s = 0 for some sample); ``median_rel_residual`` its median.
         truncated: samples whose CG met non-positive curvature after the first iteration (best iterate kept).
         stalled: samples whose CG stopped because the residual grew (best iterate kept; normal for a
             learned network, whose implied C is neither symmetric nor definite).
@@ -110,6 +113,7 @@ class TweedieInfo:
     t: float
     cg_iters: int
     max_rel_residual: float
+    median_rel_residual: float = float("nan")
     truncated: int = 0
     stalled: int = 0
     dropped: int = 0
@@ -225,12 +229,15 @@ def tweedie_correction(
             s = s + _per_sample(alpha, p) * p
             res = res - _per_sample(alpha, p) * Ap
             rr_new = _bdot(res, res)
+            # keep the iterate with the smallest residual (= r - A s exactly, for any linear A). CG's residual norm
+            # may oscillate even for SPD A; growth by more than _STALL_GROWTH means A is far from SPD (a learned
+            # network): stop. (Tracking CG's energy ½sᵀAs - rᵀs instead was measured worse on the trained model.)
             better = active & (rr_new < rr_best)
             s_best = torch.where(_per_sample(better, s), s, s_best)
             rr_best = torch.where(better, rr_new, rr_best)
             done = rr_new <= (cg_tol ** 2) * rr0
-            grown = active & ~better & (rr_new > rr_best)  # residual grew: C not SPD (or round-off); stop here
-            stalled |= grown
+            grown = active & (rr_new > _STALL_GROWTH ** 2 * rr_best)
+            stalled |= grown & ~done
             done = done | grown
             beta = torch.where(active, rr_new / torch.where(active, rr, torch.ones_like(rr)), torch.zeros_like(rr))
             p = res + _per_sample(beta, p) * p
@@ -252,6 +259,7 @@ def tweedie_correction(
     info = TweedieInfo(
         t=float(t), cg_iters=n_it,
         max_rel_residual=float(rel[~dropped].max()) if bool((~dropped).any()) else float("nan"),
+        median_rel_residual=float(rel[~dropped].median()) if bool((~dropped).any()) else float("nan"),
         truncated=int((truncated & ~dropped).sum()), stalled=int((stalled & ~dropped).sum()), dropped=int(dropped.sum()),
         dropped_index=torch.nonzero(dropped).reshape(-1).tolist(),
     )
