@@ -65,6 +65,14 @@ def _conjugate(b: str, striding: str):
     return build
 
 
+def _gddim(order: int):
+    def build(config):
+        from diffusers_psld.schedulers import GDDIMMultistepScheduler
+
+        return GDDIMMultistepScheduler.from_config(config, sampler="gddim_multistep", solver_order=order)
+    return build
+
+
 def _splitting(sampler: str, striding: str):
     def build(config):
         from diffusers_psld.schedulers.scheduling_splitting import SplittingScheduler
@@ -80,23 +88,31 @@ SAMPLERS: Dict[str, Tuple[str, Callable, bool]] = {
     "sscs-us": ("SSCS, uniform striding", _sscs("uniform"), False),
     "sscs-qs": ("SSCS, quadratic striding", _sscs("quadratic"), False),
     "pf-heun-qs": ("probability-flow ODE, Heun (2 NFE/step), quadratic striding", _psld("pf_heun", "quadratic"), True),
+    "pf-heun-us": ("probability-flow ODE, Heun (2 NFE/step), uniform striding", _psld("pf_heun", "uniform"), True),
     "conj0-qs": ("exponential (conjugate, B=0) integrator, quadratic striding; DDIM for VP",
                  _conjugate("zero", "quadratic"), True),
     "rvv-qs": ("reduced velocity-Verlet splitting (1 NFE/step), quadratic striding", _splitting("rvv", "quadratic"),
                False),
+    "gddim3": ("deterministic multistep exponential integrator in gDDIM's basis (order 3, power-2.5 grid; "
+               "DPM-Solver++(3M)-like; not for CLD: needs ε_x)", _gddim(3), True),
 }
+# samplers that need a learned ε_x, which a CLD (Γ = 0) network does not have
+NEEDS_EPS_X = {"gddim3"}
 
 # Priority tiers: (samplers, NFEs[, sampling seed]); every applicable model gets a tier before the next
 # tier starts. A tier with its own seed repeats jobs with other sample seeds (sampling noise of FID).
 DEFAULT_PLAN = [
-    (["em-us"], [50]),
-    (["em-qs", "sscs-us", "sscs-qs", "pf-heun-qs"], [50]),
-    (["em-us"], [20, 100]),
+    (["em-us", "sscs-qs"], [50]),
+    (["em-qs", "sscs-us"], [50]),
+    (["em-us", "sscs-qs"], [20, 100]),
+    (["em-qs", "sscs-us"], [20, 100]),
+    (["pf-heun-us"], [100]),
+    (["gddim3"], [20, 50]),
+    (["em-us", "sscs-qs"], [250]),
     (["em-us"], [50], 1000),
-    (["em-qs", "sscs-us", "sscs-qs", "pf-heun-qs"], [20]),
-    (["em-us"], [250]),
-    (["conj0-qs", "rvv-qs"], [20]),
-    (["em-qs", "sscs-us", "sscs-qs", "pf-heun-qs"], [100]),
+    (["em-qs", "sscs-us"], [250]),
+    (["pf-heun-us"], [250]),
+    (["gddim3"], [100]),
     (["em-us"], [1000]),
 ]
 
@@ -122,10 +138,13 @@ def parse_plan(spec: Optional[str]):
     return plan
 
 
-def model_diffusion(model_dir: str) -> str:
+def model_config(model_dir: str) -> dict:
     with open(os.path.join(model_dir, "scheduler", "scheduler_config.json")) as f:
-        cfg = json.load(f)
-    return cfg.get("diffusion", "psld")
+        return json.load(f)
+
+
+def model_diffusion(model_dir: str) -> str:
+    return model_config(model_dir).get("diffusion", "psld")
 
 
 def job_list(plan, models: List[str], models_dir: str, seed: int) -> List[dict]:
@@ -149,7 +168,11 @@ def applicable(job: dict, models_dir: str) -> bool:
     d = os.path.join(models_dir, job["model"])
     if not os.path.isfile(os.path.join(d, "model_index.json")):
         return False
-    return SAMPLERS[job["sampler"]][2] or model_diffusion(d) != "vp"
+    cfg = model_config(d)
+    diffusion = cfg.get("diffusion", "psld")
+    if job["sampler"] in NEEDS_EPS_X and diffusion == "psld" and float(cfg.get("gamma", 0.0)) == 0.0:
+        return False
+    return SAMPLERS[job["sampler"]][2] or diffusion != "vp"
 
 
 # ------------------------------------------------------------------------------------------ one job
@@ -401,7 +424,7 @@ def markdown(p: dict, args) -> str:
             v = sorted(v)
             lines.append(f"| {s} | {len(v)} | {v[len(v) // 2]:.2f} |")
         tot = sum(r["wall_seconds"] for r in results)
-        lines += ["", f"Total evaluation wall time (sum over jobs, 2 workers in parallel): {tot / 60:.1f} min.", ""]
+        lines += ["", f"Total evaluation wall time (sum over jobs; workers ran in parallel): {tot / 60:.1f} min.", ""]
     if p["meta"].get("sections"):
         for title, body in p["meta"]["sections"]:
             lines += [f"## {title}", "", body, ""]

@@ -66,3 +66,19 @@ def test_plan_parsing_and_vp_applicability():
     jobs = qs.job_list(plan, ["vp", "cld"], "unused", 0)
     assert [j["tier"] for j in jobs] == [0, 0, 0, 0, 1, 1]
     assert qs.SAMPLERS["sscs-us"][2] is False and qs.SAMPLERS["em-us"][2] is True
+
+
+def test_applicability_by_model_config(tmp_path):
+    """SSCS never runs on VP; the gDDIM sampler (needs a learned ε_x) never runs on CLD (Γ = 0)."""
+    qs = _load()
+    for name, cfg in {"vp": {"diffusion": "vp"}, "cld": {"diffusion": "psld", "gamma": 0.0},
+                      "psld": {"diffusion": "psld", "gamma": 0.01}}.items():
+        (tmp_path / name / "scheduler").mkdir(parents=True)
+        (tmp_path / name / "model_index.json").write_text("{}")
+        (tmp_path / name / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    ok = {(m, s): qs.applicable({"model": m, "sampler": s}, str(tmp_path))
+          for m in ("vp", "cld", "psld", "missing") for s in ("em-us", "sscs-qs", "gddim3")}
+    assert ok[("vp", "em-us")] and ok[("vp", "gddim3")] and not ok[("vp", "sscs-qs")]
+    assert ok[("cld", "em-us")] and ok[("cld", "sscs-qs")] and not ok[("cld", "gddim3")]
+    assert all(ok[("psld", s)] for s in ("em-us", "sscs-qs", "gddim3"))
+    assert not any(ok[("missing", s)] for s in ("em-us", "sscs-qs", "gddim3"))
