@@ -48,8 +48,9 @@ Numerics and cost
   product and lose most digits in fp16/bf16. For the exact ε the two are identical (C is symmetric).
 * Cost per model call: one forward pass with the autograd graph kept (instead of a no-grad forward)
   plus ``n_cg + 1`` backward passes, ``n_cg ≤ cg_iters`` (CG stops early when every sample meets
-  ``cg_tol``). A backward pass costs about two forwards, so ~``3 + 2·n_cg`` forward-equivalents per
-  call; memory is that of one training step at the same batch size.
+  ``cg_tol`` or stalls); memory is that of one training step at the same batch size. Measured on the
+  ``digits`` UNet preset (CPU, one thread, batch 8 and 32): a corrected step takes
+  ≈ (2.1 + 0.96·n_cg)× a plain replacement step (4.1× at n_cg = 2, 6× at 4, 9.8× at 8).
 * ``λ = ridge · (rᵀ C r / rᵀ r)``: relative to C's Rayleigh quotient along the residual (free: it is
   CG's first product), so one knob works at every noise level, where C ranges from the data covariance
   (t = 1) to ~σ_t² (t → 0).
@@ -64,6 +65,10 @@ Numerics and cost
   is not finite, the sample gets no correction at this call (plain replacement; ``dropped``, logged as
   a warning by the pipeline). The correction never produces a NaN. For the exact ε of a Gaussian, C is
   SPD and CG converges (in at most |K| iterations in exact arithmetic), so none of this triggers.
+* On the trained digits PSLD model (Γ = 0.01, 1500 steps; 10 digits × 4 samples, half the image
+  hidden) the correction stays stable (finite, no pixel beyond ±1.5) and lowers the squared error of
+  the filled-in pixels to the true digit from 0.29 to 0.19 (SSCS, 50 NFE) and 0.34 to 0.21 (EM, 100
+  NFE); CG runs 6-7 of 8 iterations on average, ~1-2 % of sample-steps drop the correction.
 * CLD (Γ = 0): its training does not learn ε_x (it cannot reach the sampler), but x̂₀ uses it, so the
   correction is only meaningful with the exact ε or a network whose ε_x is trained (PSLD Γ > 0, VP).
 """
@@ -149,7 +154,7 @@ def tweedie_correction(
     cov: torch.Tensor,
     chol: torch.Tensor,
     t: float = float("nan"),
-    cg_iters: int = 8,
+    cg_iters: int = 4,
     cg_tol: float = 1e-3,
     ridge: float = 1e-3,
 ) -> Tuple[torch.Tensor, torch.Tensor, TweedieInfo]:
