@@ -68,7 +68,8 @@ Numerics and cost
 * On the trained digits PSLD model (Γ = 0.01, 1500 steps; 10 digits × 4 samples, half the image
   hidden) the correction stays stable (finite, no pixel beyond ±1.5) and lowers the squared error of
   the filled-in pixels to the true digit from 0.29 to 0.19 (SSCS, 50 NFE) and 0.34 to 0.21 (EM, 100
-  NFE); CG runs 6-7 of 8 iterations on average, ~1-2 % of sample-steps drop the correction.
+  NFE), with the default 4 CG iterations (8 or 16 give the same numbers); ~1.3 % (SSCS) and ~1.9 %
+  (EM) of sample-steps drop the correction. The step costs 6-8× a replacement step there.
 * CLD (Γ = 0): its training does not learn ε_x (it cannot reach the sampler), but x̂₀ uses it, so the
   correction is only meaningful with the exact ε or a network whose ε_x is trained (PSLD Γ > 0, VP).
 """
