@@ -120,6 +120,8 @@ class PSLDPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "classifier->unet"
     _optional_components = ["classifier"]
     _callback_tensor_inputs = ["sample", "pred_original_sample"]
+    #: diagnostics of the last call with ``inpaint_correction="tweedie"`` (one ``TweedieInfo`` per model call), else None
+    inpaint_info = None
 
     def __init__(self, unet: UNet2DModel, scheduler: PSLDScheduler, classifier: Optional[TimeDependentClassifier] = None):
         super().__init__()
