@@ -348,11 +348,15 @@ def evaluate(data, name, nfes, n, n_ref, tuned, log, rk45_tols, patterns=(), goa
     return rows, goal
 
 
+GOAL_ALWAYS = ("gDDIM multistep 3M (defaults)",)  # declared in advance: the recommended PSLD sampler
+
+
 def goal_check(data, name, nfes, n, ref, rows, makers, seeds, log, top=3):
-    """Re-run the ``top`` best PSLD and VP rows of each NFE (ranked by their seed-7 FD) with fresh sampling seeds
-    and keep, per side, the row with the lowest mean FD: mean ± standard deviation of FD and SW. A single seed
-    cannot rank converged samplers (their differences are sampling noise), and picking by one seed favours lucky
-    rows; the fresh seeds remove that selection bias."""
+    """Re-run the ``top`` best PSLD and VP rows of each NFE (ranked by their seed-7 FD; on the PSLD side also the
+    recommended default, :data:`GOAL_ALWAYS`) with fresh sampling seeds and keep, per side, the row with the lowest
+    mean FD: mean ± standard deviation of FD and SW. A single seed cannot rank converged samplers (their
+    differences are sampling noise), and picking by one seed favours lucky rows; the fresh seeds remove that
+    selection bias."""
     out = {}
     for nfe in nfes:
         def ranked(is_vp):
@@ -361,6 +365,7 @@ def goal_check(data, name, nfes, n, ref, rows, makers, seeds, log, top=3):
             return [nm for _, nm in sorted(cands)[:top]]
 
         cand_p, cand_v = ranked(False), ranked(True)
+        cand_p += [nm for nm in GOAL_ALWAYS if nm in makers and nm not in cand_p and nfe in rows.get(nm, {})]
         if not cand_p or not cand_v:
             continue
         res = {}
@@ -543,8 +548,10 @@ def main(argv=None):
                                            f"({'yes' if a <= b else f'no, ×{a / b:.2f}'})" for n_, (a, b) in res.items()))
     if any(goals.values()):
         md.append(f"\n## Goal check with {len(goal_seeds)} fresh sampling seeds (mean ± s.d.)\n")
-        md.append("The 3 best rows of each side by their seed-7 FD are re-run with fresh seeds; each side keeps the "
-                  "row with the lowest mean FD. `tie` = the difference of the means is within 2 standard errors.\n")
+        md.append("The 3 best rows of each side by their seed-7 FD (PSLD side: plus `gDDIM multistep 3M (defaults)`, "
+                  "declared in advance) are re-run with fresh seeds; each side keeps the row with the lowest mean FD "
+                  "(all candidates are in the log). `tie` = the difference of the means is within 2 standard "
+                  "errors.\n")
         md.append("| data | NFE | best PSLD row | FD | SW | best VP row | FD | SW | FD: PSLD ≤ VP? |\n"
                   "|---|---|---|---|---|---|---|---|---|")
         for dname, goal in goals.items():
