@@ -369,6 +369,32 @@ def _table(results, models, sampler, nfes, seed) -> List[str]:
     return lines
 
 
+def _best_table(results, models, seed) -> List[str]:
+    """Per model and NFE, the best FID over samplers (bold: the best model at that NFE)."""
+    rs = [r for r in results if r["seed"] == seed]
+    nfes = sorted({r["nfe"] for r in rs})
+    if not nfes:
+        return []
+    best = {}
+    for r in rs:
+        k = (r["model"], r["nfe"])
+        if k not in best or r["fid"] < best[k]["fid"]:
+            best[k] = r
+    lines = ["| model | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    for m in models:
+        cells = []
+        for n in nfes:
+            r = best.get((m, n))
+            if r is None:
+                cells.append("—")
+                continue
+            top = min(best[(mm, n)]["fid"] for mm in models if (mm, n) in best)
+            v = f"{r['fid']:.2f}"
+            cells.append((f"**{v}**" if r["fid"] == top else v) + f" ({r['sampler']})")
+        lines.append(f"| {MODEL_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(p: dict, args) -> str:
     results, models = p["results"], p["models"]
     seed0 = args.seeds[0]
@@ -382,6 +408,11 @@ def markdown(p: dict, args) -> str:
     if nf:
         lines += [f"**FID noise floor at N = {nf['num_samples']}:** {nf['mean']:.2f} ± {nf['std']:.2f} "
                   f"(range {nf['min']:.2f}–{nf['max']:.2f}; {nf['what']}, {nf['repeats']} subsets).", ""]
+    best = _best_table(results, models, seed0)
+    if best:
+        lines += ["## Best sampler per model at equal NFE", "",
+                  "Lowest FID over all samplers run for that model at that NFE (sampler in brackets). "
+                  "SSCS does not apply to VP; gddim3 does not apply to CLD.", ""] + best + [""]
     used = [s for s in SAMPLERS if any(r["sampler"] == s and r["seed"] == seed0 for r in results)]
     for s in used:
         nfes = sorted({r["nfe"] for r in results if r["sampler"] == s and r["seed"] == seed0})

@@ -53,6 +53,7 @@ def test_quality_study_driver_resume_and_report(tmp_path):
     assert len(payload["results"]) == 2 and payload["noise_floor"]["repeats"] == 2
     md = (out / "q.md").read_text()
     assert "## em-us" in md and "## sscs-us" in md and "noise floor" in md
+    assert "## Best sampler per model at equal NFE" in md
     assert (out / "q.png").stat().st_size > 1000
     assert json.load(open(out / "q.json"))["num_samples"] == 8
 
@@ -82,3 +83,14 @@ def test_applicability_by_model_config(tmp_path):
     assert ok[("cld", "em-us")] and ok[("cld", "sscs-qs")] and not ok[("cld", "gddim3")]
     assert all(ok[("psld", s)] for s in ("em-us", "sscs-qs", "gddim3"))
     assert not any(ok[("missing", s)] for s in ("em-us", "sscs-qs", "gddim3"))
+
+
+def test_best_table_picks_lowest_fid_per_model_and_nfe():
+    qs = _load()
+    rs = [{"model": "vp", "sampler": "em-us", "nfe": 20, "seed": 0, "fid": 9.0},
+          {"model": "vp", "sampler": "em-qs", "nfe": 20, "seed": 0, "fid": 5.0},
+          {"model": "cld", "sampler": "sscs-qs", "nfe": 20, "seed": 0, "fid": 4.0},
+          {"model": "cld", "sampler": "em-us", "nfe": 20, "seed": 1, "fid": 1.0}]  # other seed: ignored
+    lines = qs._best_table(rs, ["vp", "cld"], 0)
+    assert "5.00 (em-qs)" in lines[2] and "9.00" not in lines[2]
+    assert "**4.00** (sscs-qs)" in lines[3] and "1.00" not in "".join(lines)
