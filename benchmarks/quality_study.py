@@ -475,10 +475,20 @@ def plot(p: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     results = [r for r in p["results"] if r["seed"] == p["main_seed"]]
     samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in results)]
     if not samplers:
         return
+    best = {}
+    for r in results:
+        k = (r["model"], r["nfe"])
+        if k not in best or r["fid"] < best[k]["fid"]:
+            best[k] = r
+    # first panel: the best sampler per model and NFE
+    results = results + [{**r, "sampler": "best"} for r in best.values()]
+    samplers = ["best"] + samplers
     ncol = min(3, len(samplers))
     nrow = (len(samplers) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
@@ -493,11 +503,14 @@ def plot(p: dict, path: str):
             ax.axhspan(nf["mean"] - nf["std"], nf["mean"] + nf["std"], color="k", alpha=0.1)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ticks = sorted({r["nfe"] for r in results if r["sampler"] == s})
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
         ax.minorticks_off()
-        ax.set_title(s, fontsize=10)
+        ax.set_title("best sampler per model" if s == "best" else s, fontsize=10)
         ax.set_xlabel("NFE")
         ax.set_ylabel("offline FID")
         ax.grid(alpha=0.3, which="both")
