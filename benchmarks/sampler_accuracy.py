@@ -416,15 +416,18 @@ def table(rows, nfes, metric):
     return out, bp, bv
 
 
-def plot(all_rows, nfes, path):
-    """Distance vs NFE, one line per sampler; the y axis is clipped at 30× the noise floor (exploding samplers
-    leave the top of the panel; the tables have their values). gDDIM rows and the VP multistep rows are bold."""
+def plot(all_rows, nfes, path, goals=None):
+    """Distance vs NFE, one line per sampler (seed 7); the y axis is clipped at 30× the noise floor (exploding
+    samplers leave the top of the panel; the tables have their values). gDDIM rows and the VP multistep rows are
+    bold. With ``goals`` (the JSON form) a third column shows the fresh-seed goal check: FD mean ± s.d. of the
+    best PSLD and the best VP row per NFE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(all_rows), 2, figsize=(15, 6 * len(all_rows)), squeeze=False)
+    ncol = 3 if goals else 2
+    fig, axes = plt.subplots(len(all_rows), ncol, figsize=(7.5 * ncol, 6 * len(all_rows)), squeeze=False)
     for r, (dname, rows) in enumerate(all_rows.items()):
         for c, (metric, label) in enumerate([(0, "Fréchet distance"), (1, "sliced W2")]):
             ax = axes[r][c]
@@ -446,6 +449,25 @@ def plot(all_rows, nfes, path):
                          fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
         axes[r][1].legend(fontsize=7, loc="upper right", ncol=2)
+        if goals and goals.get(dname):
+            ax = axes[r][2]
+            g = goals[dname]
+            ns = sorted(int(x) for x in g)
+            for side, color, lab in (("psld", "C3", "best PSLD row"), ("vp", "C0", "best VP row (diffusers)")):
+                m = [g[str(x)]["runs"][g[str(x)][side]]["mean"][0] for x in ns]
+                sd = [g[str(x)]["runs"][g[str(x)][side]]["sd"][0] for x in ns]
+                ax.errorbar(ns, m, yerr=sd, marker="o", capsize=3, color=color, label=lab)
+                for x, y in zip(ns, m):
+                    ax.annotate(g[str(x)][side].replace("VP ", ""), (x, y), fontsize=6, rotation=20,
+                                xytext=(3, 6 if side == "psld" else -12), textcoords="offset points")
+            floor = min(v[0] for v in rows.get("noise floor (true vs true)", {0: (float("nan"),) * 2}).values())
+            ax.axhline(floor, color="k", ls=":", lw=0.8, label="noise floor (true vs true)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("NFE")
+            ax.set_title(f"{dname}: goal check, FD mean ± s.d. over fresh seeds", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -502,9 +524,9 @@ def main(argv=None):
     json_path = os.path.join(args.out, f"sampler_accuracy{suffix}.json")
     if args.replot:
         with open(json_path) as f:
-            saved = json.load(f)["rows"]
-        rows = {d: {nm: {int(n): v for n, v in res.items()} for nm, res in r.items()} for d, r in saved.items()}
-        plot(rows, nfes, os.path.join(args.out, f"sampler_accuracy{suffix}.png"))
+            saved = json.load(f)
+        rows = {d: {nm: {int(n): v for n, v in res.items()} for nm, res in r.items()} for d, r in saved["rows"].items()}
+        plot(rows, nfes, os.path.join(args.out, f"sampler_accuracy{suffix}.png"), saved.get("goal"))
         return rows, {}
     lines = []
 
@@ -565,9 +587,10 @@ def main(argv=None):
     md.append("\n## Log\n\n```\n" + "\n".join(lines) + "\n```\n")
     with open(os.path.join(args.out, f"sampler_accuracy{suffix}.md"), "w") as f:
         f.write("\n".join(md))
+    saved = _to_json(all_rows, goals)
     with open(json_path, "w") as f:
-        json.dump(_to_json(all_rows, goals), f, indent=1)
-    plot(all_rows, nfes, os.path.join(args.out, f"sampler_accuracy{suffix}.png"))
+        json.dump(saved, f, indent=1)
+    plot(all_rows, nfes, os.path.join(args.out, f"sampler_accuracy{suffix}.png"), saved["goal"])
     log(f"done in {time.time() - t_start:.0f} s")
     return all_rows, goals
 
