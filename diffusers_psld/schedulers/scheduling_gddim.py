@@ -5,7 +5,8 @@ Derivation (forward time t, descending grid t_0 = 1 > ... > t_{N-1} = sampling_e
 HSM kernel p(z_t | x₀) = N(a_t x₀, Σ_t) (a_t the k-vector mean coefficient, momentum marginalised),
 Tweedie gives ``∇log p_t(z) = -Σ_t^{-1}(z - a_t x̂₀(z, t))`` with x̂₀ = E[x₀ | z_t]; the network's ε gives
 ``x̂₀ = aᵀ(z - L_t ε)/aᵀa`` per pixel (:meth:`PSLDScheduler.step`'s ``pred_original_sample``; exact
-when ε is). The probability-flow ODE ``dz/dt = β(F z + D Σ^{-1}(z - a x̂₀))`` is linear in z up to the
+when ε is; for a learned ε the component of z - L_t ε orthogonal to a_t is dropped, so the first-order
+step equals ``ConjugateScheduler(eps_basis="gddim", conjugate_b="zero")`` only for a consistent ε). The probability-flow ODE ``dz/dt = β(F z + D Σ^{-1}(z - a x̂₀))`` is linear in z up to the
 x̂₀ term:
 
     dz/dt = A_t z - β_t D Σ_t^{-1} a_t x̂₀(z, t),        A_t = β_t (F + D Σ_t^{-1}),
