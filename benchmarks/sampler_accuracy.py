@@ -211,11 +211,11 @@ def run_vp(sched, data, nfe, n, seed):
 
 
 VP_SCHEDULERS = {
-    "DDIM": lambda sp: DDIMScheduler(timestep_spacing=sp),
+    "DDIM": lambda sp: DDIMScheduler(timestep_spacing=sp, clip_sample=False),  # default clip_sample=True biases data outside [-1, 1]
     "DPM-Solver++ 2M": lambda sp: DPMSolverMultistepScheduler(solver_order=2, timestep_spacing=sp),
     "DPM-Solver++ 3M": lambda sp: DPMSolverMultistepScheduler(solver_order=3, timestep_spacing=sp),
     "UniPC": lambda sp: UniPCMultistepScheduler(timestep_spacing=sp),
-    "DDPM": lambda sp: DDPMScheduler(timestep_spacing=sp),
+    "DDPM": lambda sp: DDPMScheduler(timestep_spacing=sp, clip_sample=False),
 }
 
 
