@@ -265,3 +265,21 @@ def test_bad_inputs_raise_clear_errors():
                      (dict(diffusion="vp", sampler="sscs"), "sscs")]:
         with pytest.raises(ValueError, match=name):
             PSLDScheduler(**kw)
+
+
+def test_hsm_kernel_at_reuses_the_step_tables_and_matches_the_recipe():
+    """Per-step kernels come from the float64 tables built in set_timesteps (no per-step expm); off-grid times
+    (or before set_timesteps) are computed; both equal RecipeSDE.hsm_kernel."""
+    s = PSLDScheduler(sampler="sscs")
+    off = s.hsm_kernel_at(0.37)  # no tables yet
+    ref = s.sde.hsm_kernel(0.37)
+    assert torch.equal(off.cov, ref.cov) and torch.equal(off.mean_coef, ref.mean_coef)
+    s.set_timesteps(6)
+    z = torch.zeros(1, 2, 2, 2)
+    for i, t in enumerate(s.timesteps):
+        k = s.hsm_kernel_at(float(t))
+        assert torch.allclose(k.cov, s.sde.hsm_kernel(float(t)).cov, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(k.chol @ k.chol.T, k.cov, rtol=1e-10, atol=1e-15)
+        assert torch.equal(k.chol, s._tables.kernel.chol[i])  # the table entry itself, not a recomputation
+        s.step(torch.zeros_like(z), t, z)
+    assert torch.allclose(s.hsm_kernel_at(0.37).cov, ref.cov, rtol=1e-12)  # off-grid after the loop

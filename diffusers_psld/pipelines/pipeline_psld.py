@@ -480,7 +480,7 @@ class PSLDPipeline(DiffusionPipeline):
                 break
             t_f = float(t)
             if inpaint_method == "tweedie":
-                kern = self.scheduler.sde.hsm_kernel(t_f)
+                kern = self.scheduler.hsm_kernel_at(t_f)
                 eps, g, info = _inpainting.tweedie_correction(
                     lambda zz: model_eps(zz, t_f), z, x_known, mask, kern.mean_coef, kern.cov, kern.chol, t=t_f,
                     cg_iters=inpaint_cg_iters, cg_tol=float(inpaint_cg_tol), ridge=float(inpaint_ridge),

@@ -39,6 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
 from ..sde import RecipeSDE, blocks, kernels
+from ..sde.recipe import HSMKernel
 
 __all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SAMPLERS", "STRIDINGS"]
 
@@ -314,14 +315,19 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
                              f"[{t.min().item():.4g}, {t.max().item():.4g}]")
         return t
 
-    def _chol(self, t: float) -> torch.Tensor:
-        """L_t of the HSM kernel: taken from the step tables when ``t`` is the current call's time
-        (the per-step case of guidance), computed in float64 otherwise."""
+    def hsm_kernel_at(self, t: float) -> HSMKernel:
+        """The float64 HSM kernel (``mean_coef``, ``cov``, ``chol``) at forward time ``t``: taken from the
+        step tables when ``t`` is the current call's time (the per-step case of guidance and inpainting),
+        computed otherwise."""
         i = self._step_index if self._step_index is not None else (self._begin_index or 0)
         tab = self._tables
         if tab is not None and i < len(tab.eval_times) and abs(tab.eval_times[i] - float(t)) <= 1e-12:
-            return tab.x0_L[i]
-        return self.sde.hsm_kernel(float(t)).chol
+            k = tab.kernel
+            return HSMKernel(k.mean_coef[i], k.cov[i], k.chol[i])
+        return self.sde.hsm_kernel(float(t))
+
+    def _chol(self, t: float) -> torch.Tensor:
+        return self.hsm_kernel_at(t).chol
 
     def eps_to_score(self, eps: torch.Tensor, t: float) -> torch.Tensor:
         """score = -L_t^{-T} ε (HSM kernel factor at forward time ``t``)."""
@@ -448,6 +454,7 @@ class _StepTables:
         for name in ("kinds", "eval_times", "noisy", "h", "state_times", "P", "R", "S"):
             setattr(self, name, getattr(calls, name))
         kern = sde.hsm_kernel(torch.tensor(self.eval_times, dtype=torch.float64))
+        self.kernel = kern  # per-call float64 kernels (guidance / inpainting reuse them)
         a = kern.mean_coef  # [n, k]
         self.x0_w = a / (a * a).sum(-1, keepdim=True)  # aᵀ / aᵀa
         self.x0_L = kern.chol
