@@ -283,3 +283,32 @@ def test_hsm_kernel_at_reuses_the_step_tables_and_matches_the_recipe():
         assert torch.equal(k.chol, s._tables.kernel.chol[i])  # the table entry itself, not a recomputation
         s.step(torch.zeros_like(z), t, z)
     assert torch.allclose(s.hsm_kernel_at(0.37).cov, ref.cov, rtol=1e-12)  # off-grid after the loop
+
+
+def test_from_config_swaps_between_every_pair_of_schedulers():
+    """`New.from_config(pipe.scheduler.config)` (the Diffusers way to swap samplers) works between all of this
+    package's schedulers: an unrunnable `sampler` becomes the target's default, shared settings carry over,
+    a runnable one is kept, an explicit `sampler=` is honoured and validated."""
+    import inspect
+
+    from diffusers_psld import ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler, SSCSScheduler
+
+    classes = [PSLDScheduler, SSCSScheduler, ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler]
+    default = {c: inspect.signature(c.__init__).parameters["sampler"].default for c in classes}
+    for src in classes:
+        for explicit in (False, True):
+            kw = {"sampler": default[src]} if explicit else {}
+            cfg = src(gamma=0.02, nu=4.02, striding="quadratic", sampling_eps=2e-3, **kw).config
+            for dst in classes:
+                new = dst.from_config(cfg)
+                assert type(new) is dst
+                # an implicit default is re-defaulted (Diffusers' rule); an explicit runnable one is kept
+                want = cfg["sampler"] if explicit and cfg["sampler"] in dst._samplers else default[dst]
+                assert new.config.sampler == want, (src.__name__, dst.__name__, explicit)
+                assert (new.config.gamma, new.config.nu, new.config.striding, new.config.sampling_eps) == (0.02, 4.02, "quadratic", 2e-3)
+                new.set_timesteps(4)  # usable
+    assert PSLDScheduler.from_config(PSLDScheduler(sampler="pf_heun").config).config.sampler == "pf_heun"
+    assert SSCSScheduler.from_config(PSLDScheduler(sampler="pf_heun").config).config.sampler == "sscs"
+    assert PSLDScheduler.from_config(GDDIMMultistepScheduler().config, sampler="sscs").config.sampler == "sscs"
+    with pytest.raises(ValueError, match="sampler"):
+        SSCSScheduler.from_config(PSLDScheduler().config, sampler="em")

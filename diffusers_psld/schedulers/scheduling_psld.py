@@ -34,12 +34,14 @@ from typing import List, Literal, Optional, Tuple, Union
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
 from ..sde import RecipeSDE, blocks, kernels
 from ..sde.recipe import HSMKernel
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 __all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SAMPLERS", "STRIDINGS"]
 
@@ -124,6 +126,19 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         self._setup()
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """Diffusers' ``from_config``, so that ``NewScheduler.from_config(pipe.scheduler.config)`` swaps between
+        this package's schedulers: when the config's ``sampler`` is one this class cannot run (it came from
+        another of our schedulers, e.g. ``PSLDScheduler(sampler="em")`` → ``SSCSScheduler``), this class's
+        default sampler is used and the shared settings (diffusion, Γ, ν, β, ε, striding, ...) carry over. An
+        explicit ``sampler=`` keyword is always honoured (and validated)."""
+        if isinstance(config, dict) and "sampler" not in kwargs and config.get("sampler", cls._samplers[0]) not in cls._samplers:
+            # drop it so the class default applies as a default (Diffusers then records it in _use_default_values)
+            logger.info(f"{cls.__name__}.from_config: sampler {config['sampler']!r} -> this class's default")
+            config = {k: v for k, v in config.items() if k != "sampler"}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def _setup(self):
         cfg = self.config
         if cfg.diffusion not in DIFFUSIONS:

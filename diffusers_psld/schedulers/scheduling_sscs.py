@@ -50,3 +50,5 @@ class SSCSScheduler(PSLDScheduler):
         if sampler != "sscs":
             raise ValueError(f"SSCSScheduler only runs `sampler='sscs'`, got {sampler!r}; use PSLDScheduler for {sampler!r}")
         self._setup()
+
+    _samplers = ("sscs",)
