@@ -261,19 +261,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         return_dict: bool = True,
     ) -> Union[PSLDSchedulerOutput, Tuple]:
         """One multistep update (see the module docstring); ``generator`` is unused (deterministic)."""
-        if self._tables is None:
-            raise ValueError("call `set_timesteps(num_inference_steps)` before `step`")
-        if self._step_index is None:
-            self._step_index = self._begin_index or 0
-            self._history = []
-        i = self._step_index
-        if i >= self.num_inference_steps:
-            raise ValueError(f"all {self.num_inference_steps} steps are done; call `set_timesteps` again")
-        self._check_step_inputs(model_output, timestep, sample, i)
-        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        z, eps = sample.to(work), model_output.to(work)
-        tab = self._tables.on(sample.device, work)
-        x0 = self._tables.project_x0(tab, i, z, eps)
+        i, z, _, _, x0, work = self._begin_step(model_output, timestep, sample)
         self._history = ([x0] + self._history)[:3]
         psi, W = self._ms_tables(sample.device, work)
         p = self._orders_used[i]
@@ -285,8 +273,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         for j in range(p):
             xj = self._history[j]
             out = out + torch.cat([W[i, j, c] * xj for c in range(k)], dim=1)
-        self._step_index += 1
-        out, x0 = out.to(sample.dtype), x0.to(sample.dtype)
-        if not return_dict:
-            return (out, x0)
-        return PSLDSchedulerOutput(prev_sample=out, pred_original_sample=x0)
+        return self._end_step(out, x0, sample, return_dict)
+
+    def _on_first_step(self):
+        self._history = []

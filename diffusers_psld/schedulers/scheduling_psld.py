@@ -377,23 +377,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> Union[PSLDSchedulerOutput, Tuple]:
         """Advance the state by one model evaluation (see the module docstring for the samplers)."""
-        if self._tables is None:
-            raise ValueError("call `set_timesteps(num_inference_steps)` before `step`")
-        if self._step_index is None:
-            self._step_index = self._begin_index or 0
-        i = self._step_index
-        if i >= self.num_inference_steps:
-            raise ValueError(f"all {self.num_inference_steps} steps are done; call `set_timesteps` again")
-        self._check_step_inputs(model_output, timestep, sample, i)
-
-        # 1. work in float32 (float64 if given), cast back at the end
-        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        z, eps = sample.to(work), model_output.to(work)
-        tab = self._tables.on(sample.device, work)
+        i, z, eps, tab, x0, work = self._begin_step(model_output, timestep, sample)
         kind = self._tables.kinds[i]
-
-        # 2. x̂₀ from this step's ε (exact when ε is): aᵀ(z - L ε) / aᵀa
-        x0 = self._tables.project_x0(tab, i, z, eps)
 
         # 3. the update
         if kind == _AFFINE:
@@ -410,9 +395,31 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             slope = blocks.apply(tab.P[i], z) + blocks.apply(tab.R[i], eps)
             out = z0 - 0.5 * self._tables.h[i] * (slope0 + slope)
             self._heun_cache = None
+        return self._end_step(out, x0, sample, return_dict)
+
+    def _begin_step(self, model_output, timestep, sample):
+        """Shared start of ``step``: checks, the call index, the working dtype (float32, or float64 if the
+        sample is), the cast tables and x̂₀ = aᵀ(z - L ε)/aᵀa from this call's ε (exact when ε is)."""
+        if self._tables is None:
+            raise ValueError("call `set_timesteps(num_inference_steps)` before `step`")
+        if self._step_index is None:
+            self._step_index = self._begin_index or 0
+            self._on_first_step()
+        i = self._step_index
+        if i >= self.num_inference_steps:
+            raise ValueError(f"all {self.num_inference_steps} steps are done; call `set_timesteps` again")
+        self._check_step_inputs(model_output, timestep, sample, i)
+        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        z, eps = sample.to(work), model_output.to(work)
+        tab = self._tables.on(sample.device, work)
+        return i, z, eps, tab, self._tables.project_x0(tab, i, z, eps), work
+
+    def _on_first_step(self):
+        """Hook: reset per-run state (multistep history) when a sampling loop starts."""
+
+    def _end_step(self, out, x0, sample, return_dict):
         self._step_index += 1
-        out = out.to(sample.dtype)
-        x0 = x0.to(sample.dtype)
+        out, x0 = out.to(sample.dtype), x0.to(sample.dtype)
         if not return_dict:
             return (out, x0)
         return PSLDSchedulerOutput(prev_sample=out, pred_original_sample=x0)
