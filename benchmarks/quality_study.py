@@ -352,47 +352,44 @@ def _f(v) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
-def _table(results, models, sampler, nfes, seed) -> List[str]:
-    by = {(r["model"], r["nfe"]): r for r in results if r["sampler"] == sampler and r["seed"] == seed}
+def _best_runs(results) -> Dict[Tuple[str, int], dict]:
+    """(model, NFE) -> the run with the lowest FID among ``results``."""
+    best = {}
+    for r in results:
+        k = (r["model"], r["nfe"])
+        if k not in best or r["fid"] < best[k]["fid"]:
+            best[k] = r
+    return best
+
+
+def _fid_grid(by: Dict[Tuple[str, int], dict], models, nfes, with_sampler: bool = False) -> List[str]:
+    """Markdown table model × NFE of ``by[(model, nfe)]["fid"]``; bold = best model in the column."""
     lines = ["| model | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
     for m in models:
         cells = []
-        col = [by[(mm, n)]["fid"] for n in nfes for mm in models if (mm, n) in by]
         for n in nfes:
             r = by.get((m, n))
             if r is None:
                 cells.append("—")
                 continue
-            best = min(by[(mm, n)]["fid"] for mm in models if (mm, n) in by)
-            cells.append(f"**{r['fid']:.2f}**" if r["fid"] == best and len(col) > 1 else f"{r['fid']:.2f}")
+            col = [by[(mm, n)]["fid"] for mm in models if (mm, n) in by]
+            v = f"{r['fid']:.2f}"
+            cell = f"**{v}**" if r["fid"] == min(col) and len(col) > 1 else v
+            cells.append(cell + (f" ({r['sampler']})" if with_sampler else ""))
         lines.append(f"| {MODEL_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _table(results, models, sampler, nfes, seed) -> List[str]:
+    by = {(r["model"], r["nfe"]): r for r in results if r["sampler"] == sampler and r["seed"] == seed}
+    return _fid_grid(by, models, nfes)
 
 
 def _best_table(results, models, seed) -> List[str]:
     """Per model and NFE, the best FID over samplers (bold: the best model at that NFE)."""
     rs = [r for r in results if r["seed"] == seed]
     nfes = sorted({r["nfe"] for r in rs})
-    if not nfes:
-        return []
-    best = {}
-    for r in rs:
-        k = (r["model"], r["nfe"])
-        if k not in best or r["fid"] < best[k]["fid"]:
-            best[k] = r
-    lines = ["| model | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
-    for m in models:
-        cells = []
-        for n in nfes:
-            r = best.get((m, n))
-            if r is None:
-                cells.append("—")
-                continue
-            top = min(best[(mm, n)]["fid"] for mm in models if (mm, n) in best)
-            v = f"{r['fid']:.2f}"
-            cells.append((f"**{v}**" if r["fid"] == top else v) + f" ({r['sampler']})")
-        lines.append(f"| {MODEL_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    return lines
+    return _fid_grid(_best_runs(rs), models, nfes, with_sampler=True) if nfes else []
 
 
 def markdown(p: dict, args) -> str:
@@ -481,11 +478,7 @@ def plot(p: dict, path: str):
     samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in results)]
     if not samplers:
         return
-    best = {}
-    for r in results:
-        k = (r["model"], r["nfe"])
-        if k not in best or r["fid"] < best[k]["fid"]:
-            best[k] = r
+    best = _best_runs(results)
     # first panel: the best sampler per model and NFE
     results = results + [{**r, "sampler": "best"} for r in best.values()]
     samplers = ["best"] + samplers
