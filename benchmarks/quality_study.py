@@ -176,13 +176,15 @@ def applicable(job: dict, models_dir: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ one job
-def make_sample_fn(model_dir: str, sampler: str, nfe: int):
+def make_sample_fn(model_dir: str, sampler: str, nfe: int, compile_unet: bool = False):
     from diffusers_psld.pipelines import PSLDPipeline
 
     pipe = PSLDPipeline.from_pretrained(model_dir)
     pipe.scheduler = SAMPLERS[sampler][1](pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval()
+    if compile_unet:  # fp32 still; only the kernel schedule changes (images agree to ~5e-6 on [0, 1])
+        pipe.unet = torch.compile(pipe.unet)
 
     @torch.no_grad()
     def sample_fn(batch_size, generator):
@@ -194,7 +196,7 @@ def make_sample_fn(model_dir: str, sampler: str, nfe: int):
 def run_job(job: dict, args, real: torch.Tensor, log) -> dict:
     t0 = time.perf_counter()
     model_dir = os.path.join(args.models_dir, job["model"])
-    sample_fn, sched_name = make_sample_fn(model_dir, job["sampler"], job["nfe"])
+    sample_fn, sched_name = make_sample_fn(model_dir, job["sampler"], job["nfe"], args.compile)
     sample_dir = os.path.join(args.work_dir, "samples", job["name"])
     stats = fidmod.generate_shards(sample_fn, sample_dir, args.num_samples, args.shard_size, job["seed"], log=log)
     g = fidmod.load_shards(sample_dir, args.num_samples, args.shard_size)
@@ -203,6 +205,7 @@ def run_job(job: dict, args, real: torch.Tensor, log) -> dict:
             "fid": m["fid"], "is_mean": m["is_mean"], "is_std": m["is_std"], "num_samples": args.num_samples,
             "num_real": m["num_real"], "generation_seconds": g["seconds"], "shards_generated": len(stats["generated"]),
             "wall_seconds": time.perf_counter() - t0, "feature_extractor": m["feature_extractor"],
+            "compiled_unet": bool(getattr(args, "compile", False)),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -533,6 +536,7 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--deadline_minutes", type=float, default=None, help="start no new job after this")
     p.add_argument("--num_threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (fp32; ~10%% faster on CPU)")
     p.add_argument("--noise_floor_repeats", type=int, default=10, help="real subsets for the FID noise floor")
     p.add_argument("--report", action="store_true", help="only merge results and write json/md/png")
     p.add_argument("--meta", default=None, help="JSON with summary / sections / commands for the report")

@@ -94,3 +94,21 @@ def test_best_table_picks_lowest_fid_per_model_and_nfe():
     lines = qs._best_table(rs, ["vp", "cld"], 0)
     assert "5.00 (em-qs)" in lines[2] and "9.00" not in lines[2]
     assert "**4.00** (sscs-qs)" in lines[3] and "1.00" not in "".join(lines)
+
+
+def test_compile_flag_wraps_the_unet_and_is_recorded(tmp_path, monkeypatch):
+    from diffusers_psld.pipelines import PSLDPipeline
+    from diffusers_psld.schedulers import PSLDScheduler
+
+    qs = _load()
+    d = tmp_path / "psld"
+    PSLDPipeline(unet=_tiny_unet(), scheduler=PSLDScheduler(gamma=0.01, nu=4.01)).save_pretrained(str(d))
+    wrapped = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: wrapped.append(type(m).__name__) or m)
+    fn, sched = qs.make_sample_fn(str(d), "sscs-qs", 3, compile_unet=False)
+    assert wrapped == []
+    fn, sched = qs.make_sample_fn(str(d), "sscs-qs", 3, compile_unet=True)
+    assert wrapped == ["UNet2DModel"] and sched == "SSCSScheduler"
+    imgs = fn(2, torch.Generator().manual_seed(0))
+    assert imgs.shape == (2, 8, 8, 1)
+    assert qs.parse_args(["--compile"]).compile and not qs.parse_args([]).compile
