@@ -69,6 +69,7 @@ def probability_flow_sample(
     method: str = "dopri5",
     t_start: float = 1.0,
     denoise: bool = True,
+    project_eps: bool = False,
 ) -> ODESampleOutput:
     """Sample by integrating the probability-flow ODE with adaptive Dormand–Prince RK45.
 
@@ -83,6 +84,9 @@ def probability_flow_sample(
         method: ``"dopri5"`` (torchdiffeq) or ``"scipy_rk45"`` (SciPy ``RK45`` via torchdiffeq).
         t_start: initial forward time, default 1.
         denoise: take the final probability-flow Euler step from ``sampling_eps`` to 0 (one call).
+        project_eps: replace the model's ε by the consistent ε' = L⁻¹(z - a x̂₀) at every evaluation
+            (:func:`diffusers_psld.sampling.eps_projection`; the schedulers' ``project_eps``). Needs Γ > 0
+            for k = 2.
 
     Returns:
         :class:`ODESampleOutput` with the samples and the exact NFE.
@@ -100,15 +104,26 @@ def probability_flow_sample(
     if not isinstance(z_init, torch.Tensor) or z_init.ndim < 2 or z_init.shape[1] % sde.k != 0:
         raise ValueError(f"`z_init` must be a tensor [B, {sde.k}*C, ...], got "
                          f"{tuple(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init)}")
+    if not isinstance(project_eps, bool):
+        raise ValueError(f"`project_eps` must be a bool, got {project_eps!r}")
+    if project_eps and sde.k == 2 and not bool(sde.eps_mask().all()):
+        raise ValueError("`project_eps=True` needs gamma > 0: a CLD (gamma = 0) network does not learn ε_x")
     model_dtype = torch.float64 if z_init.dtype == torch.float64 else torch.float32
     counter = [0]
+
+    def call(z, tf):
+        eps_out = model(z.to(model_dtype), tf).to(torch.float64)
+        counter[0] += 1
+        if project_eps:
+            kern = sde.hsm_kernel(tf)
+            Mz, Me = sampling.eps_projection(kern.mean_coef, kern.chol)
+            eps_out = blocks.apply(Mz, z) + blocks.apply(Me, eps_out)
+        return eps_out
 
     def rhs(t, z):
         tf = float(t)
         P, R = sampling.pf_drift(sde, tf)
-        eps_out = model(z.to(model_dtype), tf).to(torch.float64)
-        counter[0] += 1
-        return blocks.apply(P, z) + blocks.apply(R, eps_out)
+        return blocks.apply(P, z) + blocks.apply(R, call(z, tf))
 
     z0 = z_init.to(torch.float64)
     ts = torch.tensor([t_start, eps], dtype=torch.float64)
@@ -124,7 +139,5 @@ def probability_flow_sample(
     nfe_ode = counter[0]
     if denoise:
         P, R, _ = sampling.pf_euler_step(sde, eps, 0.0)
-        eps_out = model(z.to(model_dtype), eps).to(torch.float64)
-        counter[0] += 1
-        z = blocks.apply(P, z) + blocks.apply(R, eps_out)
+        z = blocks.apply(P, z) + blocks.apply(R, call(z, eps))
     return ODESampleOutput(samples=z.to(z_init.dtype), nfe=counter[0], nfe_ode=nfe_ode)

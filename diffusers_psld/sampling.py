@@ -16,6 +16,7 @@ deterministic steps). Heun's two-stage step is written with :func:`pf_drift` pie
   ``-βFz + 2βD s = β(Q - D)A z + 2βD(s + Az)`` shows that the linear part is the recipe SDE with
   ``Q → -Q`` (paper Eq. 12's ``A``), whose kernel the recipe already computes exactly and whose
   stationary law is the same prior N(0, A⁻¹).
+* :func:`eps_projection` — the consistent part of a network's ε (``project_eps`` of the schedulers).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from .sde import RecipeSDE
 from .sde.kernels import psd_cholesky, transition
 
-__all__ = ["em_step", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step"]
+__all__ = ["em_step", "eps_projection", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step"]
 
 
 def _eye(sde: RecipeSDE) -> torch.Tensor:
@@ -39,6 +40,33 @@ def _col(x) -> torch.Tensor:
 def _score_matrix(sde: RecipeSDE, t) -> torch.Tensor:
     """``-L_t^{-T}``: multiplies ε to give the score at forward time ``t``."""
     return -sde.hsm_kernel(t).inv_chol_t()
+
+
+def eps_projection(mean_coef: torch.Tensor, chol: torch.Tensor):
+    r"""``(M_z, M_ε)`` with ``ε' = M_z z + M_ε ε``: the ε that is consistent with the network's own x̂₀.
+
+    For the exact ε = E[ε | z_t], ``z - L ε = a E[x₀ | z_t]`` lies along the mean coefficient a (per
+    pixel). A learned ε of a k = 2 model has two numbers per pixel and need not satisfy this; the
+    projection keeps only what the data explain::
+
+        x̂₀ = aᵀ(z - L ε) / aᵀa,        ε' = L⁻¹(z - a x̂₀),
+
+    so ``M_z = L⁻¹(I - a wᵀ)`` and ``M_ε = L⁻¹ a wᵀ L`` with ``w = a / aᵀa``. It is idempotent, keeps
+    x̂₀, and is the identity on the exact ε and for k = 1 (VP). The score it implies,
+    ``-L⁻ᵀε' = -Σ⁻¹(z - a x̂₀)``, is the data-prediction form gDDIM integrates.
+
+    Args:
+        mean_coef: a ``[..., k]`` (float64), e.g. ``sde.hsm_kernel(t).mean_coef``.
+        chol: L ``[..., k, k]`` (lower triangular), e.g. ``sde.hsm_kernel(t).chol``.
+    """
+    a = torch.as_tensor(mean_coef, dtype=torch.float64)
+    L = torch.as_tensor(chol, dtype=torch.float64)
+    w = a / (a * a).sum(-1, keepdim=True)
+    aw = a[..., :, None] * w[..., None, :]  # a wᵀ
+    eye = torch.eye(a.shape[-1], dtype=torch.float64)
+    Mz = torch.linalg.solve_triangular(L, eye - aw, upper=False)
+    Me = torch.linalg.solve_triangular(L, aw @ L, upper=False)
+    return Mz, Me
 
 
 def pf_drift(sde: RecipeSDE, t):

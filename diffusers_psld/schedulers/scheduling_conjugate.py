@@ -286,6 +286,7 @@ class ConjugateScheduler(PSLDScheduler):
         sampler: Literal["conjugate"] = "conjugate",
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
+        project_eps: bool = False,
         conjugate_b: Literal["zero", "identity", "ones"] = "ones",
         conjugate_lambda: float = 0.0,
         quadrature_nodes: int = _GL_NODES,

@@ -172,6 +172,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         sampler: Literal["gddim_multistep"] = "gddim_multistep",
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
+        project_eps: bool = False,
         solver_order: int = 3,
         interpolation: Literal["logsnr", "time"] = "time",
         lower_order_final: bool = True,

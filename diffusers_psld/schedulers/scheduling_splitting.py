@@ -233,6 +233,7 @@ class SplittingScheduler(PSLDScheduler):
         sampler: str = "roba",
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
+        project_eps: bool = False,
         lambda_s: float = 1.0,
         lambda_s_mode: Literal["marginal", "scale"] = "marginal",
         conjugate_lambda: float = 0.0,

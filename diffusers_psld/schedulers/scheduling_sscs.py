@@ -46,6 +46,7 @@ class SSCSScheduler(PSLDScheduler):
         sampler: Literal["sscs"] = "sscs",
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
+        project_eps: bool = False,
     ):
         if sampler != "sscs":
             raise ValueError(f"SSCSScheduler only runs `sampler='sscs'`, got {sampler!r}; use PSLDScheduler for {sampler!r}")
