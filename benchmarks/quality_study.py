@@ -41,19 +41,19 @@ MODEL_LABELS = {"vp": "VP-SDE", "cld": "CLD (Γ=0)", "psld_g0.005": "PSLD Γ=0.0
 
 
 # ------------------------------------------------------------------------------------------ samplers
-def _psld(sampler: str, striding: str):
+def _psld(sampler: str, striding: str, project_eps: bool = False):
     def build(config):
         from diffusers_psld.schedulers import PSLDScheduler
 
-        return PSLDScheduler.from_config(config, sampler=sampler, striding=striding)
+        return PSLDScheduler.from_config(config, sampler=sampler, striding=striding, project_eps=project_eps)
     return build
 
 
-def _sscs(striding: str):
+def _sscs(striding: str, project_eps: bool = False):
     def build(config):
         from diffusers_psld.schedulers import SSCSScheduler
 
-        return SSCSScheduler.from_config(config, sampler="sscs", striding=striding)
+        return SSCSScheduler.from_config(config, sampler="sscs", striding=striding, project_eps=project_eps)
     return build
 
 
@@ -93,11 +93,18 @@ SAMPLERS: Dict[str, Tuple[str, Callable, bool]] = {
                  _conjugate("zero", "quadratic"), True),
     "rvv-qs": ("reduced velocity-Verlet splitting (1 NFE/step), quadratic striding", _splitting("rvv", "quadratic"),
                False),
+    # "-pe": project_eps=True (the consistent ε' = L⁻¹(z - a x̂₀)); the identity for VP, refused for CLD
+    "pf-heun-us-pe": ("probability-flow ODE, Heun, uniform striding, projected ε", _psld("pf_heun", "uniform", True),
+                      False),
+    "em-us-pe": ("Euler-Maruyama, uniform striding, projected ε", _psld("em", "uniform", True), False),
+    "em-qs-pe": ("Euler-Maruyama, quadratic striding, projected ε", _psld("em", "quadratic", True), False),
+    "sscs-us-pe": ("SSCS, uniform striding, projected ε", _sscs("uniform", True), False),
+    "sscs-qs-pe": ("SSCS, quadratic striding, projected ε", _sscs("quadratic", True), False),
     "gddim3": ("deterministic multistep exponential integrator in gDDIM's basis (order 3, power-2.5 grid; "
                "DPM-Solver++(3M)-like; not for CLD: needs ε_x)", _gddim(3), True),
 }
 # samplers that need a learned ε_x, which a CLD (Γ = 0) network does not have
-NEEDS_EPS_X = {"gddim3"}
+NEEDS_EPS_X = {"gddim3", "pf-heun-us-pe", "em-us-pe", "em-qs-pe", "sscs-us-pe", "sscs-qs-pe"}
 
 # Priority tiers: (samplers, NFEs[, sampling seed]); every applicable model gets a tier before the next
 # tier starts. A tier with its own seed repeats jobs with other sample seeds (sampling noise of FID).

@@ -193,3 +193,31 @@ def test_config_round_trip_and_swap(tmp_path):
     s.save_config(tmp_path)
     assert PSLDScheduler.from_pretrained(tmp_path).config.project_eps is True
     assert SSCSScheduler.from_config(s.config).config.project_eps is True
+
+
+class _PerturbedNet:
+    """A UNet-like callable (model time in, ε out) returning the exact ε plus an inconsistent component."""
+
+    def __init__(self, sched):
+        self.sched = sched
+
+    def __call__(self, z, model_t):
+        t = float(model_t.reshape(-1)[0]) / self.sched.config.time_scale
+        return _perturbed(z, t)
+
+
+def test_likelihood_score_fn_follows_the_scheduler_flag():
+    from diffusers_psld.evaluation.likelihood import eps_model_score_fn
+
+    t = float(torch.tensor(0.2, dtype=torch.float32))  # model time is float32
+    z = PSLDScheduler().sample_prior((16, 2 * D), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = DATA.score(SDE, z, t)
+    on = PSLDScheduler(project_eps=True)
+    off = PSLDScheduler()
+    torch.testing.assert_close(eps_model_score_fn(_PerturbedNet(on), on)(z, t), exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(eps_model_score_fn(_PerturbedNet(off), off, project_eps=True)(z, t), exact,
+                               rtol=1e-6, atol=1e-6)
+    assert (eps_model_score_fn(_PerturbedNet(off), off)(z, t) - exact).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="project_eps"):
+        cld = PSLDScheduler(gamma=0.0, nu=4.0)
+        eps_model_score_fn(_PerturbedNet(cld), cld, project_eps=True)

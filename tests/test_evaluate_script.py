@@ -94,6 +94,9 @@ def test_scheduler_swap_and_bare_layout(workdir):
     assert rep["model"]["striding"] == "quadratic" and rep["fid"] is None
     rep = evaluate.main(_args(workdir, workdir / "heun", "--sampler", "pf_heun", "--skip_metrics"))
     assert rep["model"]["scheduler"] == "PSLDScheduler" and rep["model"]["sampler"] == "pf_heun"
+    assert rep["model"]["project_eps"] is False
+    rep = evaluate.main(_args(workdir, workdir / "heun_pe", "--sampler", "pf_heun", "--project_eps", "--skip_metrics"))
+    assert rep["model"]["project_eps"] is True and rep["model"]["scheduler_config"]["project_eps"] is True
     # unet/ + scheduler/ without model_index.json: standard Diffusers loop
     bare = workdir / "bare"
     shutil.copytree(workdir / "pipe", bare)

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", choices=["psld", "sscs"], default=None, help="default: the saved scheduler")
     p.add_argument("--sampler", choices=["em", "pf_euler", "pf_heun", "sscs"], default=None)
     p.add_argument("--striding", choices=["uniform", "quadratic"], default=None)
+    p.add_argument("--project_eps", action="store_true",
+                   help="use the consistent ε' = L⁻¹(z - a x̂₀) (schedulers' project_eps; PSLD with Γ > 0) for "
+                        "sampling and likelihood; recommended for the probability-flow ODE on trained PSLD models")
     p.add_argument("--num_inference_steps", type=int, default=100, help="NFE")
     p.add_argument("--feature_extractor", default=None,
                    help="'inception' or a DigitsFeatureNet directory; default: 'inception' if --inception_weights "
@@ -129,7 +132,7 @@ def compute_likelihood(args, model_info) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     bpds, nfes, t0 = [], [], time.perf_counter()
     for i in range(0, real.shape[0], args.likelihood_batch_size):
-        r = bits_per_dim(sched.sde, eps_model_score_fn(unet, sched), real[i:i + args.likelihood_batch_size],
+        r = bits_per_dim(sched.sde, eps_model_score_fn(unet, sched, args.project_eps or None), real[i:i + args.likelihood_batch_size],
                          n_bins=256, generator=g, eps=args.likelihood_eps, rtol=args.likelihood_rtol,
                          atol=args.likelihood_atol, method=args.likelihood_method)
         bpds.append(r.bpd)
@@ -139,6 +142,7 @@ def compute_likelihood(args, model_info) -> dict:
             "num_images": int(len(bpd)), "nfe_per_batch": nfes, "method": args.likelihood_method,
             "rtol": args.likelihood_rtol, "atol": args.likelihood_atol, "eps": args.likelihood_eps,
             "estimator": "hutchinson (rademacher)", "entropy_correction": sched.num_components > 1,
+            "project_eps": bool(args.project_eps or getattr(sched.config, "project_eps", False)),
             "dequantisation_offset_bits": 7.0, "seconds": time.perf_counter() - t0}
 
 
@@ -152,7 +156,8 @@ def markdown_report(r: dict) -> str:
         f"| model | `{r['model']['model']}` ({r['model']['unet_parameters']:,} UNet parameters) |",
         f"| diffusion | {r['model']['diffusion']} (k = {r['model']['num_components']}) |",
         f"| scheduler | {r['model']['scheduler']} |",
-        f"| sampler | {r['model']['sampler']} ({r['model']['striding']} striding) |",
+        f"| sampler | {r['model']['sampler']} ({r['model']['striding']} striding"
+        f"{', projected ε' if r['model'].get('project_eps') else ''}) |",
         f"| NFE | {r['model']['num_inference_steps']} |",
         f"| N samples | {r['num_samples']} (shards of {r['shard_size']}, seeds {r['seed']}..{r['seed'] + r['num_shards'] - 1}) |",
         f"| processes | {r['num_processes']} |",
@@ -198,7 +203,8 @@ def main(argv=None):
         print(f"[rank {rank}/{world}] {msg}", flush=True)
 
     sample_fn, model_info = fidmod.pipeline_sample_fn(args.model_dir, args.scheduler, args.sampler, args.striding,
-                                                      args.num_inference_steps, device=accelerator.device)
+                                                      args.num_inference_steps, device=accelerator.device,
+                                                      project_eps=args.project_eps or None)
     sample_dir = os.path.join(args.output_dir, "samples")
     stats = fidmod.generate_shards(sample_fn, sample_dir, args.num_samples, args.shard_size, args.seed, rank, world,
                                    log=log)

@@ -324,7 +324,8 @@ def compute_fid_is(fake, real, extractor: Union[str, DigitsFeatureNet] = "incept
 # ---------------------------------------------------------------------------------------- pipelines
 def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler: Optional[str] = None,
                        striding: Optional[str] = None, num_inference_steps: int = 100,
-                       device: Union[str, torch.device] = "cpu", torch_dtype=None):
+                       device: Union[str, torch.device] = "cpu", torch_dtype=None,
+                       project_eps: Optional[bool] = None):
     """A :data:`SampleFn` for a saved pipeline directory, with an optional scheduler swap.
 
     The directory is a ``PSLDPipeline.save_pretrained`` output (``model_index.json``); a bare
@@ -335,6 +336,7 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
             (keep the saved one). The SDE parameters are taken from the saved scheduler config.
         sampler: ``PSLDScheduler`` sampler (``em``, ``pf_euler``, ``pf_heun``, ``sscs``); ``None`` keeps it.
         striding: ``uniform`` / ``quadratic``; ``None`` keeps it.
+        project_eps: the schedulers' ``project_eps`` (consistent ε; needs Γ > 0); ``None`` keeps it.
 
     Returns:
         ``(sample_fn, info)``; ``info`` describes the model and scheduler for the report.
@@ -362,6 +364,8 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
         overrides["sampler"] = sampler
     if striding is not None:
         overrides["striding"] = striding
+    if project_eps is not None:
+        overrides["project_eps"] = project_eps
     if scheduler == "sscs":
         if overrides.get("sampler", "sscs") != "sscs":
             raise ValueError(f"`sampler` must be 'sscs' (or unset) with scheduler='sscs', got {sampler!r}")
@@ -400,6 +404,7 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
         "scheduler": type(sched).__name__,
         "sampler": sched.config.sampler,
         "striding": sched.config.striding,
+        "project_eps": bool(getattr(sched.config, "project_eps", False)),
         "diffusion": sched.config.diffusion,
         "num_inference_steps": num_inference_steps,
         "num_components": k,

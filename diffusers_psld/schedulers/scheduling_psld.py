@@ -361,6 +361,14 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """score = -L_t^{-T} ε (HSM kernel factor at forward time ``t``)."""
         return blocks.apply(-kernels.lower_inverse_transpose(self._chol(t)), eps)
 
+    def consistent_eps(self, sample: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
+        """The ``project_eps`` map at forward time ``t``: ε' = L⁻¹(z - a x̂₀), x̂₀ = aᵀ(z - Lε)/aᵀa, in
+        ``eps``'s dtype (see :func:`diffusers_psld.sampling.eps_projection`). Applied regardless of the
+        config flag; for score functions outside :meth:`step` (likelihood)."""
+        kern = self.hsm_kernel_at(t)
+        Mz, Me = sampling.eps_projection(kern.mean_coef, kern.chol)
+        return blocks.apply(Mz, sample.to(eps.dtype)) + blocks.apply(Me, eps)
+
     def score_to_eps_shift(self, grad: torch.Tensor, t: float) -> torch.Tensor:
         """``Lᵀ g``: adding ``g`` to the score equals subtracting ``Lᵀ g`` from ε (used for guidance)."""
         return blocks.apply(self._chol(t).transpose(-1, -2), grad)
