@@ -106,8 +106,8 @@ def probability_flow_sample(
                          f"{tuple(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init)}")
     if not isinstance(project_eps, bool):
         raise ValueError(f"`project_eps` must be a bool, got {project_eps!r}")
-    if project_eps and sde.k == 2 and not bool(sde.eps_mask().all()):
-        raise ValueError("`project_eps=True` needs gamma > 0: a CLD (gamma = 0) network does not learn ε_x")
+    if project_eps:
+        sampling.check_eps_projection(sde)
     model_dtype = torch.float64 if z_init.dtype == torch.float64 else torch.float32
     counter = [0]
 

@@ -25,7 +25,7 @@ import torch
 from .sde import RecipeSDE
 from .sde.kernels import psd_cholesky, transition
 
-__all__ = ["em_step", "eps_projection", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step"]
+__all__ = ["em_step", "eps_projection", "check_eps_projection", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step"]
 
 
 def _eye(sde: RecipeSDE) -> torch.Tensor:
@@ -67,6 +67,14 @@ def eps_projection(mean_coef: torch.Tensor, chol: torch.Tensor):
     Mz = torch.linalg.solve_triangular(L, eye - aw, upper=False)
     Me = torch.linalg.solve_triangular(L, aw @ L, upper=False)
     return Mz, Me
+
+
+def check_eps_projection(sde: RecipeSDE) -> None:
+    """Raise unless :func:`eps_projection` applies: it uses every ε component, so each must reach the reverse
+    dynamics (:meth:`RecipeSDE.eps_mask`; fails for CLD, whose network does not learn ε_x)."""
+    if not bool(sde.eps_mask().all()):
+        raise ValueError("`project_eps=True` needs gamma > 0: the projection uses ε_x, which a CLD (gamma = 0) network "
+                         "does not learn (CLD's reverse dynamics only use ε_m, so there is nothing to make consistent)")
 
 
 def pf_drift(sde: RecipeSDE, t):

@@ -7,18 +7,14 @@ import sys
 
 import pytest
 import torch
+from _scripts import load_script
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _load_script():
     # training/evaluate.py under a unique name (a bare `import evaluate` could pick up HF's `evaluate` package)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("psld_training_evaluate", os.path.join(ROOT, "training", "evaluate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join("training", "evaluate.py"), "psld_training_evaluate")
 
 
 evaluate = _load_script()

@@ -1,20 +1,14 @@
 """Smoke test of benchmarks/ode_consistency.py on a tiny random-weight PSLD pipeline."""
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from _scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("psld_ode_consistency",
-                                                  os.path.join(ROOT, "benchmarks", "ode_consistency.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join("benchmarks", "ode_consistency.py"), "psld_ode_consistency")
 
 
 def _pipe(tmp_path, gamma):

@@ -1,19 +1,14 @@
 """Smoke test of benchmarks/quality_study.py: tiny random-weight pipeline, 2 samplers × 1 NFE, no training."""
-import importlib.util
 import json
 import os
 
 import torch
+from _scripts import load_script
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("psld_quality_study",
-                                                  os.path.join(ROOT, "benchmarks", "quality_study.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join("benchmarks", "quality_study.py"), "psld_quality_study")
 
 
 def _tiny_unet():

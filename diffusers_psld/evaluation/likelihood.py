@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..sampling import check_eps_projection
 from ..sde import RecipeSDE, blocks
 
 __all__ = [
@@ -107,8 +108,8 @@ def eps_model_score_fn(unet, scheduler, project_eps: Optional[bool] = None) -> S
         project_eps = bool(getattr(scheduler.config, "project_eps", False))
     if not isinstance(project_eps, bool):
         raise ValueError(f"`project_eps` must be a bool or None, got {project_eps!r}")
-    if project_eps and scheduler.num_components == 2 and not bool(scheduler.sde.eps_mask().all()):
-        raise ValueError("`project_eps=True` needs gamma > 0: a CLD (gamma = 0) network does not learn ε_x")
+    if project_eps:
+        check_eps_projection(scheduler.sde)
 
     def fn(z: torch.Tensor, t: float) -> torch.Tensor:
         param = next(iter(unet.parameters()), None) if hasattr(unet, "parameters") else None

@@ -158,10 +158,6 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`sscs_score_time` must be 'midpoint' or 'start', got {cfg.sscs_score_time!r}")
         if not isinstance(cfg.project_eps, bool):
             raise ValueError(f"`project_eps` must be a bool, got {cfg.project_eps!r}")
-        if cfg.project_eps and cfg.diffusion == "psld" and cfg.gamma == 0:
-            raise ValueError("`project_eps=True` needs gamma > 0: the projection uses ε_x, which a CLD (gamma = 0) "
-                             "network does not learn (and CLD's reverse dynamics only use ε_m, so there is nothing "
-                             "to make consistent)")
         eps = cfg.sampling_eps
         if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
             raise ValueError(f"`sampling_eps` must be in (0, 1), got {eps!r}")
@@ -176,6 +172,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             self.sde = RecipeSDE.vp(bmin, bmax)
         else:
             self.sde = RecipeSDE.psld(cfg.gamma, cfg.nu, bmin, bmax, cfg.kappa, cfg.m_inv)
+        if cfg.project_eps:
+            sampling.check_eps_projection(self.sde)
         self.init_noise_sigma = 1.0  # not used: the prior is anisotropic, see `sample_prior`
         self.num_inference_steps = None
         self.timesteps = None
