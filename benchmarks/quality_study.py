@@ -57,11 +57,12 @@ def _sscs(striding: str, project_eps: bool = False):
     return build
 
 
-def _conjugate(b: str, striding: str):
+def _conjugate(b: str, striding: str, project_eps: bool = False):
     def build(config):
         from diffusers_psld.schedulers.scheduling_conjugate import ConjugateScheduler
 
-        return ConjugateScheduler.from_config(config, sampler="conjugate", conjugate_b=b, striding=striding)
+        return ConjugateScheduler.from_config(config, sampler="conjugate", conjugate_b=b, striding=striding,
+                                              project_eps=project_eps)
     return build
 
 
@@ -73,11 +74,11 @@ def _gddim(order: int):
     return build
 
 
-def _splitting(sampler: str, striding: str):
+def _splitting(sampler: str, striding: str, project_eps: bool = False):
     def build(config):
         from diffusers_psld.schedulers.scheduling_splitting import SplittingScheduler
 
-        return SplittingScheduler.from_config(config, sampler=sampler, striding=striding)
+        return SplittingScheduler.from_config(config, sampler=sampler, striding=striding, project_eps=project_eps)
     return build
 
 
@@ -100,11 +101,15 @@ SAMPLERS: Dict[str, Tuple[str, Callable, bool]] = {
     "em-qs-pe": ("Euler-Maruyama, quadratic striding, projected ε", _psld("em", "quadratic", True), False),
     "sscs-us-pe": ("SSCS, uniform striding, projected ε", _sscs("uniform", True), False),
     "sscs-qs-pe": ("SSCS, quadratic striding, projected ε", _sscs("quadratic", True), False),
+    "conj0-qs-pe": ("exponential (conjugate, B=0) integrator, quadratic striding, projected ε",
+                    _conjugate("zero", "quadratic", True), False),
+    "rvv-qs-pe": ("reduced velocity-Verlet splitting, quadratic striding, projected ε", _splitting("rvv", "quadratic", True),
+                  False),
     "gddim3": ("deterministic multistep exponential integrator in gDDIM's basis (order 3, power-2.5 grid; "
                "DPM-Solver++(3M)-like; not for CLD: needs ε_x)", _gddim(3), True),
 }
 # samplers that need a learned ε_x, which a CLD (Γ = 0) network does not have
-NEEDS_EPS_X = {"gddim3", "pf-heun-us-pe", "em-us-pe", "em-qs-pe", "sscs-us-pe", "sscs-qs-pe"}
+NEEDS_EPS_X = {"gddim3", "conj0-qs-pe", "rvv-qs-pe", "pf-heun-us-pe", "em-us-pe", "em-qs-pe", "sscs-us-pe", "sscs-qs-pe"}
 
 # Priority tiers: (samplers, NFEs[, sampling seed]); every applicable model gets a tier before the next
 # tier starts. A tier with its own seed repeats jobs with other sample seeds (sampling noise of FID).
@@ -129,6 +134,9 @@ DEFAULT_PLAN = [
     (["gddim3"], [1000]),
     (["pf-heun-us-pe"], [20, 50, 100, 250]),  # PSLD only; Γ = 0.01 SDE "-pe" spot checks: see the report's commands
     (["pf-heun-us-pe"], [1000]),
+    (["conj0-qs", "rvv-qs"], [20, 50]),
+    (["conj0-qs", "rvv-qs"], [100]),
+    (["conj0-qs", "rvv-qs"], [250]),
 ]
 
 

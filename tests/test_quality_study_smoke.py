@@ -107,3 +107,19 @@ def test_compile_flag_wraps_the_unet_and_is_recorded(tmp_path, monkeypatch):
     imgs = fn(2, torch.Generator().manual_seed(0))
     assert imgs.shape == (2, 8, 8, 1)
     assert qs.parse_args(["--compile"]).compile and not qs.parse_args([]).compile
+
+
+def test_projected_samplers_set_project_eps_and_need_eps_x():
+    from diffusers_psld.schedulers import PSLDScheduler
+
+    qs = _load()
+    cfg = PSLDScheduler().config
+    pe = [name for name in qs.SAMPLERS if name.endswith("-pe")]
+    assert len(pe) >= 5
+    for name, (_, build, for_vp) in qs.SAMPLERS.items():
+        sched = build(cfg)
+        assert sched.config.project_eps is name.endswith("-pe"), name
+        if name.endswith("-pe"):
+            assert name in qs.NEEDS_EPS_X and not for_vp  # refused for CLD, the identity for VP: not run there
+            base = name[:-3]
+            assert base in qs.SAMPLERS and type(qs.SAMPLERS[base][1](cfg)) is type(sched)
