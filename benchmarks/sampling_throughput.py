@@ -11,7 +11,12 @@ Rerun (CPU, ~2-4 min on 2 cores):
     python benchmarks/sampling_throughput.py --configs digits:16:20,cifar10:4:4 \
         --repeats 3 --out benchmarks/results/sampling_throughput.md
 
-``--configs`` is a comma list of ``preset:batch:nfe``.
+``--configs`` is a comma list of ``preset:batch:nfe``. ``--device cuda --dtype bf16`` times the GPU in
+bfloat16 weights (the scheduler's kernel math stays float64 / float32; only the UNet input is cast). Issue #6
+§3's GPU figures (``cifar10`` preset, NFE 50 and 100, fp32 and bf16), when a GPU is available:
+
+    for dt in fp32 bf16; do python benchmarks/sampling_throughput.py --device cuda --dtype $dt \
+        --configs cifar10:64:50,cifar10:64:100 --repeats 5 --out benchmarks/results/sampling_throughput_gpu_$dt.md; done
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from diffusers_psld.pipelines import PSLDPipeline  # noqa: E402
 from diffusers_psld.schedulers import PSLDScheduler  # noqa: E402
 
 DATA_CHANNELS = {"tiny": 1, "digits": 1}  # others: RGB
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_configs(spec: str):
@@ -46,30 +52,45 @@ def parse_configs(spec: str):
     return out
 
 
-def _run(pipe, batch, nfe, seed):
-    g = torch.Generator().manual_seed(seed)
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run(pipe, batch, nfe, seed, device):
+    g = torch.Generator().manual_seed(seed)  # CPU generator: same noise on every device
+    _sync(device)
     t0 = time.perf_counter()
-    pipe(batch_size=batch, generator=g, num_inference_steps=nfe, output_type="np")
-    return time.perf_counter() - t0
+    # output_type="pt" then a float32 copy on the CPU, identical for both pipelines: DDPMPipeline's "np" output
+    # calls .numpy() on its own dtype, which fails for bfloat16 (NumPy has no bfloat16).
+    images = pipe(batch_size=batch, generator=g, num_inference_steps=nfe, output_type="pt").images
+    images = images.float().cpu()
+    elapsed = time.perf_counter() - t0
+    if not torch.isfinite(images).all():
+        raise RuntimeError(f"{type(pipe).__name__} produced non-finite images (batch {batch}, NFE {nfe}); "
+                           "the timing would be meaningless")
+    return elapsed
 
 
-def bench(preset: str, batch: int, nfe: int, repeats: int):
+def bench(preset: str, batch: int, nfe: int, repeats: int, device="cpu", dtype=torch.float32):
+    device = torch.device(device)
     c = DATA_CHANNELS.get(preset, 3)
     torch.manual_seed(0)
     psld = PSLDPipeline(unet=build_unet(preset, c, 2).eval(), scheduler=PSLDScheduler())
     torch.manual_seed(0)
     ddpm = DDPMPipeline(unet=build_unet(preset, c, 1).eval(), scheduler=DDPMScheduler())
     for p in (psld, ddpm):
+        p.unet.to(device=device, dtype=dtype)
         p.set_progress_bar_config(disable=True)
     times = {"psld": [], "ddpm": []}
     with torch.no_grad():
-        _run(psld, batch, nfe, 0)
-        _run(ddpm, batch, nfe, 0)
+        _run(psld, batch, nfe, 0, device)
+        _run(ddpm, batch, nfe, 0, device)
         for r in range(repeats):
             order = (("psld", psld), ("ddpm", ddpm)) if r % 2 == 0 else (("ddpm", ddpm), ("psld", psld))
             for name, p in order:
-                times[name].append(_run(p, batch, nfe, r + 1))
-    row = {"preset": preset, "data_channels": c, "resolution": psld.unet.config.sample_size, "batch": batch, "nfe": nfe,
+                times[name].append(_run(p, batch, nfe, r + 1, device))
+    row = {"preset": preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "data_channels": c, "resolution": psld.unet.config.sample_size, "batch": batch, "nfe": nfe,
            "params_psld": count_parameters(psld.unet), "params_ddpm": count_parameters(ddpm.unet)}
     for name in ("psld", "ddpm"):
         med, best = statistics.median(times[name]), min(times[name])
@@ -93,35 +114,44 @@ def main(argv=None):
     ap.add_argument("--configs", default="digits:16:20,cifar10:4:4")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="torch device for both UNets, e.g. cpu, cuda, cuda:1")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="UNet weight dtype")
     ap.add_argument("--out", default=None, help="Markdown results file")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        ap.error(f"--device: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = load_average()
     rows = []
     for preset, batch, nfe in parse_configs(args.configs):
-        row = bench(preset, batch, nfe, args.repeats)
+        row = bench(preset, batch, nfe, args.repeats, device=device, dtype=dtype)
         rows.append(row)
         print(f"{preset}: PSLD {row['psld_img_s']:.2f} img/s, DDPM {row['ddpm_img_s']:.2f} img/s, "
               f"ratio {row['ratio']:.3f} (best-of: {row['ratio_best']:.3f})", flush=True)
     load_after = load_average()
+    accel = (f"GPU {torch.cuda.get_device_name(device)}, " if device.type == "cuda" else "")
     lines = [
         "# Sampling throughput: PSLDPipeline vs DDPMPipeline (same UNet preset, same NFE)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}.",
+        f"Machine: {accel}{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}. Device `{device}`, UNet dtype {args.dtype}.",
         f"Load average (1/5/15 min) before: {tuple(round(x, 2) for x in load_before) if load_before else 'n/a'}, "
         f"after: {tuple(round(x, 2) for x in load_after) if load_after else 'n/a'}. "
-        "The 2 cores were shared with other engineers' jobs, so absolute numbers are noisy (timings were "
-        "interleaved PSLD/DDPM to spread contention evenly; compare the ratio, not the absolute img/s).",
+        "Timings alternate PSLD/DDPM so that load from other processes hits both alike; compare the ratio.",
         "",
-        "| preset | C | px | params PSLD / DDPM | batch | NFE | PSLD img/s (median) | DDPM img/s (median) | ratio | ratio (best-of) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | device | dtype | C | px | params PSLD / DDPM | batch | NFE | PSLD img/s (median) | DDPM img/s (median) | ratio | ratio (best-of) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['data_channels']} | {r['resolution']} | {r['params_psld']:,} / {r['params_ddpm']:,} | "
+        lines.append(f"| {r['preset']} | {r['device']} | {r['dtype']} | {r['data_channels']} | {r['resolution']} | {r['params_psld']:,} / {r['params_ddpm']:,} | "
                      f"{r['batch']} | {r['nfe']} | {r['psld_img_s']:.2f} | {r['ddpm_img_s']:.2f} | "
                      f"**{r['ratio']:.3f}** | {r['ratio_best']:.3f} |")
     lines += ["", "Raw times (s) per run:", ""]

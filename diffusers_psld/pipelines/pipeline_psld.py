@@ -277,11 +277,15 @@ class PSLDPipeline(DiffusionPipeline):
         return (mask >= 0.5).float().expand(B, -1, -1, -1).to(device)
 
     # ------------------------------------------------------------------ model calls
-    def _unet_eps(self, z, t, labels):
+    def _unet_eps(self, z, t, labels, unet_dtype=None):
+        """ε from the UNet at state ``z`` (float32) and time ``t``; the input is cast to the UNet's dtype.
+
+        ``unet_dtype``: resolved once per ``__call__`` by the caller, because diffusers' ``ModelMixin.dtype``
+        walks every submodule (~0.6 ms per query on the digits preset: ~2.5 % of a CPU step)."""
         B = z.shape[0]
         tm = self.scheduler.model_time(t, B, device=z.device)
         kwargs = {} if labels is None else {"class_labels": labels}
-        out = self.unet(z.to(self.unet.dtype), tm, **kwargs).sample
+        out = self.unet(z.to(self.unet.dtype if unet_dtype is None else unet_dtype), tm, **kwargs).sample
         return out.to(z.dtype)
 
     def _classifier_grad(self, z, t, labels):
@@ -413,6 +417,7 @@ class PSLDPipeline(DiffusionPipeline):
                 raise ValueError("`guidance_scale` needs `class_labels` (which class to guide towards)")
         scale = 1.0 if guidance_scale is None else float(guidance_scale)
         device = self._execution_device
+        unet_dtype = self.unet.dtype
         labels = None
         if guidance_type == "cfg":
             if not self.is_class_conditional:
@@ -462,12 +467,12 @@ class PSLDPipeline(DiffusionPipeline):
             """The (classifier-free-guided) ε at ``zz``; differentiable when grad is enabled."""
             if guidance_type == "cfg":
                 if labels is None or scale == 0.0:
-                    return self._unet_eps(zz, t_f, null)
+                    return self._unet_eps(zz, t_f, null, unet_dtype)
                 if scale == 1.0:
-                    return self._unet_eps(zz, t_f, labels)
-                eps_c, eps_u = self._unet_eps(torch.cat([zz, zz]), t_f, torch.cat([labels, null])).chunk(2)
+                    return self._unet_eps(zz, t_f, labels, unet_dtype)
+                eps_c, eps_u = self._unet_eps(torch.cat([zz, zz]), t_f, torch.cat([labels, null]), unet_dtype).chunk(2)
                 return eps_u + scale * (eps_c - eps_u)
-            return self._unet_eps(zz, t_f, None)
+            return self._unet_eps(zz, t_f, None, unet_dtype)
 
         self.inpaint_info = [] if inpaint_method == "tweedie" else None
         if inpaint_method == "tweedie" and not bool(self.scheduler.sde.eps_mask().all()):
