@@ -138,6 +138,10 @@ DEFAULT_PLAN = [
     (["conj0-qs", "rvv-qs"], [100]),
     (["conj0-qs", "rvv-qs"], [250]),
     (["conj0-qs", "rvv-qs"], [1000]),
+    (["conj0-qs-pe", "rvv-qs-pe"], [20, 50]),  # PSLD only (NEEDS_EPS_X; the VP flag is False)
+    (["conj0-qs-pe", "rvv-qs-pe"], [100]),
+    (["conj0-qs-pe", "rvv-qs-pe"], [250]),
+    (["conj0-qs-pe", "rvv-qs-pe"], [1000]),
 ]
 
 
