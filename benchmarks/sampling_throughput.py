@@ -12,7 +12,8 @@ Rerun (CPU, ~2-4 min on 2 cores):
         --repeats 3 --out benchmarks/results/sampling_throughput.md
 
 ``--configs`` is a comma list of ``preset:batch:nfe``. ``--device cuda --dtype bf16`` times the GPU in
-bfloat16 weights (the scheduler's kernel math stays float64 / float32; only the UNet input is cast). Issue #6
+bfloat16 weights. PSLD keeps its state and scheduler math in float32 / float64 and casts only the UNet input;
+diffusers' DDPMPipeline keeps its whole state in the UNet's dtype, so in bf16 it does slightly less work. Issue #6
 §3's GPU figures (``cifar10`` preset, NFE 50 and 100, fp32 and bf16), when a GPU is available:
 
     for dt in fp32 bf16; do python benchmarks/sampling_throughput.py --device cuda --dtype $dt \
