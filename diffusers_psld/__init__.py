@@ -2,7 +2,7 @@
 
 Public API::
 
-    from diffusers_psld import RecipeSDE, PSLDScheduler, SSCSScheduler, PSLDPipeline
+    from diffusers_psld import RecipeSDE, PSLDScheduler, SSCSScheduler, PSLDPipeline, PSLDImg2ImgPipeline
     from diffusers_psld import build_unet, hsm_loss, TimeDependentClassifier
 
 Every module whose classes can appear in a saved ``model_index.json`` is imported here, so that
@@ -10,13 +10,13 @@ Every module whose classes can appear in a saved ``model_index.json`` is importe
 Those module paths are frozen: ``diffusers_psld.schedulers.scheduling_psld``,
 ``diffusers_psld.schedulers.scheduling_sscs``, ``…scheduling_conjugate``, ``…scheduling_splitting``,
 ``diffusers_psld.models.classifier``,
-``diffusers_psld.pipelines.pipeline_psld``.
+``diffusers_psld.pipelines.pipeline_psld`` (imported by the ``pipeline_psld.py`` file in saved pipelines).
 """
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' loader looks these names up here)
 
 from .losses import hsm_loss
 from .models import TimeDependentClassifier, build_unet
-from .pipelines import PSLDPipeline, PSLDPipelineOutput
+from .pipelines import NonFiniteError, PSLDImg2ImgPipeline, PSLDPipeline, PSLDPipelineOutput
 from .ode import ODESampleOutput, probability_flow_sample
 from .schedulers import ConjugateScheduler, GDDIMMultistepScheduler, PSLDScheduler, PSLDSchedulerOutput, SplittingScheduler, SSCSScheduler
 from .sde import HSMKernel, RecipeSDE
@@ -36,6 +36,8 @@ __all__ = [
     "ODESampleOutput",
     "PSLDPipeline",
     "PSLDPipelineOutput",
+    "PSLDImg2ImgPipeline",
+    "NonFiniteError",
     "TimeDependentClassifier",
     "build_unet",
     "hsm_loss",

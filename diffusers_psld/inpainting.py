@@ -81,7 +81,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["INPAINT_CORRECTIONS", "TweedieInfo", "check_inpaint_args", "tweedie_correction", "posterior_x0"]
+__all__ = ["INPAINT_CORRECTIONS", "TweedieInfo", "check_inpaint_args", "tweedie_correction", "posterior_x0",
+           "known_state", "replacement_hook"]
 
 INPAINT_CORRECTIONS = ("replace", "tweedie")
 _STALL_GROWTH = 2.0  # CG stops once its residual norm exceeds this multiple of the best one so far
@@ -99,6 +100,31 @@ def check_inpaint_args(inpaint_correction, cg_iters, cg_tol, ridge) -> str:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
         raise ValueError(f"`inpaint_ridge` must be a finite number >= 0, got {ridge!r}")
     return method
+
+
+def known_state(scheduler, x_known: torch.Tensor, state_channels: int, time: float, generator=None) -> torch.Tensor:
+    """A draw of the full state ``[B, k*C, H, W]`` from the HSM kernel p(z_τ | x₀ = x_known) at forward time
+    ``time`` (float32); at ``time <= 0`` the kernel mean (the clean data, zero momentum)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (x_known.shape[0], state_channels, *x_known.shape[2:])
+    if time <= 0.0:
+        noise = torch.zeros(shape, device=x_known.device, dtype=torch.float32)
+    else:
+        noise = randn_tensor(shape, generator=generator, device=x_known.device, dtype=torch.float32)
+    return scheduler.add_noise(x_known, noise, float(time))
+
+
+def replacement_hook(scheduler, x_known: torch.Tensor, mask: torch.Tensor, generator=None):
+    """The inpainting step hook ``(z, call_index) -> z``: the known pixels of **both** x and m replaced by a
+    fresh draw from the forward kernel at the time of the state handed to ``call_index``
+    (``scheduler.state_time``; 0 after the last call, so the known data comes back exactly)."""
+    def replace(z: torch.Tensor, call_index: int) -> torch.Tensor:
+        k = z.shape[1] // x_known.shape[1]
+        mask_k = mask.repeat(1, k, 1, 1)
+        known = known_state(scheduler, x_known, z.shape[1], scheduler.state_time(call_index), generator)
+        return mask_k * known + (1 - mask_k) * z
+    return replace
 
 
 @dataclass

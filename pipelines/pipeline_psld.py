@@ -1,17 +1,17 @@
-"""Hub custom-pipeline entry point for diffusers-psld checkpoints.
+"""Hub custom-pipeline entry point for diffusers-psld checkpoints (written by ``save_pretrained``).
 
-Copy this file next to ``model_index.json`` in a Hub repo (or pass its path) so the generic loader works::
+``model_index.json`` names this file (``"_class_name": ["pipeline_psld", "<Class>"]``), so the generic loader
+finds the pipeline class without ``custom_pipeline=``::
 
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("user/psld-digits", custom_pipeline="pipeline_psld",
-                                             trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained("user/psld-digits", trust_remote_code=True)
 
-It needs the ``diffusers-psld`` package installed (``pip install diffusers-psld``); it only re-exports the
-package's class, so components keep their real classes. Prefer ``diffusers_psld.PSLDPipeline.from_pretrained``,
-which needs no remote code.
+It needs the ``diffusers-psld`` package installed (``pip install diffusers-psld``) and only re-exports the
+package's classes, so components keep their real classes. ``diffusers_psld.PSLDPipeline.from_pretrained``
+needs no remote code.
 """
 from diffusers import DiffusionPipeline  # noqa: F401
 
-from diffusers_psld.pipelines.pipeline_psld import PSLDPipeline, PSLDPipelineOutput  # noqa: F401
+from diffusers_psld.pipelines import PSLDImg2ImgPipeline, PSLDPipeline, PSLDPipelineOutput  # noqa: F401
 
-__all__ = ["PSLDPipeline"]
+__all__ = ["PSLDPipeline", "PSLDImg2ImgPipeline"]

@@ -320,11 +320,38 @@ def test_pil_and_numpy_inputs(pipe):
         (dict(image=torch.rand(3, 1, 8, 8), mask_image=torch.ones(8, 8)), "image"),
         (dict(image=torch.rand(1, 1, 8, 8)), "mask_image"),
         (dict(image="foo", mask_image=torch.ones(8, 8)), "image"),
+        (dict(image=torch.rand(1, 1, 7, 7), mask_image=torch.ones(7, 7)), "image"),  # not divisible by the UNet's 2
+        (dict(image=torch.rand(1, 1, 0, 0), mask_image=torch.ones(0, 0)), "image"),  # empty
+        (dict(image=torch.rand(0, 1, 8, 8), mask_image=torch.ones(8, 8)), "image"),  # no image
+        (dict(image=np.zeros((0, 8, 8, 1), np.float32), mask_image=torch.ones(8, 8)), "image"),
+        (dict(image=torch.rand(1, 1, 8, 8), mask_image=torch.ones(0, 8, 8)), "mask_image"),
+        (dict(image=torch.randint(0, 2, (1, 1, 8, 8)), mask_image=torch.ones(8, 8)), "image"),  # integer tensor
+        (dict(image=torch.rand(1, 1, 8, 8), mask_image="foo"), "mask_image"),
     ],
 )
 def test_bad_inpainting_inputs(pipe, kwargs, name):
-    with pytest.raises(ValueError, match=f"`{name}`"):
-        pipe(batch_size=2, num_inference_steps=2, **kwargs)
+    """Every bad image / mask fails before any network work, with an error naming the argument."""
+    calls = []
+    h = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
+            pipe(batch_size=2, num_inference_steps=2, **kwargs)
+    finally:
+        h.remove()
+    assert not calls
+
+
+def test_image_size_far_from_sample_size_warns(pipe, caplog):
+    """A 40x40 image on the 8 px model runs (divisible) but warns: the network never saw that size."""
+    with caplog.at_level("WARNING"):
+        out = pipe(batch_size=1, num_inference_steps=2, image=torch.rand(1, 1, 40, 40), mask_image=torch.ones(40, 40),
+                   output_type="pt")
+    assert out.images.shape == (1, 1, 40, 40)
+    assert "far from the UNet's sample_size" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pipe(batch_size=1, num_inference_steps=2, image=torch.rand(1, 1, 16, 16), mask_image=torch.ones(16, 16), output_type="pt")
+    assert "far from" not in caplog.text
 
 
 @pytest.mark.parametrize(

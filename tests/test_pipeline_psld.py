@@ -33,7 +33,8 @@ def pipe():
 def test_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["_class_name"] == "PSLDPipeline"
+    assert index["_class_name"] == ["pipeline_psld", "PSLDPipeline"]  # the generic loader's entry
+    assert (tmp_path / "pipeline_psld.py").exists()
     assert index["unet"] == ["diffusers", "UNet2DModel"]
     assert index["scheduler"] == ["diffusers_psld.schedulers.scheduling_psld", "PSLDScheduler"]
     assert index["classifier"] == ["diffusers_psld.models.classifier", "TimeDependentClassifier"]
@@ -134,7 +135,7 @@ def test_callbacks(pipe):
     assert seen[-1][1] == pytest.approx(pipe.scheduler.config.sampling_eps)
     assert torch.all(out.images == 0.5)  # the replaced final state (x = 0) maps to 0.5
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        pipe(num_inference_steps=2, callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["latents"])
+        pipe(num_inference_steps=2, callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["noise_pred"])
 
 
 def test_pipeline_callback_object(pipe):
@@ -223,12 +224,19 @@ def test_unet_dtype_is_resolved_once_per_call_not_per_step(pipe, monkeypatch):
         (dict(guidance_scale=3.0), "guidance_scale"),
         (dict(class_labels=0, guidance_type="bogus"), "guidance_type"),
         (dict(generator=[torch.Generator()]), "generator"),
+        (dict(class_labels=0, guidance_scale=1e20), "guidance_scale"),
+        (dict(class_labels=0, guidance_scale=float("inf")), "guidance_scale"),
+        (dict(class_labels=0, guidance_scale=float("nan")), "guidance_scale"),
+        (dict(class_labels=0, guidance_scale="2"), "guidance_scale"),
+        (dict(batch_size=-1), "batch_size"),
+        (dict(batch_size=True), "batch_size"),
+        (dict(num_inference_steps=np.float64(3.0)), "num_inference_steps"),
     ],
 )
 def test_bad_arguments(pipe, kwargs, name):
     args = dict(batch_size=2, num_inference_steps=2)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=f"`{name}`"):
+    with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
         pipe(**args)
 
 
@@ -265,3 +273,118 @@ def test_custom_pipeline_file(pipe, tmp_path):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)  # same weights; float summation order may differ
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(tmp_path / "repo", custom_pipeline=path)
+
+
+@pytest.mark.parametrize("generator", [42, "abc", [1, 2], [torch.Generator(), 3], object()])
+def test_generator_of_wrong_type_is_a_type_error(pipe, generator):
+    with pytest.raises(TypeError, match="`generator`"):
+        pipe(batch_size=2, num_inference_steps=2, generator=generator)
+
+
+def test_numpy_scalars_are_accepted(pipe):
+    a = pipe(batch_size=np.int64(2), num_inference_steps=np.int32(3), output_type="pt", generator=gen(),
+             class_labels=np.int64(1), guidance_scale=np.float32(2.0)).images
+    b = pipe(batch_size=2, num_inference_steps=3, output_type="pt", generator=gen(), class_labels=1, guidance_scale=2.0).images
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_missing_directory_says_so(tmp_path):
+    for path in ("/missing/dir", str(tmp_path / "nope"), "./not/here/either", "~/no-such-psld-dir"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            PSLDPipeline.from_pretrained(path)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        PSLDPipeline.from_pretrained(str(tmp_path / "file.txt"))
+
+
+def test_pickle_only_weights_are_refused(pipe, tmp_path):
+    """§7: a UNet saved as ``diffusion_pytorch_model.bin`` (a pickle) is refused unless ``use_safetensors=False``."""
+    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(ValueError, match="`(unet|classifier)` .*only as pickle files.*use_safetensors=False"):
+        PSLDPipeline.from_pretrained(tmp_path)
+    loaded = PSLDPipeline.from_pretrained(tmp_path, use_safetensors=False)  # explicit opt-in (weights_only=True)
+    torch.testing.assert_close(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight, atol=0, rtol=0)
+    pipe.save_pretrained(tmp_path / "safe")
+    PSLDPipeline.from_pretrained(tmp_path / "safe")
+
+
+def test_latents_argument(pipe):
+    """``latents=`` is the initial [x ; m] state: the same latents give the same output; bad ones are refused."""
+    g = gen(3)
+    pipe.scheduler.set_timesteps(3)
+    z0 = pipe.scheduler.sample_prior((2, 2, 8, 8), generator=g)
+    a = pipe(batch_size=2, num_inference_steps=3, output_type="pt", generator=gen(3)).images
+    # the pipeline draws the prior first, so passing that draw and a generator in the same state after it
+    g2 = gen(3)
+    pipe.scheduler.sample_prior((2, 2, 8, 8), generator=g2)
+    b = pipe(batch_size=2, num_inference_steps=3, output_type="pt", generator=g2, latents=z0).images
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    c = pipe(batch_size=2, num_inference_steps=3, output_type="pt", latents=torch.zeros(2, 2, 16, 16)).images
+    assert c.shape == (2, 1, 16, 16)  # latents set the size
+    for bad, exc in [(torch.zeros(2, 2, 8), ValueError), (torch.zeros(3, 2, 8, 8), ValueError),
+                     (torch.zeros(2, 4, 8, 8), ValueError), (torch.zeros(2, 2, 8, 8, dtype=torch.float64), TypeError),
+                     (torch.zeros(2, 2, 8, 8, dtype=torch.long), TypeError), (np.zeros((2, 2, 8, 8)), TypeError),
+                     (torch.full((2, 2, 8, 8), float("nan")), ValueError), (torch.zeros(2, 2, 7, 7), ValueError),
+                     (torch.zeros(2, 2, 8, 8, device="meta"), ValueError)]:
+        with pytest.raises(exc, match="`latents`"):
+            pipe(batch_size=2, num_inference_steps=2, latents=bad)
+
+
+def test_latents_callback_name(pipe):
+    """diffusers' ``"latents"`` names the state in callbacks (``"sample"`` still works); returning it replaces the state."""
+    seen = []
+
+    def cb(p, i, t, tensors):
+        seen.append(sorted(tensors))
+        if i == p.num_timesteps - 1:
+            return {"latents": torch.zeros_like(tensors["latents"])}
+        return {}
+
+    out = pipe(num_inference_steps=3, output_type="pt", callback_on_step_end=cb,
+               callback_on_step_end_tensor_inputs=["latents", "sample"])
+    assert seen[0] == ["latents", "sample"] and torch.all(out.images == 0.5)
+
+
+@pytest.mark.parametrize("where", ["unet", "classifier"])
+def test_non_finite_values_raise_naming_step_time_and_cause(where):
+    from diffusers_psld import NonFiniteError
+
+    clf = TimeDependentClassifier(in_channels=2, num_classes=3, block_out_channels=(8, 16), norm_num_groups=4)
+    p = PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler(), classifier=clf)
+    p.set_progress_bar_config(disable=True)
+    target = p.unet if where == "unet" else p.classifier
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:  # the third call goes bad
+            if hasattr(output, "sample"):
+                output.sample.fill_(float("nan"))
+                return output
+            return output * float("nan")
+        return None
+
+    h = target.register_forward_hook(poison)
+    try:
+        with pytest.raises(NonFiniteError, match=r"call 3/5 \(forward time t = [0-9.]+\).*" + ("UNet output" if where == "unet" else "classifier")):
+            p(batch_size=1, num_inference_steps=5, class_labels=0, output_type="pt")
+    finally:
+        h.remove()
+
+
+def test_non_finite_scheduler_update_is_reported(pipe, monkeypatch):
+    from diffusers_psld import NonFiniteError
+
+    p = PSLDPipeline(unet=pipe.unet, scheduler=PSLDScheduler())
+    p.set_progress_bar_config(disable=True)
+    orig = p.scheduler.step
+
+    def bad_step(*a, **kw):
+        out = orig(*a, **kw)
+        out.prev_sample.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(p.scheduler, "step", bad_step)
+    with pytest.raises(NonFiniteError, match=r"call 1/4 .*scheduler update"):
+        p(num_inference_steps=4, output_type="pt")

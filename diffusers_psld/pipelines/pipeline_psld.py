@@ -1,37 +1,27 @@
 r"""``PSLDPipeline``: unconditional, class-guided, classifier-free-guided and inpainting sampling.
 
-The module path ``diffusers_psld.pipelines.pipeline_psld`` is recorded in saved ``model_index.json``
-files (``_class_name`` only; components record their own module paths), so keep it stable.
+The module path ``diffusers_psld.pipelines.pipeline_psld`` is imported by the ``pipeline_psld.py`` file that
+:meth:`PSLDPipeline.save_pretrained` writes next to ``model_index.json`` (the generic loader, see
+:mod:`.remote_code`), so keep it stable.
 
-Conventions
------------
-* The state is ``z = [x ; m]`` (``k*C`` channels; k = 2 for PSLD/CLD, 1 for VP). Only the data half
-  ``x`` is returned as the image, mapped from [-1, 1] to [0, 1]; the momentum ``m`` on request.
-* **Classifier guidance** (PSLD paper Eq. 13-14): with a time-dependent classifier p(y | z_t) on the
-  full state, the score becomes ``s_θ + guidance_scale · ∇_z log p(y | z_t)`` (gradient w.r.t. both x
-  and m), which in ε-space is ``ε - guidance_scale · Lᵀ ∇_z log p(y | z_t)``
-  (:meth:`PSLDScheduler.score_to_eps_shift`). Every sampler then applies ``G Gᵀ`` (or its own
-  reverse-drift weighting) to the guided score, i.e. Eq. 14. The classifier receives the **forward**
-  time ``scheduler.model_time(t)``, the same as the UNet (the official code passes the reverse time).
-* **Classifier-free guidance**: with a class-conditional UNet (``num_class_embeds = n_classes + 1``,
-  the last index is the *null* class used for label dropout), the standard Diffusers form
-  ``ε = ε_u + guidance_scale · (ε_c - ε_u)`` is used: ``guidance_scale = 1`` samples the conditional
-  model without guidance (one UNet pass), ``0`` the unconditional one, ``> 1`` extrapolates
-  (batch doubled: ``[cond ; null]``). Without ``class_labels`` a class-conditional UNet samples
-  unconditionally through the null class.
-* **Inpainting**: ``mask_image`` is 1 (white) where the pixel is **known / kept** and 0 (black) where
-  it is generated -- the RePaint convention and the *opposite* of Stable-Diffusion inpainting. After
-  every step the known pixels of both x and m are replaced by a fresh draw from the forward HSM kernel
-  p(z_τ | x₀) at the current state time τ (``scheduler.state_time``); at the end (τ = 0) they are the
-  kernel mean, so the known data is returned exactly. Replacement alone (``inpaint_correction=None`` /
-  ``"replace"``, the paper's method and the default) drops the term ∇ log p(x₀ᵏⁿᵒʷⁿ | z_t) of the
-  conditional score, so for correlated data the filled-in pixels are biased towards their *marginal*
-  law. ``inpaint_correction="tweedie"`` adds that term by second-order Tweedie (exact for Gaussian
-  data; conjugate gradients with vector-Jacobian products through the UNet): see
-  :mod:`diffusers_psld.inpainting` for the derivation, guards and cost.
+Where each concern lives:
+
+* argument checks and image / mask / label / ``latents`` preparation: :mod:`.inputs`;
+* the ε handed to the scheduler, composed from the UNet (:meth:`PSLDPipeline._unet_eps`, the one place where
+  the network output becomes ε), classifier-free guidance, classifier guidance (PSLD Eq. 13-14) and the Tweedie
+  inpainting correction: :mod:`.guidance`;
+* the denoising loop, shared with :class:`~.pipeline_psld_img2img.PSLDImg2ImgPipeline`: :mod:`.denoising`;
+* inpainting's step hook (known pixels of x **and** m replaced by a forward-kernel draw after every step) and
+  the correction's math: :mod:`diffusers_psld.inpainting`.
+
+Conventions: the state is ``z = [x ; m]`` (``k*C`` channels; k = 2 for PSLD/CLD, 1 for VP), kept in float32
+whatever the UNet's dtype (cast at the network boundary). Only x is returned, mapped from [-1, 1] to [0, 1];
+m on request. Inpainting's ``mask_image`` is 1 (white) where the pixel is **known / kept** -- the RePaint
+convention, the *opposite* of Stable-Diffusion inpainting.
 """
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -42,19 +32,22 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
 
 # Component modules must be imported so that diffusers' loader finds them in ``sys.modules``.
 from .. import inpainting as _inpainting
 from ..models import classifier as _classifier_module  # noqa: F401
 from ..models.classifier import TimeDependentClassifier
 from ..schedulers import PSLDScheduler
+from . import guidance as _guidance
+from . import inputs as _inputs
+from . import remote_code as _remote_code
+from .denoising import denoise, to_output
 
 __all__ = ["PSLDPipeline", "PSLDPipelineOutput"]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = _inputs.OUTPUT_TYPES
 GUIDANCE_TYPES = ("classifier", "cfg")
 
 EXAMPLE_DOC_STRING = r"""
@@ -99,6 +92,31 @@ def _snapshot_download(repo_id: str, **kwargs) -> str:
     return snapshot_download(repo_id, **kwargs)
 
 
+def _looks_like_local_path(path: str) -> bool:
+    """A Hub repo id is ``name`` or ``namespace/name``; anything else (absolute, ``./``, ``~``, deeper) is a path."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path \
+        or os.path.exists(path)
+
+
+def _check_safetensors(folder: str, use_safetensors) -> None:
+    """Refuse component folders whose weights exist only as pickles (``*.bin``), unless ``use_safetensors=False``
+    was passed explicitly (diffusers then loads them with ``torch.load(weights_only=True)``)."""
+    if use_safetensors is False:
+        return
+    for sub in sorted(os.listdir(folder)):
+        path = os.path.join(folder, sub)
+        if not os.path.isdir(path):
+            continue
+        pickles = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")) + glob.glob(os.path.join(path, "*.pth"))
+        if pickles and not glob.glob(os.path.join(path, "*.safetensors")):
+            raise ValueError(
+                f"`{sub}` in {folder} has weights only as pickle files ({', '.join(sorted(os.path.basename(p) for p in pickles))}), "
+                "not safetensors; diffusers-psld loads safetensors only (a pickle can run arbitrary code). Re-save it with "
+                "`save_pretrained(..., safe_serialization=True)`, or, for a file you trust, pass `use_safetensors=False` "
+                "(loaded with torch.load(weights_only=True))"
+            )
+
+
 class PSLDPipeline(DiffusionPipeline):
     r"""Sampling pipeline for PSLD / CLD / VP diffusions trained with ε-prediction on ``[x ; m]`` states.
 
@@ -106,20 +124,21 @@ class PSLDPipeline(DiffusionPipeline):
         unet (:class:`~diffusers.UNet2DModel`): ε-network with ``k*C`` input and output channels.
             Optionally class-conditional (``num_class_embeds = n_classes + 1``, last index = null class)
             for classifier-free guidance.
-        scheduler (:class:`~diffusers_psld.PSLDScheduler` or :class:`~diffusers_psld.SSCSScheduler`):
-            any scheduler of this package (swap with ``SSCSScheduler.from_config(pipe.scheduler.config)``).
+        scheduler (:class:`~diffusers_psld.PSLDScheduler` or another scheduler of this package):
+            swap with e.g. ``SSCSScheduler.from_config(pipe.scheduler.config)``.
         classifier (:class:`~diffusers_psld.models.classifier.TimeDependentClassifier`, *optional*):
             time-dependent classifier p(y | z_t) on the full ``k*C``-channel state for class guidance.
 
     Loading: :meth:`from_pretrained` accepts a local directory or a Hub repo id (downloaded with
     ``huggingface_hub.snapshot_download`` first, because diffusers 0.42.1 cannot resolve third-party
-    components from a Hub id). ``DiffusionPipeline.from_pretrained`` on our repos needs
-    ``custom_pipeline=...`` (see the top-level ``pipelines/`` folder of the repository).
+    components from a Hub id) and loads safetensors weights only. Saved directories carry ``pipeline_psld.py``
+    and ``"_class_name": ["pipeline_psld", "<Class>"]`` (:mod:`.remote_code`), so the generic
+    ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` works too.
     """
 
     model_cpu_offload_seq = "classifier->unet"
     _optional_components = ["classifier"]
-    _callback_tensor_inputs = ["sample", "pred_original_sample"]
+    _callback_tensor_inputs = ["latents", "sample", "pred_original_sample"]
     #: diagnostics of the last call with ``inpaint_correction="tweedie"`` (one ``TweedieInfo`` per model call), else None
     inpaint_info = None
 
@@ -140,23 +159,49 @@ class PSLDPipeline(DiffusionPipeline):
             )
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ loading / saving
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
-        """Load from a local directory or a Hub repo id.
+        """Load from a local directory or a Hub repo id (safetensors weights only).
 
         A repo id is fetched with ``huggingface_hub.snapshot_download`` (honouring ``revision``,
         ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``proxies``; offline mode
         uses the local cache) and then loaded from the snapshot directory. Other keyword arguments go to
         :meth:`diffusers.DiffusionPipeline.from_pretrained` (e.g. ``torch_dtype``, ``classifier=None``).
+
+        Raises:
+            FileNotFoundError: a local path (absolute, ``./…``, ``~…``, or deeper than ``namespace/name``) that
+                is not a directory.
+            ValueError: a component whose weights exist only as pickles (``*.bin``), unless
+                ``use_safetensors=False`` is passed (then loaded with ``torch.load(weights_only=True)``).
         """
-        path = pretrained_model_name_or_path
-        if not os.path.isdir(str(path)):
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            if _looks_like_local_path(path):
+                raise FileNotFoundError(f"`pretrained_model_name_or_path`: the directory {path!r} does not exist"
+                                        + (" (it is a file; pass the pipeline's folder)" if os.path.isfile(path) else ""))
             dl = {key: kwargs.pop(key) for key in ("revision", "cache_dir", "token", "local_files_only",
                                                    "force_download", "proxies") if key in kwargs}
             dl = {key: val for key, val in dl.items() if val is not None}
-            path = _snapshot_download(str(path), **dl)
+            path = _snapshot_download(path, **dl)
+        _check_safetensors(path, kwargs.get("use_safetensors"))
         return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``; a ``["pipeline_psld", "<Class>"]`` ``_class_name`` is read as ``"<Class>"``,
+        so loading through this class never executes the directory's ``pipeline_psld.py``."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = _remote_code.class_name_of(config)
+        return out
+
+    def save_config(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs):
+        """Write ``model_index.json`` naming ``["pipeline_psld", "<Class>"]`` and the ``pipeline_psld.py`` file
+        next to it (:mod:`.remote_code`); ``save_pretrained`` and ``push_to_hub`` then carry both."""
+        super().save_config(save_directory, push_to_hub=False, **kwargs)
+        _remote_code.install(save_directory, type(self).__name__)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -180,124 +225,91 @@ class PSLDPipeline(DiffusionPipeline):
     def interrupt(self):
         return getattr(self, "_interrupt", False)
 
-    # ------------------------------------------------------------------ input checks
     def _sample_hw(self):
         size = self.unet.config.sample_size
         return (size, size) if isinstance(size, int) else tuple(size)
-
-    def _prepare_labels(self, class_labels, batch_size, n_classes, device, what):
-        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
-            labels = torch.full((batch_size,), int(class_labels), dtype=torch.long)
-        else:
-            try:
-                labels = torch.as_tensor(class_labels)
-            except Exception as err:  # noqa: BLE001
-                raise ValueError(f"`class_labels` must be an int, a list of ints or a tensor, got {type(class_labels).__name__}") from err
-            if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim > 1:
-                raise ValueError(f"`class_labels` must be integer class indices, got dtype {labels.dtype} shape {tuple(labels.shape)}")
-            labels = labels.reshape(-1).long()
-            if labels.numel() == 1:
-                labels = labels.expand(batch_size).clone()
-            if labels.numel() != batch_size:
-                raise ValueError(f"`class_labels` must have 1 or batch_size={batch_size} entries, got {labels.numel()}")
-        if labels.min() < 0 or labels.max() >= n_classes:
-            raise ValueError(
-                f"`class_labels` must be in [0, {n_classes - 1}] ({n_classes} classes of the {what}), got "
-                f"{labels.min().item()}..{labels.max().item()}"
-            )
-        return labels.to(device)
-
-    def _prepare_image(self, image, batch_size, device) -> torch.Tensor:
-        """``image`` → float32 tensor ``[B, C, H, W]`` in [-1, 1]; inputs must lie in [0, 1]."""
-        C = self.data_channels
-        if isinstance(image, PIL.Image.Image):
-            image = [image]
-        if isinstance(image, (list, tuple)) and len(image) and all(isinstance(im, PIL.Image.Image) for im in image):
-            mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(C)
-            if mode is None:
-                raise ValueError(f"`image` as PIL needs a 1/3/4-channel model; this model has C={C}; pass a tensor")
-            image = np.stack([np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in image])
-            if image.ndim == 3:
-                image = image[..., None]
-        if isinstance(image, np.ndarray):
-            arr = image
-            if arr.dtype == np.uint8:
-                arr = arr.astype(np.float32) / 255.0
-            if arr.ndim == 2:
-                arr = arr[None, :, :, None]
-            elif arr.ndim == 3:
-                arr = arr[None]
-            if arr.ndim != 4:
-                raise ValueError(f"`image` as a NumPy array must be [H, W], [H, W, C] or [B, H, W, C], got shape {image.shape}")
-            tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(0, 3, 1, 2)
-        elif isinstance(image, torch.Tensor):
-            tensor = image.detach().to("cpu", torch.float32)
-            if tensor.ndim == 3:
-                tensor = tensor[None]
-            if tensor.ndim != 4:
-                raise ValueError(f"`image` as a tensor must be [C, H, W] or [B, C, H, W], got shape {tuple(image.shape)}")
-        else:
-            raise ValueError(f"`image` must be a PIL image, a list of them, a NumPy array or a tensor; got {type(image).__name__}")
-        if tensor.shape[1] != C:
-            raise ValueError(f"`image` must have {C} channel(s) (the model's data channels), got {tensor.shape[1]} (shape {tuple(tensor.shape)})")
-        if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
-            raise ValueError(f"`image` values must lie in [0, 1], got range [{tensor.min().item():.4g}, {tensor.max().item():.4g}]")
-        if tensor.shape[0] not in (1, batch_size):
-            raise ValueError(f"`image` must hold 1 or batch_size={batch_size} images, got {tensor.shape[0]}")
-        return tensor.expand(batch_size, -1, -1, -1).to(device) * 2.0 - 1.0
-
-    def _prepare_mask(self, mask_image, image: torch.Tensor, device) -> torch.Tensor:
-        """``mask_image`` → float32 {0, 1} tensor ``[B, 1, H, W]`` (1 = keep), binarised at 0.5."""
-        if isinstance(mask_image, PIL.Image.Image):
-            mask_image = [mask_image]
-        if isinstance(mask_image, (list, tuple)) and len(mask_image) and all(isinstance(m, PIL.Image.Image) for m in mask_image):
-            mask_image = np.stack([np.asarray(m.convert("L"), dtype=np.float32) / 255.0 for m in mask_image])
-        if isinstance(mask_image, np.ndarray):
-            arr = mask_image.astype(np.float32) / 255.0 if mask_image.dtype == np.uint8 else mask_image
-            mask = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-            if mask.ndim == 4 and mask.shape[-1] == 1:  # [B, H, W, 1]
-                mask = mask.permute(0, 3, 1, 2)
-        elif isinstance(mask_image, torch.Tensor):
-            mask = mask_image.detach().to("cpu", torch.float32)
-        else:
-            raise ValueError(f"`mask_image` must be a PIL image, a list of them, a NumPy array or a tensor; got {type(mask_image).__name__}")
-        if mask.ndim == 2:
-            mask = mask[None, None]
-        elif mask.ndim == 3:
-            mask = mask[:, None]
-        if mask.ndim != 4 or mask.shape[1] != 1:
-            raise ValueError(f"`mask_image` must be [H, W], [B, H, W] or [B, 1, H, W] (one channel), got shape {tuple(mask.shape)}")
-        B, _, H, W = image.shape
-        if mask.shape[-2:] != (H, W):
-            raise ValueError(f"`mask_image` size {tuple(mask.shape[-2:])} does not match `image` size {(H, W)}")
-        if mask.shape[0] not in (1, B):
-            raise ValueError(f"`mask_image` must hold 1 or {B} masks, got {mask.shape[0]}")
-        if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
-            raise ValueError(f"`mask_image` values must lie in [0, 1] (1 = keep), got range [{mask.min().item():.4g}, {mask.max().item():.4g}]")
-        return (mask >= 0.5).float().expand(B, -1, -1, -1).to(device)
 
     # ------------------------------------------------------------------ model calls
     def _unet_eps(self, z, t, labels, unet_dtype):
         """ε from the UNet at state ``z`` (float32) and time ``t``; the input is cast to ``unet_dtype``.
 
-        ``unet_dtype`` (the UNet's dtype) is resolved once per ``__call__`` by the caller, because diffusers' ``ModelMixin.dtype``
-        walks every submodule (~0.6 ms per query on the digits preset: ~2.5 % of a CPU step)."""
+        The one place where the network output becomes ε. ``unet_dtype`` (the UNet's dtype) is resolved once
+        per ``__call__`` by the caller, because diffusers' ``ModelMixin.dtype`` walks every submodule (~0.6 ms per
+        query on the digits preset: ~2.5 % of a CPU step).
+
+        Raises:
+            NonFiniteError: the UNet output has a NaN / inf.
+        """
         B = z.shape[0]
         tm = self.scheduler.model_time(t, B, device=z.device)
         kwargs = {} if labels is None else {"class_labels": labels}
         out = self.unet(z.to(unet_dtype), tm, **kwargs).sample
-        return out.to(z.dtype)
+        return _guidance.check_finite(out, f"the UNet output ({unet_dtype})",
+                                      "UNet output non-finite: check its weights and the input state; fp16 may overflow").to(z.dtype)
 
     def _classifier_grad(self, z, t, labels):
-        """∇_z log p(y | z_t) (w.r.t. the full state), summed over the batch (per-sample gradients)."""
-        tm = self.scheduler.model_time(t, z.shape[0], device=z.device)
-        with torch.enable_grad():
-            zin = z.detach().to(self.classifier.dtype).requires_grad_(True)
-            out = self.classifier(zin, tm)
-            logits = (out.logits if hasattr(out, "logits") else out).float()
-            logp = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).sum()
-            (grad,) = torch.autograd.grad(logp, zin)
-        return grad.to(z.dtype)
+        """∇_z log p(y | z_t) w.r.t. the full state, per sample (:func:`.guidance.classifier_log_prob_grad`)."""
+        return _guidance.classifier_log_prob_grad(self.classifier, self.scheduler, z, t, labels)
+
+    # ------------------------------------------------------------------ shared checks and ε
+    def _check_common(self, batch_size, num_inference_steps, output_type, generator, return_momentum,
+                      callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """Validate the arguments both pipelines share; returns ``(batch_size, steps, generator, tensor_inputs)``."""
+        batch_size = _inputs.as_int(batch_size, "batch_size", 1)
+        steps = _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
+        _inputs.check_output_type(output_type)
+        generator = _inputs.check_generator(generator, batch_size)
+        if return_momentum and self.num_components < 2:
+            raise ValueError("`return_momentum=True` needs an augmented diffusion (PSLD/CLD); this scheduler is VP (no momentum)")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        bad = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {bad}")
+        return batch_size, steps, generator, list(callback_on_step_end_tensor_inputs)
+
+    def _guided_eps_fn(self, class_labels, guidance_scale, guidance_type, batch_size, device, unet_dtype):
+        """Validate the guidance arguments and compose the ε-function: UNet → classifier-free guidance →
+        (the caller may wrap inpainting here) ; returns ``(eps_fn, add_classifier_guidance)`` where the second
+        wraps an ε-function with classifier guidance (identity when unused)."""
+        if guidance_type is not None and guidance_type not in GUIDANCE_TYPES:
+            raise ValueError(f"`guidance_type` must be one of {GUIDANCE_TYPES} or None, got {guidance_type!r}")
+        if guidance_type is None:
+            guidance_type = "cfg" if self.is_class_conditional else "classifier"
+        scale = _inputs.check_guidance_scale(guidance_scale)
+        if scale is not None and class_labels is None and scale != 1.0:
+            raise ValueError("`guidance_scale` needs `class_labels` (which class to guide towards)")
+        scale = 1.0 if scale is None else scale
+
+        def unet_eps(z, t, labels):
+            return self._unet_eps(z, t, labels, unet_dtype)
+
+        if guidance_type == "cfg":
+            if not self.is_class_conditional:
+                raise ValueError("`guidance_type='cfg'` needs a class-conditional UNet (num_class_embeds = n_classes + 1)")
+            n_cls = self.unet.config.num_class_embeds - 1
+            null = torch.full((batch_size,), n_cls, dtype=torch.long, device=device)
+            labels = None if class_labels is None else _inputs.prepare_labels(
+                class_labels, batch_size, n_cls, device, "class-conditional UNet (last index is the null class)")
+            return _guidance.cfg_eps_fn(unet_eps, labels, null, scale), lambda fn: fn
+        eps_fn = _guidance.cfg_eps_fn(unet_eps, None, None, scale)
+        if class_labels is None:
+            return eps_fn, lambda fn: fn
+        if self.classifier is None:
+            raise ValueError(
+                "`class_labels` needs a `classifier` component (classifier guidance) or a class-conditional UNet "
+                "(classifier-free guidance); this pipeline has neither"
+            )
+        labels = _inputs.prepare_labels(class_labels, batch_size, self.classifier.config.num_classes, device, "classifier")
+        return eps_fn, lambda fn: _guidance.with_classifier_guidance(
+            fn, lambda z, t: self._classifier_grad(z, t, labels), self.scheduler, scale)
+
+    def _finish(self, z, output_type, return_momentum, return_dict):
+        images, momentum = to_output(z, self.data_channels, output_type, return_momentum, self.numpy_to_pil)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, momentum) if return_momentum else (images,)
+        return PSLDPipelineOutput(images=images, momentum=momentum)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -320,33 +332,39 @@ class PSLDPipeline(DiffusionPipeline):
         inpaint_cg_iters: int = 4,
         inpaint_cg_tol: float = 1e-3,
         inpaint_ridge: float = 1e-3,
+        latents: Optional[torch.Tensor] = None,
     ) -> Union[PSLDPipelineOutput, tuple]:
         r"""Generate images.
 
         Args:
-            batch_size (`int`, defaults to 1): number of images.
-            generator (`torch.Generator` or list of them, *optional*): for reproducibility; the same
-                generator state gives identical outputs.
+            batch_size (`int`, defaults to 1): number of images (>= 1; NumPy integers accepted).
+            generator (`torch.Generator` or a list of `batch_size` of them, *optional*): for reproducibility;
+                the same generator state gives identical outputs (anything else: TypeError).
             num_inference_steps (`int`, defaults to 100): exact number of UNet evaluations (>= 2),
                 including the final denoising step (doubled by classifier-free guidance with scale ≠ 0, 1).
+                1 is refused by design: the single call would be the final denoising step from
+                ``sampling_eps`` alone, skipping the whole reverse process.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (``[B, H, W, C]`` float32) or
                 `"pt"` (``[B, C, H, W]``); values in [0, 1].
             return_dict (`bool`, defaults to True): return a :class:`PSLDPipelineOutput` instead of a tuple
                 ``(images,)`` / ``(images, momentum)``.
             callback_on_step_end (*optional*): ``fn(pipe, i, t, tensors) -> dict`` called after every step
-                with the requested tensors (`"sample"`: the full ``[x ; m]`` state, `"pred_original_sample"`);
-                a returned `"sample"` replaces the state. A `PipelineCallback` also works.
+                with the requested tensors (`"latents"` or `"sample"`: the full ``[x ; m]`` state,
+                `"pred_original_sample"`: x̂₀); a returned `"latents"` / `"sample"` replaces the state. A
+                `PipelineCallback` also works.
             callback_on_step_end_tensor_inputs (`List[str]`): names from ``_callback_tensor_inputs``.
             return_momentum (`bool`, defaults to False): also return the momentum half m (PSLD/CLD only).
             class_labels (`int`, list or tensor, *optional*): target class(es) for classifier guidance
                 (needs ``classifier``) or classifier-free guidance (needs a class-conditional UNet).
             guidance_scale (`float`, *optional*): classifier guidance: weight of ∇ log p(y | z_t)
                 (default 1.0 = exact Bayes posterior score); classifier-free: ``ε_u + s (ε_c - ε_u)``
-                (default 1.0 = conditional model, no extrapolation). Requires `class_labels`.
+                (default 1.0 = conditional model, no extrapolation). Requires `class_labels`. A finite number in
+                [0, 1e6] (NumPy floats accepted).
             guidance_type (`str`, *optional*): `"classifier"` or `"cfg"`; by default `"cfg"` if the UNet is
                 class-conditional, else `"classifier"`.
             image (PIL / NumPy ``[B,H,W,C]`` / tensor ``[B,C,H,W]`` in [0, 1], *optional*): known image for
-                inpainting (1 or `batch_size` images; its size sets the output size).
+                inpainting (1 or `batch_size` images; its size sets the output size and must be divisible by
+                the UNet's downsampling factor; sizes beyond 4x / below 1/4 of ``sample_size`` log a warning).
             mask_image (PIL "L" / NumPy / tensor in [0, 1], *optional*): **1 = keep (known), 0 = generate**
                 (opposite of Stable-Diffusion inpainting); binarised at 0.5; shape ``[H, W]``, ``[B, H, W]``
                 or ``[B, 1, H, W]``.
@@ -377,161 +395,74 @@ class PSLDPipeline(DiffusionPipeline):
                 non-positive-definite C (possible for a learned network) truncates CG, or drops the correction
                 for that sample and step with a logged warning; no NaN is produced.
 
+            latents (`torch.Tensor` ``[batch_size, k*C, H, W]``, *optional*): the initial state ``[x ; m]``
+                instead of a prior draw (diffusers' ``latents=``): float32 (or float16/bfloat16), finite, on the
+                pipeline's execution device; ``H, W`` set the output size (the image's size when inpainting).
+
         Returns:
             :class:`PSLDPipelineOutput` (``.images``, ``.momentum``) or a tuple.
+
+        Raises:
+            ValueError / TypeError: a bad argument (the message names it and what is expected).
+            NonFiniteError (a ``FloatingPointError``): a NaN or inf appeared during sampling; the message names
+                the call, its forward time and the likely cause (UNet output, guidance, scheduler update).
         """
-        # ---- checks
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2:
-            raise ValueError(
-                f"`num_inference_steps` must be an int >= 2 (reverse steps + the final denoising step), got {num_inference_steps!r}"
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` list must have batch_size={batch_size} entries, got {len(generator)}")
-        k = self.num_components
-        if return_momentum and k < 2:
-            raise ValueError("`return_momentum=True` needs an augmented diffusion (PSLD/CLD); this scheduler is VP (no momentum)")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        bad = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {bad}")
+        batch_size, steps, generator, cb_inputs = self._check_common(
+            batch_size, num_inference_steps, output_type, generator, return_momentum, callback_on_step_end,
+            callback_on_step_end_tensor_inputs)
         if (image is None) != (mask_image is None):
             raise ValueError("`image` and `mask_image` must be given together for inpainting")
         inpaint_method = _inpainting.check_inpaint_args(inpaint_correction, inpaint_cg_iters, inpaint_cg_tol, inpaint_ridge)
         if inpaint_method != "replace" and image is None:
             raise ValueError(f"`inpaint_correction={inpaint_correction!r}` needs `image` and `mask_image` (inpainting)")
-
-        # ---- guidance mode
-        if guidance_type is not None and guidance_type not in GUIDANCE_TYPES:
-            raise ValueError(f"`guidance_type` must be one of {GUIDANCE_TYPES} or None, got {guidance_type!r}")
-        if guidance_type is None:
-            guidance_type = "cfg" if self.is_class_conditional else "classifier"
-        if guidance_scale is not None:
-            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
-                raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}")
-            if class_labels is None and guidance_scale != 1.0:
-                raise ValueError("`guidance_scale` needs `class_labels` (which class to guide towards)")
-        scale = 1.0 if guidance_scale is None else float(guidance_scale)
         device = self._execution_device
-        unet_dtype = self.unet.dtype
-        labels = None
-        if guidance_type == "cfg":
-            if not self.is_class_conditional:
-                raise ValueError("`guidance_type='cfg'` needs a class-conditional UNet (num_class_embeds = n_classes + 1)")
-            n_cls = self.unet.config.num_class_embeds - 1
-            null = torch.full((batch_size,), n_cls, dtype=torch.long, device=device)
-            if class_labels is not None:
-                labels = self._prepare_labels(class_labels, batch_size, n_cls, device, "class-conditional UNet (last index is the null class)")
-        elif class_labels is not None:
-            if self.classifier is None:
-                raise ValueError(
-                    "`class_labels` needs a `classifier` component (classifier guidance) or a class-conditional UNet "
-                    "(classifier-free guidance); this pipeline has neither"
-                )
-            labels = self._prepare_labels(class_labels, batch_size, self.classifier.config.num_classes, device, "classifier")
-
-        # ---- inpainting inputs
-        C = self.data_channels
+        eps_fn, add_classifier_guidance = self._guided_eps_fn(
+            class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
+        k, C = self.num_components, self.data_channels
+        x_known = mask = None
         if image is not None:
-            x_known = self._prepare_image(image, batch_size, device)
-            mask = self._prepare_mask(mask_image, x_known, device)
-            H, W = x_known.shape[-2:]
+            x_known = _inputs.prepare_image(image, C, batch_size, device)
+            _inputs.check_spatial_size(tuple(x_known.shape[-2:]), self.unet, "image")
+            mask = _inputs.prepare_mask(mask_image, x_known, device)
+        if latents is not None:
+            z = _inputs.check_latents(latents, batch_size, k * C, device, None if x_known is None else x_known.shape[-2:])
+            _inputs.check_spatial_size(tuple(z.shape[-2:]), self.unet, "latents")
+            hw = tuple(z.shape[-2:])
         else:
-            H, W = self._sample_hw()
+            hw = self._sample_hw() if x_known is None else tuple(x_known.shape[-2:])
 
-        # ---- sampling
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        self._interrupt = False
-        shape = (batch_size, k * C, H, W)
-        z = self.scheduler.sample_prior(shape, generator=generator, device=device, dtype=torch.float32)
-
-        def known_state(time: float) -> torch.Tensor:
-            if time <= 0.0:  # kernel mean at t = 0: the clean known data (and zero mean momentum)
-                noise = torch.zeros(shape, device=device, dtype=torch.float32)
-            else:
-                noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            tt = torch.full((batch_size,), float(time), dtype=torch.float64)
-            return self.scheduler.add_noise(x_known, noise, tt)
-
-        if image is not None:
-            mask_k = mask.repeat(1, k * C, 1, 1)
-            z = mask_k * known_state(self.scheduler.state_time(0)) + (1 - mask_k) * z
-
-        def model_eps(zz: torch.Tensor, t_f: float) -> torch.Tensor:
-            """The (classifier-free-guided) ε at ``zz``; differentiable when grad is enabled."""
-            if guidance_type == "cfg":
-                if labels is None or scale == 0.0:
-                    return self._unet_eps(zz, t_f, null, unet_dtype)
-                if scale == 1.0:
-                    return self._unet_eps(zz, t_f, labels, unet_dtype)
-                eps_c, eps_u = self._unet_eps(torch.cat([zz, zz]), t_f, torch.cat([labels, null]), unet_dtype).chunk(2)
-                return eps_u + scale * (eps_c - eps_u)
-            return self._unet_eps(zz, t_f, None, unet_dtype)
-
+        self.scheduler.set_timesteps(steps, device=device)
+        if latents is None:
+            z = self.scheduler.sample_prior((batch_size, k * C, *hw), generator=generator, device=device, dtype=torch.float32)
+        after_step = None
         self.inpaint_info = [] if inpaint_method == "tweedie" else None
-        if inpaint_method == "tweedie" and not bool(self.scheduler.sde.eps_mask().all()):
-            logger.warning(
-                "inpaint_correction='tweedie' with CLD (Γ = 0): x̂₀ uses ε_x, which CLD training does not learn; the "
-                "correction is only reliable with an exact ε or a PSLD (Γ > 0) / VP network"
-            )
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            if self.interrupt:
-                break
-            t_f = float(t)
+        if x_known is not None:
+            after_step = _inpainting.replacement_hook(self.scheduler, x_known, mask, generator)
+            z = after_step(z, 0)
             if inpaint_method == "tweedie":
-                kern = self.scheduler.hsm_kernel_at(t_f)
-                eps, g, info = _inpainting.tweedie_correction(
-                    lambda zz: model_eps(zz, t_f), z, x_known, mask, kern.mean_coef, kern.cov, kern.chol, t=t_f,
-                    cg_iters=inpaint_cg_iters, cg_tol=float(inpaint_cg_tol), ridge=float(inpaint_ridge),
-                )
-                eps = eps - self.scheduler.score_to_eps_shift(g, t_f)
-                self.inpaint_info.append(info)
-            else:
-                eps = model_eps(z, t_f)
-            if guidance_type != "cfg":
-                if labels is not None and scale != 0.0:
-                    grad = self._classifier_grad(z, t_f, labels)
-                    eps = eps - scale * self.scheduler.score_to_eps_shift(grad, t_f)
-            step = self.scheduler.step(eps, t, z, generator=generator)
-            z = step.prev_sample
-            if image is not None:
-                z = mask_k * known_state(self.scheduler.state_time(i + 1)) + (1 - mask_k) * z
-            if callback_on_step_end is not None:
-                tensors = {"sample": z, "pred_original_sample": step.pred_original_sample}
-                cb_out = callback_on_step_end(self, i, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
-                if cb_out is not None:
-                    z = cb_out.pop("sample", z)
+                if not bool(self.scheduler.sde.eps_mask().all()):
+                    logger.warning(
+                        "inpaint_correction='tweedie' with CLD (Γ = 0): x̂₀ uses ε_x, which CLD training does not learn; the "
+                        "correction is only reliable with an exact ε or a PSLD (Γ > 0) / VP network")
+                eps_fn = _guidance.with_tweedie_inpainting(eps_fn, self.scheduler, x_known, mask, inpaint_cg_iters,
+                                                           float(inpaint_cg_tol), float(inpaint_ridge), self.inpaint_info)
+        eps_fn = add_classifier_guidance(eps_fn)
+        z = denoise(self, z, eps_fn, generator=generator, after_step=after_step, callback=callback_on_step_end,
+                    callback_tensor_inputs=cb_inputs)
+        self._warn_inpaint_drops(batch_size)
+        return self._finish(z, output_type, return_momentum, return_dict)
 
-        if self.inpaint_info:
-            dropped = sum(info.dropped for info in self.inpaint_info)
-            truncated = sum(info.truncated for info in self.inpaint_info)
-            if dropped:
-                logger.warning(
-                    f"inpaint_correction='tweedie': C_KK was not positive definite for {dropped} of "
-                    f"{batch_size * len(self.inpaint_info)} sample-steps (correction dropped there: plain replacement; CG "
-                    f"truncated at negative curvature for {truncated} more); see `pipe.inpaint_info`"
-                )
-
-        # ---- output
-        x = z[:, :C]
-        images = (x / 2 + 0.5).clamp(0, 1)
-        momentum = z[:, C:] if return_momentum else None
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-            if momentum is not None:
-                momentum = momentum.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images, momentum) if return_momentum else (images,)
-        return PSLDPipelineOutput(images=images, momentum=momentum)
+    def _warn_inpaint_drops(self, batch_size):
+        if not self.inpaint_info:
+            return
+        dropped = sum(info.dropped for info in self.inpaint_info)
+        truncated = sum(info.truncated for info in self.inpaint_info)
+        if dropped:
+            logger.warning(
+                f"inpaint_correction='tweedie': C_KK was not positive definite for {dropped} of "
+                f"{batch_size * len(self.inpaint_info)} sample-steps (correction dropped there: plain replacement; CG "
+                f"truncated at negative curvature for {truncated} more); see `pipe.inpaint_info`"
+            )
 
 
 PSLDPipeline.__call__.__doc__ = (PSLDPipeline.__call__.__doc__ or "") + EXAMPLE_DOC_STRING
