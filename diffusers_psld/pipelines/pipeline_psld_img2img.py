@@ -6,12 +6,15 @@ the time τ of a mid-schedule call, and the reverse process runs from there, wit
 package, guidance and callbacks as in :class:`~.pipeline_psld.PSLDPipeline` (same denoising loop,
 :mod:`.denoising`).
 
-Strength rule (diffusers' img2img): the full schedule has ``N = num_inference_steps`` calls;
-``n = floor(N · strength)`` of them run, from ``begin = N - n``, via ``scheduler.set_begin_index(begin)``.
-The image is noised to ``τ = scheduler.state_time(begin)`` -- the exact time the scheduler expects its state
-at that call (≈ ``strength``; the interval midpoint for SSCS). ``strength = 1`` starts from the prior itself,
-as diffusers' inpainting does at full strength (the kernel at t = 1 equals the prior up to a ≈ e⁻⁸-sized
-remainder), so it *is* unconditional sampling, path by path with the same generator. NFE = ``n``.
+Strength rule: after ``scheduler.set_timesteps(num_inference_steps)`` the run starts at the first call whose
+state time (``scheduler.state_time(i)``, the time the scheduler expects its state at call i) is ``<= strength``,
+``begin``, via diffusers' ``scheduler.set_begin_index(begin)``; the image is noised to exactly that time
+``τ = scheduler.state_time(begin)``, the grid time nearest to ``strength`` from below, whatever the striding
+(diffusers' index rule ``N - floor(N · strength)`` would start at t ≈ 0.25 for strength 0.5 on a quadratic
+grid). NFE = ``num_inference_steps - begin`` (≈ ``strength · num_inference_steps`` on a uniform grid).
+``strength = 1`` starts from the prior itself, as diffusers' inpainting does at full strength (the kernel at
+t = 1 equals the prior up to a remainder of order e⁻⁸ for the default β), so it *is* unconditional sampling,
+path by path with the same generator.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from . import inputs as _inputs
 from .denoising import denoise
 from .pipeline_psld import PSLDPipeline, PSLDPipelineOutput
 
-__all__ = ["PSLDImg2ImgPipeline", "strength_to_begin_index"]
+__all__ = ["PSLDImg2ImgPipeline", "begin_index_for_strength"]
 
 EXAMPLE_DOC_STRING = r"""
     Example (untrained tiny UNet; use a trained checkpoint for real images)::
@@ -39,7 +42,7 @@ EXAMPLE_DOC_STRING = r"""
         >>> pipe = PSLDImg2ImgPipeline(unet=build_unet("tiny", data_channels=1, num_components=2, sample_size=8), scheduler=PSLDScheduler())
         >>> image = torch.rand(1, 1, 8, 8)                  # [B, C, H, W] in [0, 1] (PIL / NumPy work too)
         >>> out = pipe(image=image, strength=0.5, num_inference_steps=10, output_type="np",
-        ...            generator=torch.Generator().manual_seed(0))  # runs 5 of the 10 calls
+        ...            generator=torch.Generator().manual_seed(0))  # runs the last 5 of the 10 calls
         >>> out.images.shape
         (1, 8, 8, 1)
         >>> # pipe = PSLDImg2ImgPipeline.from_pretrained("outputs/psld-digits-psld")   # any saved PSLD pipeline
@@ -47,23 +50,25 @@ EXAMPLE_DOC_STRING = r"""
 """
 
 
-def strength_to_begin_index(num_inference_steps: int, strength: float) -> int:
-    """First call of the schedule for SDEdit at ``strength``: ``N - floor(N · strength)`` (with a 1e-9 tolerance,
-    so 0.29 · 100 runs 29 calls, not 28).
+def begin_index_for_strength(scheduler, strength: float) -> int:
+    """First call of ``scheduler``'s current schedule whose state time is ``<= strength`` (0 for strength 1).
 
     Raises:
-        ValueError: ``strength`` outside (0, 1], or ``floor(N · strength) = 0`` (no call would run).
+        ValueError: ``strength`` outside (0, 1] or below the schedule's last state time (no call would run).
     """
     s = _inputs.as_real(strength, "strength")
     if not 0.0 < s <= 1.0:
         raise ValueError(f"`strength` must be in (0, 1] (1 = start from pure noise), got {strength!r}")
-    n_run = min(int(math.floor(num_inference_steps * s + 1e-9)), num_inference_steps)
-    if n_run < 1:
-        raise ValueError(
-            f"`strength`={s:g} with num_inference_steps={num_inference_steps} runs floor({num_inference_steps}·{s:g}) = 0 "
-            f"calls; use strength >= {1 / num_inference_steps:.4g} or more steps"
-        )
-    return num_inference_steps - n_run
+    if s == 1.0:
+        return 0
+    n = len(scheduler.timesteps)
+    for i in range(n):
+        if scheduler.state_time(i) <= s + 1e-12:
+            return i
+    raise ValueError(
+        f"`strength`={s:g} is below the last state time {scheduler.state_time(n - 1):.4g} of this {n}-call schedule: no "
+        f"call would run; raise `strength` or `num_inference_steps`"
+    )
 
 
 class PSLDImg2ImgPipeline(PSLDPipeline):
@@ -99,8 +104,8 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
                 ``[B,C,H,W]``, values in [0, 1]; uint8 NumPy in [0, 255]): the start image(s). Their size sets the
                 output size and must be divisible by the UNet's downsampling factor.
             strength (`float` in (0, 1], defaults to 0.8): how far into the forward process the image is pushed;
-                runs ``floor(num_inference_steps · strength)`` of the ``num_inference_steps`` calls (module
-                docstring). Small: close to the input; 1: unconditional sampling.
+                the run starts at the first call whose state time is <= strength (module docstring). Small: close
+                to the input; 1: unconditional sampling.
             num_inference_steps (`int` >= 2, defaults to 100): calls of the *full* schedule (see `strength`).
             generator, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
             return_momentum, class_labels, guidance_scale, guidance_type: as in :meth:`PSLDPipeline.__call__`
@@ -122,7 +127,7 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         batch_size, steps, generator, cb_inputs = self._check_common(
             batch_size, num_inference_steps, output_type, generator, return_momentum, callback_on_step_end,
             callback_on_step_end_tensor_inputs)
-        begin = strength_to_begin_index(steps, strength)
+        _inputs.as_real(strength, "strength")
         device = self._execution_device
         eps_fn, add_classifier_guidance = self._guided_eps_fn(
             class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
@@ -132,6 +137,7 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         _inputs.check_spatial_size(hw, self.unet, "image")
 
         self.scheduler.set_timesteps(steps, device=device)
+        begin = begin_index_for_strength(self.scheduler, strength)
         shape = (batch_size, k * C, *hw)
         if begin == 0:  # strength 1: the prior itself (module docstring)
             z = self.scheduler.sample_prior(shape, generator=generator, device=device, dtype=torch.float32)
