@@ -54,3 +54,14 @@ def test_push_folder_uses_stub_and_ignores_checkpoints(tmp_path, monkeypatch, ca
     out = capsys.readouterr()
     assert "hf_secret_123" not in out.out + out.err
     assert hub.redact({"hub_token": "hf_x", "a": 1}) == {"hub_token": "***", "a": 1}
+
+
+def test_uploads_keep_the_generic_loader_file():
+    """push_folder's ignore patterns must not drop ``pipeline_psld.py`` (the generic loader needs it on the Hub)."""
+    import fnmatch
+
+    from diffusers_psld.hub import UPLOAD_IGNORE
+
+    for name in ("pipeline_psld.py", "model_index.json", "unet/diffusion_pytorch_model.safetensors"):
+        assert not any(fnmatch.fnmatch(name, pat) for pat in UPLOAD_IGNORE), name
+    assert any(fnmatch.fnmatch("checkpoint-2/optimizer.bin", pat) for pat in UPLOAD_IGNORE)

@@ -210,3 +210,17 @@ def test_every_scheduler_starts_mid_schedule(make, strength):
     if not sched.config.sampler.startswith("pf"):  # stochastic: close to the exact reverse law (coarse grid)
         mean, _ = reverse_law(sched.sde, sched.state_time(begin_index_for_strength(sched, strength)))
         assert (x.mean(0) - mean).abs().max() < 0.05, (x.mean(0), mean)
+
+
+def test_docstring_example_runs(tmp_path, monkeypatch):
+    import doctest
+
+    import diffusers_psld.pipelines.pipeline_psld_img2img as mod
+
+    monkeypatch.chdir(tmp_path)
+    tests = [t for t in doctest.DocTestFinder().find(mod) if t.examples and "__call__" in t.name]
+    assert tests
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0

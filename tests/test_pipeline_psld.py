@@ -305,8 +305,15 @@ def test_pickle_only_weights_are_refused(pipe, tmp_path):
         PSLDPipeline.from_pretrained(tmp_path)
     loaded = PSLDPipeline.from_pretrained(tmp_path, use_safetensors=False)  # explicit opt-in (weights_only=True)
     torch.testing.assert_close(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight, atol=0, rtol=0)
+    loaded = PSLDPipeline.from_pretrained(tmp_path, use_safetensors=False, classifier=None)
     pipe.save_pretrained(tmp_path / "safe")
+    (tmp_path / "safe" / "checkpoint-1").mkdir()  # training checkpoints (optimizer.bin ...) are not components
+    (tmp_path / "safe" / "checkpoint-1" / "optimizer.bin").write_bytes(b"x")
     PSLDPipeline.from_pretrained(tmp_path / "safe")
+    for f in (tmp_path / "unet").glob("*.bin"):  # only the classifier is a pickle now; passing it skips the check
+        f.unlink()
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    PSLDPipeline.from_pretrained(tmp_path, classifier=pipe.classifier)
 
 
 def test_latents_argument(pipe):

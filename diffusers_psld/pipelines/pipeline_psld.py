@@ -22,6 +22,7 @@ convention, the *opposite* of Stable-Diffusion inpainting.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -98,16 +99,22 @@ def _looks_like_local_path(path: str) -> bool:
         or os.path.exists(path)
 
 
-def _check_safetensors(folder: str, use_safetensors) -> None:
-    """Refuse component folders whose weights exist only as pickles (``*.bin``), unless ``use_safetensors=False``
-    was passed explicitly (diffusers then loads them with ``torch.load(weights_only=True)``)."""
+def _check_safetensors(folder: str, use_safetensors, passed=()) -> None:
+    """Refuse component folders (those named in ``model_index.json`` and not passed in ``passed``) whose weights
+    exist only as pickles (``*.bin`` / ``*.pt`` / ``*.pth``), unless ``use_safetensors=False`` was passed
+    explicitly (diffusers then loads them with ``torch.load(weights_only=True)``)."""
     if use_safetensors is False:
         return
-    for sub in sorted(os.listdir(folder)):
-        path = os.path.join(folder, sub)
-        if not os.path.isdir(path):
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return  # diffusers reports a missing / broken model_index.json itself
+    for sub, entry in sorted(index.items()):
+        if sub.startswith("_") or sub in passed or not isinstance(entry, list) or entry[:1] == [None]:
             continue
-        pickles = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")) + glob.glob(os.path.join(path, "*.pth"))
+        path = os.path.join(folder, sub)
+        pickles = [p for ext in ("bin", "pt", "pth") for p in glob.glob(os.path.join(path, f"*.{ext}"))]
         if pickles and not glob.glob(os.path.join(path, "*.safetensors")):
             raise ValueError(
                 f"`{sub}` in {folder} has weights only as pickle files ({', '.join(sorted(os.path.basename(p) for p in pickles))}), "
@@ -184,7 +191,7 @@ class PSLDPipeline(DiffusionPipeline):
                                                    "force_download", "proxies") if key in kwargs}
             dl = {key: val for key, val in dl.items() if val is not None}
             path = _snapshot_download(path, **dl)
-        _check_safetensors(path, kwargs.get("use_safetensors"))
+        _check_safetensors(path, kwargs.get("use_safetensors"), passed=[k for k in ("unet", "scheduler", "classifier") if k in kwargs])
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
