@@ -223,3 +223,9 @@ def test_docstring_example_runs(tmp_path, monkeypatch):
     for t in tests:
         runner.run(t)
     assert runner.failures == 0
+
+
+def test_from_pipe_shares_the_components():
+    pipe = PSLDPipeline(unet=tiny_unet(), scheduler=SSCSScheduler())
+    img2img = PSLDImg2ImgPipeline.from_pipe(pipe)
+    assert type(img2img) is PSLDImg2ImgPipeline and img2img.unet is pipe.unet and img2img.scheduler is pipe.scheduler
