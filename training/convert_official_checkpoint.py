@@ -11,14 +11,20 @@ One command::
 
 **What the checkpoint holds.** The official ``SDEWrapper`` never calls ``save_hyperparameters``, so a checkpoint
 contains only tensors (``state_dict`` with ``score_fn.*`` = online and ``ema_score_fn.*`` = EMA weights, optimizer
-and loop state) — no Γ, ν, β, κ or architecture. The converter therefore reads those settings, in increasing
-priority, from: ``--model_preset`` (the paper's networks, default chosen from ``--dataset``), Lightning
-``hyper_parameters`` if a checkpoint has them, ``--config`` (the official dataset YAML, or the ``.hydra/config.yaml``
-Hydra wrote into the run directory), ``--official_script`` (the ``dataset.diffusion.*=…`` overrides of the
-official training/sampling shell script that produced the checkpoint), ``--override KEY=VALUE`` and the explicit
-flags ``--gamma --nu --beta --kappa --image_size``. The architecture is then checked against the tensors
-(strictly: every tensor used, every parameter filled, every shape equal), so a wrong setting fails with a list
-of mismatches instead of loading garbage. The checkpoint's file name (``…gamma=0.02_nu=4.02…``) is cross-checked.
+and loop state) — no Γ, ν, β, κ or architecture. The converter rebuilds the settings the way Hydra did:
+
+1. a base: ``--config`` (the official dataset YAML, or the ``.hydra/config.yaml`` Hydra wrote into the run
+   directory); else, with ``--official_script``, the defaults of the YAML the script selects (``+dataset=…``,
+   :data:`OFFICIAL_YAML`); else ``--model_preset`` / ``--dataset`` (the paper's networks, :mod:`ncsnpp_presets`);
+2. Lightning ``hyper_parameters`` if a checkpoint has them;
+3. the ``dataset.diffusion.* / dataset.clf.*`` overrides of ``--official_script`` (the training or sampling shell
+   script of ``scripts_psld/`` that belongs to the checkpoint; repeatable) and ``--override KEY=VALUE``;
+4. the flags ``--gamma --nu --beta --kappa --image_size``.
+
+The architecture is then checked against the tensors (strictly: every tensor used, every parameter filled, every
+shape equal), so most wrong settings fail with a list of mismatches. Two settings leave no trace in the weights —
+``fir`` (FIR vs. nearest/average resampling) and ``dropout`` — so take them from the script or config that trained
+the checkpoint. The checkpoint's file name (``…gamma=0.02_nu=4.02…``) is cross-checked against Γ and ν.
 
 **Safety.** The file is read with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which builds
 only tensors and plain containers and never imports or calls arbitrary code. If Lightning stored a non-tensor
@@ -54,6 +60,31 @@ DATASET_PRESET = {"cifar10": "ncsnpp-cifar10", "celeba64": "ncsnpp-celeba64", "a
 # the paper's SDE of each released model (psld_reference.md §2.5); --gamma/--nu/--config/--official_script win
 PAPER_SDE = {"cifar10": dict(gamma=0.01, nu=4.01), "celeba64": dict(gamma=0.005, nu=4.005),
              "afhqv2": dict(gamma=0.01, nu=4.01)}
+
+
+def _official_yaml(image_size, score_overrides, sde_overrides, with_clf=True) -> dict:
+    """The defaults of an official ``main/configs/dataset/<ds>/<ds>_psld.yaml`` (values read from mandt-lab/PSLD
+    24e1867): what Hydra starts from before the ``dataset.diffusion.*`` overrides of a script are applied."""
+    fn = dict(in_ch=6, out_ch=6, nonlinearity="swish", nf=128, ch_mult=[1, 2, 2, 2], num_res_blocks=4,
+              attn_resolutions=[16], dropout=0.1, resamp_with_conv=True, noise_cond=True, fir=False,
+              fir_kernel=[1, 3, 3, 1], skip_rescale=True, resblock_type="biggan", progressive="none",
+              progressive_input="none", progressive_combine="sum", embedding_type="positional", init_scale=0.0,
+              fourier_scale=16)
+    sde = dict(name="psld", beta_min=8.0, beta_max=8.0, nu=4.01, gamma=0.01, kappa=0.04, decomp_mode="lower")
+    out = {"diffusion": {"data": {"image_size": image_size},
+                         "model": {"score_fn": dict(fn, **score_overrides), "sde": dict(sde, **sde_overrides)}}}
+    if with_clf:
+        clf = {k: v for k, v in fn.items() if k not in ("out_ch", "num_res_blocks")}
+        out["clf"] = {"model": {"clf_fn": dict(clf, num_res_blocks=2)}}
+    return out
+
+
+OFFICIAL_YAML = {
+    "cifar10/cifar10_psld": _official_yaml(32, {}, {}),
+    "celeba64/celeba64_psld": _official_yaml(64, dict(in_ch=3, out_ch=3, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2),
+                                             dict(nu=1.0, gamma=2.0), with_clf=False),
+    "afhqv2/afhqv2128_psld": _official_yaml(128, dict(ch_mult=[1, 2, 2, 2, 3], num_res_blocks=2, dropout=0.2), {}),
+}
 
 
 def _safe_globals() -> list:
@@ -149,8 +180,8 @@ def parse_override(text: str, flag: str) -> tuple:
     return section, rest, parsed
 
 
-def overrides_from_script(path: str) -> List[str]:
-    """The ``dataset.diffusion.* / dataset.clf.*`` overrides of an official ``scripts_psld/*.sh`` command line."""
+def script_tokens(path: str) -> List[str]:
+    """The shell tokens of an official ``scripts_psld/*.sh`` command line (continuations joined)."""
     if not os.path.isfile(path):
         _err("--official_script", f"{path!r} is not a file")
     text = Path(path).read_text().replace("\\\n", " ")
@@ -158,10 +189,23 @@ def overrides_from_script(path: str) -> List[str]:
         tokens = shlex.split(text, comments=True)
     except ValueError as e:
         _err("--official_script", f"cannot tokenize {path!r}: {e}")
-    keep = [t for t in tokens if re.match(r"^\+?dataset\.(diffusion|clf)\.", t)]
+    return tokens
+
+
+def overrides_from_script(path: str) -> List[str]:
+    """The ``dataset.diffusion.* / dataset.clf.*`` overrides of an official script."""
+    keep = [t for t in script_tokens(path) if re.match(r"^\+?dataset\.(diffusion|clf)\.", t)]
     if not keep:
         _err("--official_script", f"{path!r} has no dataset.diffusion.*=… overrides")
     return keep
+
+
+def base_from_script(path: str) -> Optional[str]:
+    """The Hydra base config a script selects with ``+dataset=<ds>/<file>`` (None if it names none)."""
+    for t in script_tokens(path):
+        if t.startswith("+dataset="):
+            return t.split("=", 1)[1]
+    return None
 
 
 def load_yaml_config(path: str) -> dict:
@@ -198,12 +242,23 @@ def preset_settings(preset: str, dataset: Optional[str]) -> dict:
 def resolve_settings(args, ckpt: dict) -> dict:
     """Merge the sources listed in the module docstring; returns ``{diffusion: …, clf: …?}``."""
     dataset = args.dataset
-    preset = args.model_preset or DATASET_PRESET.get(dataset or "", None)
-    if dataset is None:  # the paper model a preset stands for
-        dataset = {v: k for k, v in DATASET_PRESET.items()}.get(preset)
-    if preset is None:
-        _err("--model_preset", "needed (or --dataset cifar10|celeba64|afhqv2) as the base of the settings")
-    cfg = preset_settings(preset, dataset)
+    bases = [b for b in (base_from_script(x) for x in (args.official_script or [])) if b]
+    if args.config:  # a complete official config: the base
+        cfg = {"diffusion": {"data": {}, "model": {"score_fn": {}, "sde": {}}}}
+    elif args.model_preset is None and bases:  # the yaml the official script starts from (Hydra semantics)
+        if bases[0] not in OFFICIAL_YAML:
+            _err("--official_script", f"it selects +dataset={bases[0]}, whose defaults this converter does not "
+                                      f"know (known: {sorted(OFFICIAL_YAML)}); pass that yaml with --config")
+        cfg = copy.deepcopy(OFFICIAL_YAML[bases[0]])
+        dataset = dataset or bases[0].split("/")[0]
+    else:  # the paper's networks
+        preset = args.model_preset or DATASET_PRESET.get(dataset or "", None)
+        if dataset is None:  # the paper model a preset stands for
+            dataset = {v: k for k, v in DATASET_PRESET.items()}.get(preset)
+        if preset is None:
+            _err("--model_preset", "needed as the base of the settings (or --dataset cifar10|celeba64|afhqv2, "
+                                   "--official_script with a +dataset=… base, or --config)")
+        cfg = preset_settings(preset, dataset)
     hp = ckpt.get("hyper_parameters")
     if isinstance(hp, dict):
         node = hp.get("config", hp)
@@ -214,7 +269,8 @@ def resolve_settings(args, ckpt: dict) -> dict:
             _merge(cfg, node)
     if args.config:
         _merge(cfg, load_yaml_config(args.config))
-    overrides = (overrides_from_script(args.official_script) if args.official_script else []) + list(args.override or [])
+    overrides = [o for script in (args.official_script or []) for o in overrides_from_script(script)]
+    overrides += list(args.override or [])
     for text in overrides:
         section, key, value = parse_override(text, "--override")
         _set(cfg.setdefault(section, {}), key, value)
@@ -289,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which paper model (sets the default preset, Γ and ν); also the model card's dataset")
     p.add_argument("--model_preset", default=None, help="ncsnpp-cifar10 | ncsnpp-celeba64 | ncsnpp-afhqv2-128")
     p.add_argument("--config", default=None, help="official main/configs/dataset/*.yaml or a run's .hydra/config.yaml")
-    p.add_argument("--official_script", default=None,
-                   help="official scripts_psld/…/*.sh whose dataset.diffusion.* overrides produced the checkpoint")
+    p.add_argument("--official_script", action="append", default=None,
+                   help="official scripts_psld/…/*.sh whose dataset.diffusion.* / dataset.clf.* overrides produced "
+                        "the checkpoint (repeatable, e.g. the score and the classifier script; later ones win)")
     p.add_argument("--override", action="append", default=None,
                    help="Hydra-style dataset.diffusion.model.score_fn.nf=128 (repeatable; last wins)")
     p.add_argument("--gamma", type=float, default=None, help="Γ")
