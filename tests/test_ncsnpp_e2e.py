@@ -80,3 +80,16 @@ def test_inpainting_likelihood_and_demo_with_ncsnpp(trained, monkeypatch):
     demo_spec.loader.exec_module(demo)
     dpipe, msg = demo.load_pipeline(str(a))
     assert type(dpipe.unet).__name__ == "NCSNppModel" and "UNTRAINED" not in msg
+
+
+@pytest.mark.parametrize("script", ["cifar10_ncsnpp.sh", "celeba64_ncsnpp.sh", "afhqv2_128_ncsnpp.sh"])
+def test_paper_command_lines_parse(script):
+    """training/configs/*_ncsnpp.sh: the flags are valid and select the NCSN++ preset with the raw-t time input."""
+    import shlex
+
+    tokens = shlex.split((REPO / "training" / "configs" / script).read_text().replace("\\\n", " "), comments=True)
+    argv = [t for t in tokens[tokens.index("training/train_psld.py") + 1:] if t != "$@"]
+    args = train_psld.build_parser().parse_args(argv)
+    train_psld.resolve_and_validate(args)
+    assert args.model_preset.startswith("ncsnpp-") and args.time_scale == 1.0
+    assert args.resolution == {"cifar10_ncsnpp.sh": 32, "celeba64_ncsnpp.sh": 64, "afhqv2_128_ncsnpp.sh": 128}[script]
