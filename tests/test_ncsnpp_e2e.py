@@ -93,3 +93,16 @@ def test_paper_command_lines_parse(script):
     train_psld.resolve_and_validate(args)
     assert args.model_preset.startswith("ncsnpp-") and args.time_scale == 1.0
     assert args.resolution == {"cifar10_ncsnpp.sh": 32, "celeba64_ncsnpp.sh": 64, "afhqv2_128_ncsnpp.sh": 128}[script]
+
+
+@pytest.mark.parametrize("mode,dtype", [("forward", "fp32"), ("train", "bf16"), ("sample", "fp32")])
+def test_benchmark_worker_smoke(mode, dtype, tmp_path):
+    """benchmarks/ncsnpp_forward.py: every mode (the GPU path's code, run on CPU with the tiny preset) and the writer."""
+    spec_ = importlib.util.spec_from_file_location("ncsnpp_bench", REPO / "benchmarks" / "ncsnpp_forward.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    r = bench.worker(dict(preset="ncsnpp-tiny", batch=2, paper_batch=2, mode=mode, device="cpu", dtype=dtype,
+                          channels_last=mode == "train", compile=False, nfe=3, threads=1, warmup=0, repeats=1))
+    assert r["seconds"] > 0 and r["img_per_s"] > 0 and r["parameters"] == 192_134
+    bench.write(str(tmp_path / "b"), [r], dict(command="x", machine="m", load_before=(0, 0, 0), threads=1, utc="now"))
+    assert "`ncsnpp-tiny`" in (tmp_path / "b.md").read_text()
