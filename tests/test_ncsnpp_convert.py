@@ -115,6 +115,10 @@ def test_one_command_gives_exact_pipeline(converted_psld):
     assert sched["time_scale"] == 1.0 and sched["gamma"] == 0.01 and sched["nu"] == 4.01
     assert sched["beta_min"] == sched["beta_max"] == 8.0 and sched["kappa"] == 0.04
     assert info["checkpoint"]["epoch"] == 7 and info["checkpoint"]["weights"].startswith("ema")
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(out / "README.md").data
+    assert meta.library_name == "diffusers" and meta.datasets == ["cifar10"] and "psld-official" in meta.tags
     card = (out / "README.md").read_text()
     assert "mandt-lab/PSLD" in card and info["checkpoint"]["sha256"] in card and "not trained with diffusers-psld" in card
 
