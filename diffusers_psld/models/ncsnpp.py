@@ -139,6 +139,21 @@ def _init_layer_(layer: nn.Module, scale: float = 1.0) -> None:
         nn.init.zeros_(layer.bias)
 
 
+def ncsnpp_init_(module: nn.Module, init_scale: float) -> None:
+    """DDPM/NCSN++ initialisation: variance-scaling (fan_avg, uniform) weights, zero biases; the last conv of
+    every residual block and the attention output start at ``init_scale`` (0 → 1e-10), q/k/v at 0.1."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            _init_layer_(m, 1.0)
+    for m in module.modules():
+        if isinstance(m, ResnetBlock2D):
+            _init_layer_(m.conv2, init_scale)
+        elif isinstance(m, Attention):
+            for lin in (m.to_q, m.to_k, m.to_v):
+                _init_layer_(lin, 0.1)
+            _init_layer_(m.to_out[0], init_scale)
+
+
 # ----------------------------------------------------------------------------- blocks
 def _resnet(in_ch: int, out_ch: int, temb: Optional[int], dropout: float, fir: bool, skip_rescale: bool,
             up: bool = False, down: bool = False) -> ResnetBlock2D:
@@ -297,18 +312,8 @@ class NCSNppEncoder(nn.Module):
         return hs
 
     def reset_parameters_ncsnpp(self, init_scale: float) -> None:
-        """DDPM/NCSN++ initialisation: variance-scaling (fan_avg, uniform) weights, zero biases; the last conv of
-        every residual block and the attention output start at ``init_scale`` (0 → 1e-10), q/k/v at 0.1."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                _init_layer_(m, 1.0)
-        for m in self.modules():
-            if isinstance(m, ResnetBlock2D):
-                _init_layer_(m.conv2, init_scale)
-            elif isinstance(m, Attention):
-                for lin in (m.to_q, m.to_k, m.to_v):
-                    _init_layer_(lin, 0.1)
-                _init_layer_(m.to_out[0], init_scale)
+        """NCSN++ initialisation of the encoder (see :func:`ncsnpp_init_`)."""
+        ncsnpp_init_(self, init_scale)
 
 
 class NCSNppModel(ModelMixin, ConfigMixin):
@@ -423,17 +428,7 @@ class NCSNppModel(ModelMixin, ConfigMixin):
 
     def _reset_parameters(self) -> None:
         init_scale = self.config.init_scale
-        self.encoder.reset_parameters_ncsnpp(init_scale)
-        for m in self.up_blocks.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                _init_layer_(m, 1.0)
-        for m in self.up_blocks.modules():
-            if isinstance(m, ResnetBlock2D):
-                _init_layer_(m.conv2, init_scale)
-            elif isinstance(m, Attention):
-                for lin in (m.to_q, m.to_k, m.to_v):
-                    _init_layer_(lin, 0.1)
-                _init_layer_(m.to_out[0], init_scale)
+        ncsnpp_init_(self, init_scale)  # encoder, up path, head; then the NCSN++ output layers at init_scale
         if self.config.progressive == "output_skip":
             for lvl in self.up_blocks:
                 _init_layer_(lvl.pyramid_conv, init_scale)
