@@ -73,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="β: one value = constant (psld/cld default 8), two = linear min max (vp default 0.1 20)")
     g.add_argument("--kappa", type=float, default=0.04, help="HSM initial momentum variance factor (psld/cld)")
     g.add_argument("--m_inv", type=float, default=None, help="M⁻¹ (default: critical damping (ν-Γ)²/4)")
-    g.add_argument("--time_scale", type=float, default=1000.0, help="UNet receives t*time_scale")
+    g.add_argument("--time_scale", type=float, default=None,
+                   help="UNet receives t*time_scale (default: the preset's: 1000, ncsnpp-* 1 = raw t as the paper)")
     g.add_argument("--sampler", choices=["em", "pf_euler", "pf_heun", "sscs"], default=None,
                    help="sampler for the sample grids and the saved scheduler (default: sscs for psld/cld, em for vp)")
     g = p.add_argument_group("model")
     g.add_argument("--model_preset", default="digits",
-                   help="tiny | digits | cifar10 | cifar10-large | celeba64 | afhqv2-128")
+                   help="tiny | digits | cifar10 | cifar10-large | celeba64 | afhqv2-128 | ncsnpp-cifar10 | "
+                        "ncsnpp-celeba64 | ncsnpp-afhqv2-128 (the paper's NCSN++) | ncsnpp-tiny")
     g.add_argument("--class_conditional", action="store_true",
                    help="class-conditional UNet (num_class_embeds = n_classes + 1; last = null class for CFG)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="label dropout to the null class (CFG)")
@@ -144,6 +146,8 @@ def resolve_and_validate(args) -> argparse.Namespace:
     if args.resolution is None:
         args.resolution = PRESETS[args.model_preset]["sample_size"]
     check_resolution(args.model_preset, args.resolution)  # message names --resolution
+    if args.time_scale is None:  # NCSN++ presets: 1.0 (raw t, as the official networks); recorded in the scheduler
+        args.time_scale = PRESETS[args.model_preset].get("time_scale", 1000.0)
     # diffusion
     if args.diffusion == "vp":
         for flag in ("gamma", "nu", "m_inv"):
@@ -402,7 +406,6 @@ def main(argv=None):
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -445,7 +448,7 @@ def main(argv=None):
     ema = None
     if args.use_ema:
         ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
-                       power=2 / 3, model_cls=UNet2DModel, model_config=unet.config)
+                       power=2 / 3, model_cls=type(unet), model_config=unet.config)
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -458,13 +461,13 @@ def main(argv=None):
 
     def load_hook(models, input_dir):
         if ema is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(unet))
             ema.load_state_dict(loaded.state_dict())
             ema.to(accelerator.device)
             del loaded
         while models:
             m = models.pop()
-            loaded = UNet2DModel.from_pretrained(input_dir, subfolder="unet")
+            loaded = type(unet).from_pretrained(input_dir, subfolder="unet")
             m.register_to_config(**loaded.config)
             m.load_state_dict(loaded.state_dict())
             del loaded

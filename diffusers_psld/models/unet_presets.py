@@ -65,6 +65,11 @@ PRESETS: Dict[str, dict] = {
     ),
 }
 
+# The paper's NCSN++ networks (`ncsnpp-*`, diffusers_psld/models/ncsnpp_presets.py): build_unet dispatches to them.
+from .ncsnpp_presets import NCSNPP_PRESETS, build_ncsnpp, ncsnpp_preset_config  # noqa: E402
+
+PRESETS.update(NCSNPP_PRESETS)
+
 
 def _get(preset: str) -> dict:
     if preset not in PRESETS:
@@ -108,6 +113,8 @@ def preset_config(preset: str, data_channels: int, num_components: int, sample_s
             raise ValueError("`num_class_embeds` must be an int >= 2 (n_classes + 1: the last index is the "
                              f"null class for classifier-free guidance), got {num_class_embeds!r}")
         cfg["num_class_embeds"] = num_class_embeds
+    if "ncsnpp" in cfg:  # NCSNppModel kwargs instead of UNet2DModel's
+        return ncsnpp_preset_config(preset, data_channels, num_components, cfg["sample_size"], num_class_embeds)
     cfg["in_channels"] = cfg["out_channels"] = data_channels * num_components
     return cfg
 
@@ -124,6 +131,8 @@ def build_unet(preset: str, data_channels: int, num_components: int, sample_size
         sample_size: resolution; defaults to the preset's; must be a multiple of :func:`downsample_factor`.
         num_class_embeds: ``n_classes + 1`` for a class-conditional UNet (last index = null class), else None.
     """
+    if "ncsnpp" in _get(preset):  # an NCSNppModel (same forward contract as UNet2DModel)
+        return build_ncsnpp(preset, data_channels, num_components, sample_size, num_class_embeds)
     return UNet2DModel(**preset_config(preset, data_channels, num_components, sample_size, num_class_embeds))
 
 
