@@ -157,9 +157,10 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
     at call k, for every k in [0, N) and every sampler. The state passed to that first call is taken to
     be at forward time ``timesteps[k]`` (e.g. ``add_noise(x0, noise, timesteps[k])``):
 
-    * a call that starts a step runs as in the full loop; SSCS with ``sscs_score_time="start"``, whose
-      state lives at the interval midpoint (:meth:`state_time`), first applies the exact linear
-      half-step from ``timesteps[k]`` to ``state_time(k)`` (drawn with ``generator``);
+    * a call that starts a step runs as in the full loop, except SSCS with ``sscs_score_time="start"``,
+      whose state normally lives at the interval midpoint (:meth:`state_time`): its model output was
+      evaluated at ``timesteps[k]`` itself, so that one step is the score part there followed by the exact
+      linear part over the whole step (A(h)∘S(h) instead of A(h/2)∘S(h)∘A(h/2); noise from ``generator``);
     * a call inside a multi-call step (a PF-Heun corrector, the 2nd/3rd call of a naive splitting step)
       has no earlier stage to complete: it moves the state from ``timesteps[k]`` to the end of that step
       with one Euler step of the same kind (probability-flow Euler for deterministic samplers,
@@ -245,6 +246,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         plain = plain_config_values(self.config)
         if plain:  # NumPy scalars are valid numbers; keep the config JSON-serialisable
             self.register_to_config(**plain)
+        # the class that ran this config, for `choose_sampler` (Diffusers adds it only when saving)
+        self.register_to_config(_class_name=type(self).__name__)
         cfg = self.config
         if cfg.diffusion not in DIFFUSIONS:
             raise ValueError(f"`diffusion` must be one of {DIFFUSIONS} (CLD is 'psld' with gamma=0), got {cfg.diffusion!r}")
@@ -333,7 +336,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             j = int(np.argmin(dist))
             raise ValueError(f"`timestep` {t:.6g} is not one of `scheduler.timesteps` (nearest: call {j} at "
                              f"{times[j]:.6g}); pass an entry of `scheduler.timesteps`, or call `set_begin_index`")
-        best = close[dist[close] == dist[close].min()]
+        best = close[dist[close] <= dist[close].min() + 1e-12]  # the same time up to float64 rounding
         starts = [int(i) for i in best if self._tables.starts[int(i)]]
         return starts[-1] if starts else int(best[0])
 
@@ -407,24 +410,37 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         self._run_start = None
 
     def _entry_steps(self, tables: "_StepTables"):
-        """Float64 maps for a loop that begins at call i > 0 with a state at forward time ``eval_times[i]``
-        (see the class docstring), as ``(Pe, Se)`` ``[n, k, k]`` applied before a step-starting call
-        (SSCS's leading half-step; identity/zero elsewhere) and ``(Pp, Rp, Sp)`` ``[n, k, k]``, the Euler step to
-        the step's end for a call inside a multi-call step (PF-Euler, or Euler–Maruyama for noisy calls)."""
-        n, k, sde = len(tables.kinds), self.sde.k, self.sde
+        """Float64 replacement maps ``(P, R, S)`` ``[n, k, k]`` and their noise flags for the first call i > 0 of a
+        loop that begins with a state at forward time ``eval_times[i]`` (see the class docstring):
+
+        * a call inside a multi-call step: one Euler step to the step's end (probability-flow Euler, or
+          Euler–Maruyama for noisy calls) — the identity for a PF-Heun corrector, which evaluates at that end;
+        * an SSCS call whose state lives at the interval midpoint (``sscs_score_time="start"``): the model output
+          was evaluated at the state at ``eval_times[i]`` itself, so the step is the score part S(h) there followed
+          by the exact linear part A from ``eval_times[i]`` to the next call's state time (Lie order A(h)∘S(h)
+          for this one step instead of A(h/2)∘S(h)∘A(h/2): both first order, as the score part is);
+        * any other call: the call's own map (unused).
+        """
+        n, sde = len(tables.kinds), self.sde
         t_eval = torch.tensor(tables.eval_times, dtype=torch.float64)
-        t_state = torch.tensor(tables.state_times, dtype=torch.float64)
-        Pe, Se = torch.eye(k, dtype=torch.float64).repeat(n, 1, 1), torch.zeros(n, k, k, dtype=torch.float64)
-        moved = (t_state - t_eval).abs() > 0
-        if bool(moved.any()):  # SSCS: the exact linear part A from t_eval down to the state time
-            Pe[moved], Se[moved] = sampling.sscs_linear(sde, t_eval[moved], t_state[moved])
         t_end = torch.tensor(tables.step_end, dtype=torch.float64)
         Pp, Rp, _ = sampling.pf_euler_step(sde, t_eval, t_end)
         Pem, Rem, Sem = sampling.em_step(sde, t_eval, t_end)
         noisy = torch.tensor(tables.noisy)[:, None, None]
-        Pp, Rp = torch.where(noisy, Pem, Pp), torch.where(noisy, Rem, Rp)
-        Sp = torch.where(noisy, Sem, torch.zeros_like(Sem))
-        return Pe, Se, Pp, Rp, Sp
+        P, R = torch.where(noisy, Pem, Pp), torch.where(noisy, Rem, Rp)
+        S = torch.where(noisy, Sem, torch.zeros_like(Sem))
+        part_noisy = list(tables.noisy)
+        t_state = torch.tensor(tables.state_times, dtype=torch.float64)
+        moved = ((t_state - t_eval).abs() > 0).nonzero().reshape(-1).tolist()
+        if moved:  # SSCS "start": S(h) at eval time, then A from eval time to the next call's state time
+            i = torch.tensor(moved)
+            h = 2.0 * (t_eval[i] - t_state[i])  # the state sits at the midpoint of [t_i - h, t_i]
+            Ps, Rs = sampling.sscs_score_step(sde, h, t_eval[i])
+            phi, L = sampling.sscs_linear(sde, t_eval[i], t_state[i + 1])
+            P[i], R[i], S[i] = phi @ Ps, phi @ Rs, L
+            for j in moved:
+                part_noisy[j] = True
+        return P, R, S, part_noisy
 
     def _grid(self, n: int) -> torch.Tensor:
         return time_grid(n, self.config.sampling_eps, self.config.striding)
@@ -615,11 +631,10 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         # 3. the update
         if mode == "skip":  # rest of a step whose first part a mid-schedule start already covered
             out = z
-        elif mode == "partial":  # a mid-schedule start inside a multi-call step: Euler step to the step's end
-            out = self._affine(tab.part_P[i], tab.part_R[i], tab.part_S[i], self._tables.noisy[i], z, eps, generator, work)
+        elif mode == "first":  # first call of a mid-schedule start that needs its own map (see `_entry_steps`)
+            out = self._affine(tab.part_P[i], tab.part_R[i], tab.part_S[i], self._tables.part_noisy[i], z, eps,
+                               generator, work)
         elif kind == _AFFINE:
-            if mode == "enter":  # SSCS: leading half-step from timesteps[i] to the state time
-                z = self._affine(tab.entry_P[i], None, tab.entry_S[i], True, z, None, generator, work)
             out = self._affine(tab.P[i], tab.R[i], tab.S[i], self._tables.noisy[i], z, eps, generator, work)
         elif kind == _HEUN_PRED:  # Euler predictor; remember the state and slope
             slope = blocks.apply(tab.P[i], z) + blocks.apply(tab.R[i], eps)
@@ -644,16 +659,14 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         return out
 
     def _call_mode(self, i: int) -> str:
-        """How call ``i`` runs: ``"normal"``; ``"enter"`` (first call of a mid-schedule start at a step start whose
-        state time differs from ``timesteps[i]``: SSCS); ``"partial"`` (first call of a mid-schedule start inside a
-        multi-call step); ``"skip"`` (later calls of that step). See the class docstring."""
+        """How call ``i`` runs: ``"normal"``; ``"first"`` (first call of a mid-schedule start inside a multi-call
+        step, or at an SSCS step whose state time differs from ``timesteps[i]``: the maps of :meth:`_entry_steps`);
+        ``"skip"`` (the later calls of a step that such a first call completed). See the class docstring."""
         start, tab = self._run_start, self._tables
         if not start:  # None or 0: a loop from the first call
             return "normal"
         if i == start:
-            if not tab.starts[i]:
-                return "partial"
-            return "enter" if tab.state_times[i] != tab.eval_times[i] else "normal"
+            return "first" if not tab.starts[i] or tab.state_times[i] != tab.eval_times[i] else "normal"
         if not tab.starts[start] and not any(tab.starts[start + 1: i + 1]):
             return "skip"
         return "normal"
@@ -779,8 +792,8 @@ class _StepTables:
         self._cache = {}
 
     def add_entry_steps(self, maps):
-        """Install the mid-schedule entry maps of :meth:`PSLDScheduler._entry_steps`."""
-        self.entry_P, self.entry_S, self.part_P, self.part_R, self.part_S = maps
+        """Install the mid-schedule first-call maps of :meth:`PSLDScheduler._entry_steps`."""
+        self.part_P, self.part_R, self.part_S, self.part_noisy = maps
         self._cache = {}
 
     def on(self, device, dtype):
@@ -799,6 +812,5 @@ class _StepTables:
 
 class _Cast:
     def __init__(self, tables: _StepTables, device, dtype):
-        for name in ("P", "R", "S", "x0_w", "x0_L", "proj_z", "proj_e", "entry_P", "entry_S", "part_P", "part_R",
-                     "part_S"):
+        for name in ("P", "R", "S", "x0_w", "x0_L", "proj_z", "proj_e", "part_P", "part_R", "part_S"):
             setattr(self, name, getattr(tables, name).to(device=device, dtype=dtype))
