@@ -175,6 +175,9 @@ def test_sscs_begin_index_law(score_time, k):
     z = run_from(s, k, 100_000, seed=k)
     ok, info = _mc_matches(z, mean, cov)
     assert ok, info
+    s.set_timesteps(11)
+    s.set_begin_index(k)  # the state handed to call k is at timesteps[k]; after it, at the next state time
+    assert s.state_time() == float(s.exact_timesteps[k]) and s.state_time(k + 1) == s._tables.state_times[k + 1]
     # after the first call (state at the next midpoint) the law is the reference's too, and without the
     # entry half-step it would not be (the final law forgets the start, the first call does not)
     s.set_timesteps(11)

@@ -594,12 +594,16 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """Forward time of the state passed to call ``index`` (default: the next call).
 
         Equals ``timesteps[index]`` except for SSCS with ``sscs_score_time='start'``, where the state
-        sits at the interval midpoint, and after the final call (0.0).
+        sits at the interval midpoint (but not on the first call of a mid-schedule start, which receives the
+        state at ``timesteps[index]``), and after the final call (0.0).
         """
         if index is None:
             index = self._step_index if self._step_index is not None else (self._begin_index or 0)
         if index >= self.num_inference_steps:
             return 0.0
+        start = self._run_start if self._run_start is not None else self._begin_index
+        if start and index == start:  # a mid-schedule start hands over the state at timesteps[start]
+            return self._tables.eval_times[index]
         return self._tables.state_times[index]
 
     def step(
