@@ -102,7 +102,7 @@ def choose_sampler(cls, config) -> dict:
     config = dict(config)
     src = config.get("_class_name", cls.__name__)
     memory = dict(config.get(SAMPLER_MEMORY_KEY) or {})
-    if isinstance(src, str) and "sampler" in config:
+    if isinstance(src, str) and src != cls.__name__ and "sampler" in config:  # crossing classes: remember
         memory[src] = config["sampler"]
     remembered = memory.get(cls.__name__)
     defaults = list(config.get("_use_default_values", []))
