@@ -51,40 +51,46 @@ def test_from_config_round_trip_through_another_class_keeps_the_sampler(tmp_path
 
 # ------------------------------------------------------------------ devices without float64
 class Float64Recorder(TorchDispatchMode):
-    """Records every op that produces a float64 tensor."""
+    """Records every op that produces a float64 tensor (on ``device``: a CUDA run checks the device only; on the
+    CPU every float64 tensor counts, the strictest form of the check)."""
 
-    def __init__(self):
+    def __init__(self, device="cpu"):
         super().__init__()
-        self.hits = []
+        self.hits, self.device = [], torch.device(device).type
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == self.device:
                 self.hits.append((str(func), tuple(t.shape)))
         return out
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="no CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("begin", [0, 3])
 @pytest.mark.parametrize("cls,kw", LOOPS, ids=LOOP_IDS)
-def test_sampling_loop_creates_no_float64_tensor_for_a_float32_state(cls, kw, begin):
+def test_sampling_loop_creates_no_float64_tensor_for_a_float32_state(cls, kw, begin, device):
     """What an MPS device needs: after set_timesteps (and set_begin_index), the loop (prior, model_time, step)
     creates float32 tensors only; the float64 tables stay where they were built (CPU). A float64 state works in
     float64."""
     s = cls(**kw)
-    s.set_timesteps(8)
-    assert s.timesteps.dtype == torch.float32
+    s.set_timesteps(8, device=device)
+    assert s.timesteps.dtype == torch.float32 and s.timesteps.device.type == device
     if begin:
         s.set_begin_index(begin)
     kk = s.num_components
     g = torch.Generator().manual_seed(0)
-    with Float64Recorder() as rec:
-        z = s.sample_prior((2, 2 * kk, 4, 4), generator=g)
+    with Float64Recorder(device) as rec:
+        z = s.sample_prior((2, 2 * kk, 4, 4), generator=g, device=device)
         for t in s.timesteps[begin:]:
             tm = s.model_time(t, 2)
             eps = 0.1 * s.scale_model_input(z, t) + 1e-4 * tm[:, None, None, None]
             z = s.step(eps, t, z, generator=g).prev_sample
-    assert rec.hits == [] and z.dtype == torch.float32
+    assert rec.hits == [] and z.dtype == torch.float32 and z.device.type == device
     s.set_timesteps(8)
     z = s.sample_prior((2, 2 * kk, 4, 4), generator=g, dtype=torch.float64)
     for t in s.timesteps:
