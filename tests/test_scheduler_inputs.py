@@ -216,6 +216,8 @@ def test_spacing_power_is_bounded_in_the_constructor():
     s = GDDIMMultistepScheduler(spacing_power=8.0)
     s.set_timesteps(200)
     assert torch.all(s.exact_timesteps[:-1] > s.exact_timesteps[1:])
+    with pytest.raises(ValueError, match="spacing_power.*num_inference_steps"):  # too fine for float64 at ρ = 8
+        s.set_timesteps(20_000)
 
 
 def test_recipe_refuses_k_zero():
@@ -256,3 +258,24 @@ def test_step_raises_on_a_non_finite_result_naming_call_time_and_cause():
     huge = torch.full_like(z, 3e38)
     with pytest.raises(FloatingPointError, match=r"call 1 .*update of a finite sample"):
         s.step(huge, s.timesteps[1], huge)
+    s.set_timesteps(5)
+    big = torch.full((1, 2, 2, 2), 6e4, dtype=torch.float16)  # finite in float16, the update is not
+    with pytest.raises(FloatingPointError, match="overflowed torch.float16"):
+        s.step(big, s.timesteps[0], big)
+
+
+def test_pipeline_scheduler_compatibles_and_swap_round_trip():
+    """The Diffusers way to swap samplers on a pipeline: `pipe.scheduler.compatibles`, then
+    `Other.from_config(pipe.scheduler.config)`; swapping back restores the original sampler."""
+    from _pipeline_stubs import tiny_unet
+
+    from diffusers_psld import PSLDPipeline
+
+    pipe = PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler(sampler="pf_heun", striding="quadratic"))
+    assert {c.__name__ for c in pipe.scheduler.compatibles} == {c.__name__ for c in ALL}
+    for cls in pipe.scheduler.compatibles:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        out = pipe(batch_size=1, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0))
+        assert torch.all(torch.isfinite(out.images))
+    pipe.scheduler = PSLDScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.sampler == "pf_heun" and pipe.scheduler.config.striding == "quadratic"

@@ -93,7 +93,8 @@ def spacing_grid(sde: RecipeSDE, n: int, eps: float, spacing: str, power: float 
         raise ValueError(f"`time_spacing` must be one of {TIME_SPACINGS}, got {spacing!r}")
     grid[0], grid[-1] = 1.0, eps
     if not np.all(np.diff(grid) < 0):
-        raise RuntimeError("time grid is not strictly decreasing")
+        raise ValueError(f"the {spacing!r} time grid with {n} steps (spacing_power={power}) repeats times near "
+                         f"sampling_eps={eps} in float64: lower `spacing_power` or `num_inference_steps`")
     return torch.from_numpy(grid)
 
 

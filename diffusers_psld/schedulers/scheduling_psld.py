@@ -705,10 +705,10 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         self._heun_cache = None
 
     def _end_step(self, out, x0, sample, return_dict):
-        if not bool(torch.isfinite(out).all()):
+        out, x0 = out.to(sample.dtype), x0.to(sample.dtype)
+        if not bool(torch.isfinite(out).all()):  # after the cast: float16 overflows at 65504
             self._raise_non_finite(self._step_index)
         self._step_index += 1
-        out, x0 = out.to(sample.dtype), x0.to(sample.dtype)
         if not return_dict:
             return (out, x0)
         return PSLDSchedulerOutput(prev_sample=out, pred_original_sample=x0)
