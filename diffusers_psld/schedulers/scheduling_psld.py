@@ -558,13 +558,29 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """The float64 HSM kernel (``mean_coef``, ``cov``, ``chol``) at forward time ``t``: taken from the
         step tables when ``t`` is the current call's time (the per-step case of guidance and inpainting),
         computed otherwise."""
-        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        tab = self._tables
-        if tab is not None and i < len(tab.eval_times) and abs(tab.eval_times[i] - float(t)) <= 2e-6 * tab.eval_times[i]:
-            # the call's own time (``timesteps`` is float32): the exact float64 table entry
-            k = tab.kernel
+        i = self._call_index_for(t)
+        if i is not None:  # the call's own time: the exact float64 table entry
+            k = self._tables.kernel
             return HSMKernel(k.mean_coef[i], k.cov[i], k.chol[i])
         return self.sde.hsm_kernel(float(t))
+
+    def _call_index_for(self, t) -> Optional[int]:
+        """The index of the current (or, before the loop, the first) call when ``t`` is its time, else None.
+
+        ``t`` (a number or one-element tensor) matches within a relative 2e-6, so the float32 entries of
+        ``timesteps`` find their exact float64 table entry: per-step helpers (kernels, network-boundary maps)
+        should look their tables up through this, not by exact equality."""
+        tab = self._tables
+        if tab is None:
+            return None
+        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        if isinstance(t, torch.Tensor):
+            if t.numel() != 1:
+                return None
+            t = t.reshape(())
+        if i < len(tab.eval_times) and abs(tab.eval_times[i] - float(t)) <= 2e-6 * tab.eval_times[i]:
+            return i
+        return None
 
     def _chol(self, t: float) -> torch.Tensor:
         return self.hsm_kernel_at(t).chol
