@@ -722,7 +722,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
 
     def _end_step(self, out, x0, sample, return_dict):
         out, x0 = out.to(sample.dtype), x0.to(sample.dtype)
-        if not bool(torch.isfinite(out).all()):  # after the cast: float16 overflows at 65504
+        if not _all_finite(out):  # after the cast: float16 overflows at 65504
             self._raise_non_finite(self._step_index)
         self._step_index += 1
         if not return_dict:
@@ -761,6 +761,13 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
                 f"`timestep` {t:.6g} does not match call {i} of this schedule (expected {expected:.6g}); "
                 "pass the entries of `scheduler.timesteps` in order"
             )
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry is finite: one sum (NaN/inf propagate; ~10x cheaper than ``isfinite(x).all()``), and the
+    exact check only when the sum is not finite (it can overflow on huge finite entries)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(torch.sum(x, dtype=acc))) or bool(torch.isfinite(x).all())
 
 
 class _Calls:
