@@ -16,7 +16,7 @@ from diffusers_psld import (ConjugateScheduler, GDDIMMultistepScheduler, PSLDSch
                             SSCSScheduler)
 from diffusers_psld.exact import GaussianMixture
 from diffusers_psld.schedulers.scheduling_conjugate import gddim_transition
-from diffusers_psld.schedulers.scheduling_psld import _AFFINE, _HEUN_PRED  # noqa: F401
+from diffusers_psld.schedulers.scheduling_psld import _AFFINE, _HEUN_PRED
 from diffusers_psld.sde import kernels
 from diffusers_psld.sampling import em_step, pf_euler_step
 

@@ -218,7 +218,9 @@ class SplittingScheduler(PSLDScheduler):
         lambda_s (`float`, defaults to 1.0): x-space noise scale λ_s of the stochastic schemes (>= 0).
         lambda_s_mode (`str`, defaults to `"marginal"`): `"marginal"` (x score weight ½(1 + λ_s²)) or
             `"scale"` (score weight 1, noise scaled only).
-        conjugate_lambda (`float`, defaults to 0.0): λ of the conjugate splitting schemes (finite).
+        conjugate_lambda (`float`, defaults to 0.0): λ of the conjugate splitting schemes (finite). ``set_timesteps``
+            refuses a λ whose sub-flow factors e^x(1 - x), x = λ·(fraction of h), amplify the state by more than
+            10³ over the run (as :class:`~diffusers_psld.ConjugateScheduler`).
         quadrature_nodes (`int`, defaults to 24): Gauss-Legendre nodes per sub-interval (>= 4).
     """
 
