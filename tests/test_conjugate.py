@@ -177,7 +177,7 @@ def _dirac_final_error(basis, n, b="zero", lam=0.0, c=0.7):
     sched.set_timesteps(n)
     z = torch.tensor([[0.3], [-0.4]], dtype=torch.float64)[None]
     z_start = z[0, :, 0].clone()
-    for t in sched.timesteps:
+    for t in sched.exact_timesteps:
         k = sde.hsm_kernel(float(t))
         eps = torch.linalg.solve(k.chol, z[0, :, 0] - k.mean_coef * c)  # exact ε of point-mass data at c
         z = sched.step(eps[None, :, None], t, z).prev_sample

@@ -94,8 +94,8 @@ def _run(sched, model, n, batch=256, seed=3):
     sched.set_timesteps(n)
     g = torch.Generator().manual_seed(seed)
     z = sched.sample_prior((batch, 2 * D), generator=g, dtype=torch.float64)
-    for t in sched.timesteps:
-        z = sched.step(model(z, float(t)), t, z, generator=g).prev_sample
+    for t, t_exact in zip(sched.timesteps, sched.exact_timesteps):  # timesteps is float32; ε exact at the table time
+        z = sched.step(model(z, float(t_exact)), t, z, generator=g).prev_sample
     return z
 
 

@@ -60,7 +60,7 @@ def _point_mass_error(n, **kw):
     c = 0.7
     z = torch.tensor([[0.3], [-0.4]], dtype=torch.float64)[None]
     z_start = z[0, :, 0].clone()
-    for t in sched.timesteps:
+    for t in sched.exact_timesteps:  # float64 times: the kernel below must be the scheduler's
         k = sde.hsm_kernel(float(t))
         eps = torch.linalg.solve(k.chol, z[0, :, 0] - k.mean_coef * c)
         z = sched.step(eps[None, :, None], t, z).prev_sample
@@ -92,7 +92,7 @@ def _law_error(sched, n, mu=0.7, s0sq=0.25):
     m1, c1, _ = marginal(1.0)
     z = torch.cat([m1[None], torch.linalg.cholesky(c1).T], 0)[..., None]
     shift = torch.zeros(k + 1, k, dtype=torch.float64)
-    for t in sched.timesteps[:-1]:
+    for t in sched.exact_timesteps[:-1]:
         m, c, kern = marginal(t)
         shift[0] = m
         eps = (z[..., 0] - shift) @ torch.linalg.solve(c, kern.chol)  # ε = Lᵀ C⁻¹ (z - m)
@@ -121,7 +121,7 @@ def test_order1_is_gddim_conjugate_and_vp_ddim():
     torch.testing.assert_close(ms.timesteps, cj.timesteps, rtol=0, atol=0)
     sde = ms.sde
     g = torch.Generator().manual_seed(0)
-    for i, t in enumerate(ms.timesteps):
+    for i, t in enumerate(ms.exact_timesteps):
         kern = sde.hsm_kernel(float(t))
         z = torch.randn(2, generator=g, dtype=torch.float64)
         eps = torch.linalg.solve(kern.chol, z - kern.mean_coef * 0.3)
@@ -129,7 +129,7 @@ def test_order1_is_gddim_conjugate_and_vp_ddim():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     vp = GDDIMMultistepScheduler(solver_order=1, diffusion="vp")
     vp.set_timesteps(8)
-    k = vp.sde.hsm_kernel(torch.cat([vp.timesteps, torch.zeros(1, dtype=torch.float64)]))
+    k = vp.sde.hsm_kernel(torch.cat([vp.exact_timesteps, torch.zeros(1, dtype=torch.float64)]))
     al, sg = k.mean_coef[:, 0], k.chol[:, 0, 0]
     torch.testing.assert_close(vp._tables.P[:, 0, 0], al[1:] / al[:-1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(vp._tables.R[:, 0, 0], sg[1:] - al[1:] * sg[:-1] / al[:-1], rtol=1e-10, atol=1e-12)
@@ -145,7 +145,8 @@ def test_grids():
     np.testing.assert_allclose(np.diff(r), np.full(8, (r[-1] - r[0]) / 8), rtol=1e-9)
     s = GDDIMMultistepScheduler(time_spacing="striding", striding="quadratic")
     s.set_timesteps(6)
-    torch.testing.assert_close(s.timesteps, torch.cat([spacing_grid(sde, 5, 1e-3, "power", 2.0)]), rtol=0, atol=1e-15)
+    torch.testing.assert_close(s.exact_timesteps, torch.cat([spacing_grid(sde, 5, 1e-3, "power", 2.0)]), rtol=0, atol=1e-15)
+    torch.testing.assert_close(s.timesteps, s.exact_timesteps.float(), rtol=0, atol=0)
 
 
 def test_nfe_reproducible_and_begin_index():
@@ -163,9 +164,11 @@ def test_nfe_reproducible_and_begin_index():
         outs.append(z)
     assert torch.equal(outs[0], outs[1]) and torch.all(torch.isfinite(outs[0]))
     s.set_timesteps(8)
-    s.set_begin_index(3)
-    with pytest.raises(ValueError, match="previous model outputs"):
-        s.step(z0, s.timesteps[3], z0)
+    s.set_begin_index(3)  # warms up at lower order from there (tests/test_scheduler_begin_index.py)
+    z = z0
+    for t in s.timesteps[3:]:
+        z = s.step(0.1 * z + 0.05 * torch.sin(3 * z), t, z).prev_sample
+    assert s._orders_used[3] == 1 and s._orders_used[4] == 2 and torch.all(torch.isfinite(z))
 
 
 @pytest.mark.parametrize("kw,name", [(dict(solver_order=4), "solver_order"), (dict(solver_order=True), "solver_order"),

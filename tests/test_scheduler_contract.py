@@ -87,8 +87,9 @@ def test_timesteps_and_exact_nfe(cls, kw):
     for n in (2, 3, 10, 51):
         s.set_timesteps(n)
         ts = s.timesteps
-        assert len(ts) == n and ts.dtype == torch.float64
-        assert torch.all(ts[:-1] >= ts[1:]) and ts[-1] == s.config.sampling_eps and ts[0] <= 1.0
+        assert len(ts) == n and ts.dtype == torch.float32  # float32 on the device; exact float64 times in the tables
+        assert torch.all(ts[:-1] >= ts[1:]) and ts[-1] == torch.tensor(s.config.sampling_eps, dtype=torch.float32)
+        assert ts[0] <= 1.0 and s._tables.eval_times[-1] == s.config.sampling_eps
         calls = 0
         z = s.sample_prior((1, 2 * s.num_components, 2, 2))
         for t in ts:
@@ -106,7 +107,7 @@ def test_striding_grids():
     assert torch.allclose(q, eps + (1 - eps) * (torch.arange(4, -1, -1, dtype=torch.float64) / 4) ** 2)
     s = PSLDScheduler(sampler="em")
     s.set_timesteps(5)
-    assert torch.allclose(s.timesteps, u)
+    assert torch.equal(s.exact_timesteps, u) and torch.equal(s.timesteps, u.float())
 
 
 @pytest.mark.parametrize("cls,kw", CONFIGS, ids=IDS)
@@ -249,7 +250,8 @@ def test_bad_inputs_raise_clear_errors():
         s.step(torch.zeros_like(z), 1.5, z)
     with pytest.raises(ValueError, match="timestep"):
         s.step(torch.zeros_like(z), -0.1, z)
-    with pytest.raises(ValueError, match="does not match"):
+    s.step(torch.zeros_like(z), s.timesteps[0], z)  # a loop in progress checks each timestep against its call
+    with pytest.raises(ValueError, match="does not match call 1"):
         s.step(torch.zeros_like(z), s.timesteps[2], z)
     with pytest.raises(ValueError, match="sample"):
         s.step(torch.zeros(1, 3, 2, 2), s.timesteps[0], torch.zeros(1, 3, 2, 2))
@@ -276,8 +278,9 @@ def test_hsm_kernel_at_reuses_the_step_tables_and_matches_the_recipe():
     assert torch.equal(off.cov, ref.cov) and torch.equal(off.mean_coef, ref.mean_coef)
     s.set_timesteps(6)
     z = torch.zeros(1, 2, 2, 2)
-    for i, t in enumerate(s.timesteps):
+    for i, t in enumerate(s.exact_timesteps):
         k = s.hsm_kernel_at(float(t))
+        assert s.hsm_kernel_at(float(s.timesteps[i])) is not None and torch.equal(s.hsm_kernel_at(float(s.timesteps[i])).chol, s._tables.kernel.chol[i])
         assert torch.allclose(k.cov, s.sde.hsm_kernel(float(t)).cov, rtol=1e-12, atol=1e-15)
         assert torch.allclose(k.chol @ k.chol.T, k.cov, rtol=1e-10, atol=1e-15)
         assert torch.equal(k.chol, s._tables.kernel.chol[i])  # the table entry itself, not a recomputation

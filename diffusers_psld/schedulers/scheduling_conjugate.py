@@ -64,7 +64,6 @@ conjugate steps on a uniform or quadratic grid plus the final step.
 """
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import numpy as np
@@ -75,6 +74,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 
 from ..sde import RecipeSDE, kernels
 from .scheduling_psld import _AFFINE, PSLDScheduler
+from .validation import check_real
 
 __all__ = ["ConjugateScheduler", "CONJUGATE_B", "EPS_BASES", "conjugate_coefficients", "gauss_legendre_sqrt",
            "gddim_angle", "gddim_transition"]
@@ -86,19 +86,30 @@ _PIECE_RATIO = 2.0  # composite quadrature: u_hi/u_lo <= 2 per piece (u = √t)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def check_real(value, name: str, low: Optional[float] = None, strict: bool = False) -> float:
-    """A finite real number (optionally bounded below); ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"`{name}` must be a real number, got {value!r}") from err
-    if not math.isfinite(v):
-        raise ValueError(f"`{name}` must be finite, got {value!r}")
-    if low is not None and (v <= low if strict else v < low):
-        raise ValueError(f"`{name}` must be {'>' if strict else '>='} {low}, got {value!r}")
-    return v
+#: the λ-part of a conjugate step multiplies by f(x) = e^x (1 - x), x = λ·μ·h (μ an eigenvalue of B/λ); |f(x)| <= 1
+#: iff x <= 1 + W(1/e) = 1.2785 (f decreases from f(0) = 1 and reaches -1 there; x < 0 is always stable)
+STABLE_LAMBDA_H = 1.2784645427610738
+#: largest accepted amplification Π max(1, |f(x_i)|) of the λ-parts over a run (beyond it the run blows up:
+#: λ = 30 at 10 steps amplifies by ~1e32 and overflows float32)
+MAX_CONJUGATE_GROWTH = 1e3
+
+
+def check_conjugate_stability(lam: float, mu: float, steps, name: str = "conjugate_lambda", context: str = ""):
+    """``ValueError`` naming ``name`` and a safe range when the λ-DDIM Euler factors e^x(1 - x), x = λ·μ·h over the
+    step sizes ``steps``, amplify the state by more than ``MAX_CONJUGATE_GROWTH`` over a run."""
+    h = np.asarray(steps, dtype=np.float64)
+    x = lam * mu * h
+    with np.errstate(over="ignore"):
+        f = np.abs(np.exp(x) * (1.0 - x))
+    growth = float(np.prod(np.maximum(1.0, f)))
+    if not growth <= MAX_CONJUGATE_GROWTH:  # also catches inf / nan
+        safe = STABLE_LAMBDA_H / (mu * float(h.max()))
+        raise ValueError(
+            f"`{name}`={lam} is unstable{context}: each step multiplies by e^x(1 - x) with x = λ·μ·h up to "
+            f"{float(x.max()):.3g} (μ = {mu:g}, largest step h = {float(h.max()):.3g}), amplifying the state by "
+            f"{growth:.3g} over the run (the samples overflow to NaN/inf). Use {name} <= {safe:.3g} (every step "
+            f"stable: x <= {STABLE_LAMBDA_H:.4f}) or more inference steps."
+        )
 
 
 def expm_batch(M: np.ndarray) -> np.ndarray:
@@ -265,6 +276,9 @@ class ConjugateScheduler(PSLDScheduler):
         sampler (`str`, defaults to `"conjugate"`): must be `"conjugate"`.
         conjugate_b (`str`, defaults to `"ones"`): B_t = 0 (`"zero"`), λI (`"identity"`) or λ𝟏 (`"ones"`).
         conjugate_lambda (`float`, defaults to 0.0): λ (finite real). λ = 0 is the exponential integrator.
+            ``set_timesteps`` refuses a λ whose Euler factors e^x(1 - x), x = λ·μ·h (μ = 1 for `"identity"`, k for
+            `"ones"`), amplify the state by more than 10³ over the run (λ = 30 at 10 steps overflows);
+            λ·μ·h <= 1.2785 on every step is always accepted.
         quadrature_nodes (`int`, defaults to 24): Gauss–Legendre nodes per quadrature piece (in u = √t), >= 4.
         eps_basis (`str`, defaults to `"cholesky"`): the ε frozen over a step: the network's ε
             (`"cholesky"`, C_out = -L_t^{-T}) or gDDIM's rotated ε_R (`"gddim"`, C_out = -R_t^{-T}; exact
@@ -315,6 +329,9 @@ class ConjugateScheduler(PSLDScheduler):
         """Grid with ``n - 1`` conjugate steps down to sampling_eps, then one to 0."""
         cfg = self.config
         times = torch.cat([self._grid(n - 1), torch.zeros(1, dtype=torch.float64)])
+        mu = {"zero": 0.0, "identity": 1.0, "ones": float(self.sde.k)}[cfg.conjugate_b]  # largest eigenvalue of B/λ
+        check_conjugate_stability(float(cfg.conjugate_lambda), mu, (times[:-1] - times[1:]).numpy(),
+                                  context=f" with conjugate_b={cfg.conjugate_b!r} at num_inference_steps={n}")
         P, Q = conjugate_coefficients(self.sde, times, cfg.conjugate_b, float(cfg.conjugate_lambda),
                                       cfg.quadrature_nodes, cfg.eps_basis)
         return [(_AFFINE, float(times[i]), P[i], Q[i], None, float(times[i] - times[i + 1])) for i in range(n)]

@@ -30,7 +30,9 @@ error O(h^{p+1}) (tests: observed orders on Gaussian data with the exact ε). Th
 ``ρ(t) = ½ log(aᵀ Σ_t^{-1} a)`` (the precision of the best linear estimate of x₀ from z_t; for VP
 log(α/σ), DPM-Solver's λ).
 
-Warm-up: step i uses order min(solver_order, i + 1); with ``lower_order_final`` (as in Diffusers'
+Warm-up: step i uses order min(solver_order, i + 1); a loop that begins at call k (``set_begin_index(k)`` or
+stepping with ``timesteps[k]``: img2img) has no earlier x̂₀, so it warms up again from k: step i uses order
+min(order_i, i - k + 1), with weights recomputed for the lower orders (as DPM-Solver). With ``lower_order_final`` (as in Diffusers'
 DPM-Solver, for N < 15) the last steps drop to orders 1–2. The final (N-th) call goes from
 ``sampling_eps`` to 0 at first order: its x half is x̂₀ (Tweedie's denoiser at sampling_eps), its
 momentum half Ψ(0, ε)(z - a x̂₀). ``num_inference_steps`` is the exact NFE.
@@ -51,8 +53,14 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (name needed by diffusers' loader)
 
 from ..sde import RecipeSDE, blocks
-from .scheduling_conjugate import _PIECE_RATIO, _rotation, check_real, gauss_legendre_sqrt, gddim_angle, gddim_transition
+from .scheduling_conjugate import _PIECE_RATIO, _rotation, gauss_legendre_sqrt, gddim_angle, gddim_transition
 from .scheduling_psld import _AFFINE, PSLDScheduler, PSLDSchedulerOutput, _Calls
+from .validation import check_real
+
+#: largest ``spacing_power``: already at ρ = 8 the grid puts ~60 % of the steps below t = 0.01 (ρ = 2-3 is the useful
+#: range); larger powers collapse the last grid points onto ``sampling_eps`` in float64 (ρ = 1e6 gives a grid of
+#: repeated times), which the constructor refuses instead of ``set_timesteps``
+MAX_SPACING_POWER = 8.0
 
 __all__ = ["GDDIMMultistepScheduler", "multistep_coefficients", "log_snr", "spacing_grid", "TIME_SPACINGS"]
 
@@ -85,7 +93,8 @@ def spacing_grid(sde: RecipeSDE, n: int, eps: float, spacing: str, power: float 
         raise ValueError(f"`time_spacing` must be one of {TIME_SPACINGS}, got {spacing!r}")
     grid[0], grid[-1] = 1.0, eps
     if not np.all(np.diff(grid) < 0):
-        raise RuntimeError("time grid is not strictly decreasing")
+        raise ValueError(f"the {spacing!r} time grid with {n} steps (spacing_power={power}) repeats times near "
+                         f"sampling_eps={eps} in float64: lower `spacing_power` or `num_inference_steps`")
     return torch.from_numpy(grid)
 
 
@@ -152,8 +161,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         time_spacing (`str`, defaults to `"power"`): `"power"` (t = ε + (1 - ε) s^ρ, s uniform, ρ =
             `spacing_power`; ρ = 2 is the quadratic striding), `"logsnr"` (uniform in ρ(t)) or `"striding"`
             (the shared `striding` option, which the other two ignore).
-        spacing_power (`float`, defaults to 2.5): exponent of `time_spacing="power"`, > 0 (tuned on the
-            benchmark mixture at 10-20 NFE; 2-3 are all close).
+        spacing_power (`float`, defaults to 2.5): exponent of `time_spacing="power"`, in (0, 8] (tuned on the
+            benchmark mixture at 10-20 NFE; 2-3 are all close; larger powers collapse the grid onto sampling_eps).
         quadrature_nodes (`int`, defaults to 16): Gauss–Legendre nodes per quadrature piece, >= 4.
     """
 
@@ -196,7 +205,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             raise ValueError(f"`lower_order_final` must be a bool, got {cfg.lower_order_final!r}")
         if cfg.time_spacing not in TIME_SPACINGS:
             raise ValueError(f"`time_spacing` must be one of {TIME_SPACINGS}, got {cfg.time_spacing!r}")
-        check_real(cfg.spacing_power, "spacing_power", 0.0, strict=True)
+        check_real(cfg.spacing_power, "spacing_power", 0.0, strict=True, high=MAX_SPACING_POWER)
         q = cfg.quadrature_nodes
         if isinstance(q, bool) or not isinstance(q, int) or q < 4:
             raise ValueError(f"`quadrature_nodes` must be an int >= 4, got {q!r}")
@@ -234,6 +243,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         W0[0, 0] = a0 - psi0[0] @ ae
         self._psi, self._W = torch.cat([psi, psi0]), torch.cat([W, W0])
         self._orders_used = orders + [1]
+        self._grid_times, self._full = ts, (self._W, list(self._orders_used))  # for warm-ups from a begin index
         # the step tables hold the first-order (gDDIM) affine map z' = P z + R ε (used for x̂₀, guidance's L_t)
         times = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
         kern = sde.hsm_kernel(times[:-1])
@@ -245,6 +255,32 @@ class GDDIMMultistepScheduler(PSLDScheduler):
     def _install_calls(self, runs, n_calls: int, device=None):
         super()._install_calls(runs, n_calls, device)
         self._history = []
+        self._ms_cache = {}
+        self._warm_from = 0
+
+    def set_begin_index(self, begin_index: int = 0):
+        """As :meth:`PSLDScheduler.set_begin_index`; also prepares the lower-order warm-up weights from there
+        (float64, CPU), so the sampling loop itself only uses cast tables."""
+        super().set_begin_index(begin_index)
+        if self._tables is not None:
+            self._warm_up_from(self._begin_index)
+
+    def _warm_up_from(self, k: int):
+        """Orders and weights for a loop that begins at call ``k``: step i >= k uses order
+        min(order_i, i - k + 1) (no x̂₀ before k), with W recomputed for each lowered order."""
+        if k == self._warm_from:
+            return
+        W, orders = self._full[0].clone(), list(self._full[1])
+        ts, n_ms = self._grid_times, len(self._grid_times) - 1  # multistep updates; the final step is first order
+        for i in range(k, min(n_ms, k + 2)):
+            p = min(orders[i], i - k + 1)
+            if p < orders[i]:
+                sub = ts[i - p + 1: i + 2]
+                _, Wp = multistep_coefficients(self.sde, sub, [1] * (p - 1) + [p], self.config.interpolation,
+                                               self.config.quadrature_nodes)
+                W[i] = Wp[-1]
+                orders[i] = p
+        self._W, self._orders_used, self._warm_from = W, orders, k
         self._ms_cache = {}
 
     def _ms_tables(self, device, dtype):
@@ -266,9 +302,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         self._history = ([x0] + self._history)[:3]
         psi, W = self._ms_tables(sample.device, work)
         p = self._orders_used[i]
-        if len(self._history) < p:
-            raise ValueError("a multistep update needs the previous model outputs: run the calls in order from "
-                             "the first `timesteps` entry (set_begin_index > 0 is not supported)")
+        if len(self._history) < p:  # not reachable through step(): the warm-up lowers the order
+            raise RuntimeError(f"call {i} needs {p} past x̂₀ values, the loop has {len(self._history)}")
         out = blocks.apply(psi[i], z)
         k = self.sde.k
         for j in range(p):
@@ -277,4 +312,6 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         return self._end_step(out, x0, sample, return_dict)
 
     def _on_first_step(self):
+        super()._on_first_step()
         self._history = []
+        self._warm_up_from(self._step_index)

@@ -68,7 +68,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 from .. import sampling
 from ..sde import RecipeSDE
 from ..sde.kernels import psd_cholesky
-from .scheduling_conjugate import check_real, conjugate_coefficients, gauss_legendre_sqrt
+from .scheduling_conjugate import check_conjugate_stability, conjugate_coefficients, gauss_legendre_sqrt
+from .validation import check_real
 from .scheduling_psld import _AFFINE, PSLDScheduler
 
 __all__ = ["SplittingScheduler", "SPLITTING_SAMPLERS", "splitting_calls"]
@@ -177,12 +178,15 @@ def splitting_calls(sde: RecipeSDE, times, scheme: str, lambda_s: float = 1.0, m
         t_eval, used, state_time = t0, False, t0
         linvt = linvt_grid[i]
 
+        first = [True]  # the first call of a step starts it (a mid-schedule start may begin there)
+
         def flush(next_eval):
             S = None
             if np.any(C != 0):
                 S = psd_cholesky(torch.from_numpy(0.5 * (C + C.T)), "splitting step noise covariance")
             calls.append((_AFFINE, t_eval, torch.from_numpy(P.copy()), torch.from_numpy(R.copy()), S,
-                          h, state_time))
+                          h, state_time, first[0]))
+            first[0] = False
 
         for flow, frac in seq:
             terms = _terms(flow, stoch, lambda_s, marginal)
@@ -214,7 +218,9 @@ class SplittingScheduler(PSLDScheduler):
         lambda_s (`float`, defaults to 1.0): x-space noise scale λ_s of the stochastic schemes (>= 0).
         lambda_s_mode (`str`, defaults to `"marginal"`): `"marginal"` (x score weight ½(1 + λ_s²)) or
             `"scale"` (score weight 1, noise scaled only).
-        conjugate_lambda (`float`, defaults to 0.0): λ of the conjugate splitting schemes (finite).
+        conjugate_lambda (`float`, defaults to 0.0): λ of the conjugate splitting schemes (finite). ``set_timesteps``
+            refuses a λ whose sub-flow factors e^x(1 - x), x = λ·(fraction of h), amplify the state by more than
+            10³ over the run (as :class:`~diffusers_psld.ConjugateScheduler`).
         quadrature_nodes (`int`, defaults to 24): Gauss-Legendre nodes per sub-interval (>= 4).
     """
 
@@ -270,10 +276,15 @@ class SplittingScheduler(PSLDScheduler):
         c = self.calls_per_step
         n_full, rem = divmod(n_calls - 1, c)
         times = self._grid(n_full + rem)
+        seq, naive, conj, stoch = _SCHEMES[cfg.sampler]
+        if conj:  # each conjugate sub-flow over a fraction of h multiplies by e^x(1 - x), x = λ·frac·h
+            h = (times[:-1] - times[1:]).numpy()
+            fracs = [frac for flow, frac in seq if _terms(flow, stoch, 1.0, True)[1] and _terms(flow, stoch, 1.0, True)[3] > 0]
+            check_conjugate_stability(float(cfg.conjugate_lambda), 1.0, np.concatenate([f * h for f in fracs]),
+                                      context=f" for sampler {cfg.sampler!r} at num_inference_steps={n_calls}")
         calls = splitting_calls(self.sde, times, cfg.sampler, float(cfg.lambda_s), cfg.lambda_s_mode == "marginal",
                                 float(cfg.conjugate_lambda), cfg.quadrature_nodes, reduced_steps=rem)
         eps = cfg.sampling_eps
-        seq, naive, conj, stoch = _SCHEMES[cfg.sampler]
         if stoch:
             P, R, _ = sampling.em_step(self.sde, eps, 0.0, noise=False)
         elif conj:

@@ -97,6 +97,8 @@ class RecipeSDE:
         Q = _as_matrix(Q, "Q")
         masses = torch.as_tensor(masses, dtype=torch.float64).reshape(-1)
         k = D.shape[0]
+        if k == 0:
+            raise ValueError("`D` must be a k×k matrix with k >= 1 (the number of stacked components), got an empty matrix")
         if Q.shape != D.shape or masses.numel() != k:
             raise ValueError(
                 f"dimension mismatch: D is {tuple(D.shape)}, Q is {tuple(Q.shape)} and masses has "
