@@ -184,15 +184,11 @@ def test_numpy_strength_and_steps():
     assert a.images.shape == (1, 1, 8, 8)
 
 
-_NEEDS_SCHED = pytest.mark.xfail(reason="needs sched branch: set_begin_index(k) for this scheduler/sampler (issue #15 §1)",
-                                 strict=False)
-
-
 @pytest.mark.parametrize("make", [
     lambda: PSLDScheduler(sampler="em", striding="quadratic"), lambda: SSCSScheduler(striding="quadratic"),
     lambda: PSLDScheduler(sampler="pf_euler", striding="quadratic"),
-    pytest.param(lambda: PSLDScheduler(sampler="pf_heun", striding="quadratic"), marks=_NEEDS_SCHED),
-    pytest.param(lambda: GDDIMMultistepScheduler(), marks=_NEEDS_SCHED),
+    lambda: PSLDScheduler(sampler="pf_heun", striding="quadratic"),
+    lambda: GDDIMMultistepScheduler(),
     lambda: ConjugateScheduler(), lambda: SplittingScheduler(),
 ], ids=["em", "sscs", "pf_euler", "pf_heun", "gddim", "conjugate", "splitting"])
 @pytest.mark.parametrize("strength", [0.3, 0.55, 0.8])

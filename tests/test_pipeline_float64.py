@@ -63,8 +63,6 @@ def test_sampling_call_has_no_float64_state_math(sched, kwargs):
     assert not hits, hits
 
 
-@pytest.mark.xfail(reason="needs sched branch: scheduler.add_noise (used by inpainting and img2img) computes the kernel on "
-                          "the state in float64 on its device; the pipeline side passes float32 only", strict=False)
 @pytest.mark.parametrize("mode", ["inpaint", "img2img"])
 def test_inpainting_and_img2img_have_no_float64_state_math(mode):
     g = torch.Generator().manual_seed(0)
@@ -96,7 +94,6 @@ class DeviceFloat64Recorder(TorchDispatchMode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the target device must differ from the CPU)")
-@pytest.mark.xfail(reason="needs sched branch: timesteps / step tables are float64 on the target device", strict=False)
 @pytest.mark.parametrize("mode", ["plain", "classifier", "inpaint", "img2img"])
 def test_no_float64_tensor_on_the_cuda_device(mode):
     """On a real second device: no float64 tensor at all on it (what MPS requires); CPU float64 tables are fine."""

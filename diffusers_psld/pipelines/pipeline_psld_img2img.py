@@ -7,8 +7,8 @@ package, guidance and callbacks as in :class:`~.pipeline_psld.PSLDPipeline` (sam
 :mod:`.denoising`).
 
 Strength rule: after ``scheduler.set_timesteps(num_inference_steps)`` the run starts at the first call whose
-state time (``scheduler.state_time(i)``, the time the scheduler expects its state at call i) is ``<= strength``,
-``begin``, via diffusers' ``scheduler.set_begin_index(begin)``; the image is noised to exactly that time
+forward time (``scheduler.exact_timesteps``) is ``<= strength``, ``begin`` (the call that starts a step where two
+share that time), via diffusers' ``scheduler.set_begin_index(begin)``; the image is noised to exactly that time
 ``τ = scheduler.state_time(begin)``, the grid time nearest to ``strength`` from below, whatever the striding
 (diffusers' index rule ``N - floor(N · strength)`` would start at t ≈ 0.25 for strength 0.5 on a quadratic
 grid). NFE = ``num_inference_steps - begin`` (≈ ``strength · num_inference_steps`` on a uniform grid).
@@ -51,24 +51,30 @@ EXAMPLE_DOC_STRING = r"""
 
 
 def begin_index_for_strength(scheduler, strength: float) -> int:
-    """First call of ``scheduler``'s current schedule whose state time is ``<= strength`` (0 for strength 1).
+    """The call at which a run for ``strength`` starts in ``scheduler``'s current schedule (0 for strength 1).
+
+    The first forward time of the schedule (``scheduler.exact_timesteps``) that is ``<= strength``, resolved to a
+    call index by the scheduler's own index-by-timestep rule (``scheduler.index_for_timestep``: where two calls
+    share a time, e.g. PF-Heun's corrector and the next predictor, the call that starts a step). A run started
+    there takes its state at that forward time (``scheduler.state_time(begin)`` once ``set_begin_index(begin)``
+    is set), for every sampler.
 
     Raises:
-        ValueError: ``strength`` outside (0, 1] or below the schedule's last state time (no call would run).
+        ValueError: ``strength`` outside (0, 1] or below the schedule's last time (no call would run).
     """
     s = _inputs.as_real(strength, "strength")
     if not 0.0 < s <= 1.0:
         raise ValueError(f"`strength` must be in (0, 1] (1 = start from pure noise), got {strength!r}")
     if s == 1.0:
         return 0
-    n = len(scheduler.timesteps)
-    for i in range(n):
-        if scheduler.state_time(i) <= s + 1e-12:
-            return i
-    raise ValueError(
-        f"`strength`={s:g} is below the last state time {scheduler.state_time(n - 1):.4g} of this {n}-call schedule: no "
-        f"call would run; raise `strength` or `num_inference_steps`"
-    )
+    times = scheduler.exact_timesteps
+    below = torch.nonzero(times <= s + 1e-12).flatten()
+    if len(below) == 0:
+        raise ValueError(
+            f"`strength`={s:g} is below the last time {float(times[-1]):.4g} of this {len(times)}-call schedule: no "
+            f"call would run; raise `strength` or `num_inference_steps`"
+        )
+    return int(scheduler.index_for_timestep(times[below[0]]))
 
 
 class PSLDImg2ImgPipeline(PSLDPipeline):
@@ -138,6 +144,8 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
 
         self.scheduler.set_timesteps(steps, device=device)
         begin = begin_index_for_strength(self.scheduler, strength)
+        if begin:
+            self.scheduler.set_begin_index(begin)  # so that state_time(begin) is the time this start expects
         shape = (batch_size, k * C, *hw)
         if begin == 0:  # strength 1: the prior itself (module docstring)
             z = self.scheduler.sample_prior(shape, generator=generator, device=device, dtype=torch.float32)
