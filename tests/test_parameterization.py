@@ -293,3 +293,50 @@ def test_preconditioned_input_has_identity_covariance(name):
     torch.testing.assert_close(s.scale_model_input(zz, t0), s.scale_model_input(zz, torch.full((3,), float(t0), dtype=torch.float64)),
                                rtol=1e-12, atol=1e-12)
     assert PSLDScheduler(**kw).scale_model_input(zz, t0) is zz
+
+
+@pytest.mark.parametrize("kind", ["sample", "sufficient_epsilon"])
+def test_likelihood_score_fn_converts_outputs_and_preconditions(kind):
+    from diffusers_psld.evaluation.likelihood import eps_model_score_fn
+
+    s_e = PSLDScheduler()
+    s_c = PSLDScheduler(prediction_type=kind, input_preconditioning=True, sigma_data=0.6)
+    sde = s_e.sde
+    seen = []
+
+    def net(inp, tm):  # undoes the preconditioning to get z back, then returns the exact output of its type
+        t = float(tm[0]) / 1000.0
+        seen.append(inp)
+        c_in = P.scaling_for_times(sde, torch.tensor(t, dtype=torch.float64), 0.6)
+        z = P.apply(torch.linalg.inv(c_in), inp.double())
+        return exact_output(kind, sde, z, t)
+
+    z = torch.randn(5, 2 * D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    t = 0.25  # exactly representable after * 1000 in float32
+    got = eps_model_score_fn(net, s_c)(z, t)
+    want = eps_model_score_fn(lambda zz, tm: DATA.eps(sde, zz.double(), t), s_e)(z, t)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (seen[0].double() - z).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("ptype", ["sufficient_epsilon", "sample"])
+def test_training_script_builds_a_c_channel_unet_and_records_the_type(tmp_path, ptype):
+    from diffusers import UNet2DModel
+
+    from tests._scripts import load_script
+
+    train = load_script("training/train_psld.py", "train_psld_param")
+    out = tmp_path / "run"
+    train.main(["--model_preset", "tiny", "--resolution", "8", "--train_batch_size", "8", "--num_inference_steps", "3",
+                "--eval_batch_size", "2", "--report_to", "none", "--lr_warmup_steps", "1", "--max_train_steps", "2",
+                "--prediction_type", ptype, "--input_preconditioning", "--sigma_data", "0.7", "--snr_gamma", "5",
+                "--output_dir", str(out)])
+    unet = UNet2DModel.from_pretrained(out / "unet")
+    assert (unet.config.in_channels, unet.config.out_channels) == (2, 1)
+    sched = PSLDScheduler.from_pretrained(out / "scheduler")
+    assert sched.config.prediction_type == ptype and sched.config.input_preconditioning and sched.config.sigma_data == 0.7
+    sched.check_unet(unet)
+    card = (out / "README.md").read_text()
+    assert f"`{ptype}`" in card and "σ_data = 0.7" in card and "γ = 5.0" in card
+    with pytest.raises(ValueError, match="sigma_data"):
+        train.resolve_and_validate(train.build_parser().parse_args(["--sigma_data", "-1"]))
