@@ -422,16 +422,23 @@ def plot(p: dict, path: str):
                     x, y, e = zip(*pts)
                     ax.errorbar(x, y, yerr=e, fmt="o-", ms=3, label=model_label(m), capsize=2)
             fl = (p.get("floor") or {}).get(key)
-            if fl:
+            if fl and fl["mean"] - fl["std"] > 0:
                 ax.axhspan(fl["mean"] - fl["std"], fl["mean"] + fl["std"], color="k", alpha=0.12)
+            elif fl and fl["mean"] + fl["std"] > 0:  # KID's floor is ~0: dashed line at its mean + std
+                ax.axhline(fl["mean"] + fl["std"], color="k", ls="--", lw=0.8, alpha=0.5)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ticks = sorted({r["nfe"] for r in results if r["sampler"] == s})
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([str(x) for x in ticks])
+            ax.minorticks_off()
             ax.set_title(s, fontsize=9)
             ax.set_xlabel("NFE")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=6)
-    fig.suptitle(f"digits, N={p['num_samples']}: metric vs NFE per model (grey band: real-data floor)", fontsize=10)
+    fig.suptitle(f"digits, N={p['num_samples']}: metric vs NFE per model (grey band / dashed: real-data floor ± std)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
