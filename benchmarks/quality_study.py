@@ -257,6 +257,42 @@ def load_real(resolution: int = 16) -> torch.Tensor:
     return imgs
 
 
+def run_claimed_jobs(jobs: List[dict], res_dir: str, run: Callable[[dict], dict], is_applicable: Callable[[dict], bool],
+                     log: Callable[[str], None], t_start: float, deadline_minutes: Optional[float] = None,
+                     summary: Callable[[dict], str] = lambda r: "") -> int:
+    """Run ``jobs`` in order, each at most once across workers: a job whose ``<res_dir>/<name>.json`` exists is
+    done; one is claimed with an exclusive ``.claim`` file; its result is written atomically. Stops starting jobs
+    after ``deadline_minutes`` (from ``t_start``, a ``time.perf_counter()`` value). Returns the jobs run here."""
+    done = 0
+    for job in jobs:
+        if deadline_minutes and (time.perf_counter() - t_start) > 60 * deadline_minutes:
+            log("deadline reached: no new jobs")
+            break
+        out = os.path.join(res_dir, job["name"] + ".json")
+        if os.path.isfile(out) or not is_applicable(job):
+            continue
+        claim = out[:-5] + ".claim"
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+        except FileExistsError:
+            continue
+        try:
+            log(f"start {job['name']} (tier {job['tier']})")
+            r = run(job)
+            tmp = out + f".tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(r, f, indent=2)
+            os.replace(tmp, out)
+            log(f"done {job['name']}: {summary(r)} in {r.get('wall_seconds', 0.0):.0f} s")
+            done += 1
+        finally:
+            if os.path.exists(claim):
+                os.remove(claim)
+    return done
+
+
 def worker(args) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -280,33 +316,9 @@ def worker(args) -> int:
         jobs += job_list(parse_plan(args.plan), args.models, args.models_dir, seed)
     jobs = list({j["name"]: j for j in reversed(jobs)}.values())[::-1]  # de-duplicate, keep the first
     jobs.sort(key=lambda j: j["tier"])  # stable: seed order within a tier
-    done = 0
-    for job in jobs:
-        if args.deadline_minutes and (time.perf_counter() - t_start) > 60 * args.deadline_minutes:
-            log("deadline reached: no new jobs")
-            break
-        out = os.path.join(res_dir, job["name"] + ".json")
-        if os.path.isfile(out) or not applicable(job, args.models_dir):
-            continue
-        claim = out[:-5] + ".claim"
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
-        except FileExistsError:
-            continue
-        try:
-            log(f"start {job['name']} (tier {job['tier']})")
-            r = run_job(job, args, real, log)
-            tmp = out + f".tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(r, f, indent=2)
-            os.replace(tmp, out)
-            log(f"done {job['name']}: FID {r['fid']:.3f} in {r['wall_seconds']:.0f} s")
-            done += 1
-        finally:
-            if os.path.exists(claim):
-                os.remove(claim)
+    done = run_claimed_jobs(jobs, res_dir, lambda job: run_job(job, args, real, log),
+                            lambda job: applicable(job, args.models_dir), log, t_start, args.deadline_minutes,
+                            lambda r: f"FID {r['fid']:.3f}")
     log(f"finished: {done} jobs in {time.perf_counter() - t_start:.0f} s")
     return done
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import sampling
+from . import parameterization, sampling
 from .sde import RecipeSDE, blocks
 
 __all__ = ["probability_flow_sample", "ODESampleOutput", "ODE_METHODS"]
@@ -70,13 +70,15 @@ def probability_flow_sample(
     t_start: float = 1.0,
     denoise: bool = True,
     project_eps: bool = False,
+    prediction_type: str = "epsilon",
 ) -> ODESampleOutput:
     """Sample by integrating the probability-flow ODE with adaptive Dormand–Prince RK45.
 
     Args:
-        model: ``model(z, t) -> ε`` with ``z`` ``[B, k*C, ...]`` (float32 unless the input is float64)
-            and ``t`` the forward time as a Python float; for a UNet use e.g.
-            ``lambda z, t: unet(z, scheduler.model_time(t, z.shape[0])).sample``.
+        model: ``model(z, t) -> output`` with ``z`` ``[B, k*C, ...]`` (float32 unless the input is float64)
+            and ``t`` the forward time as a Python float; the output is of ``prediction_type``. For a UNet use
+            ``lambda z, t: unet(scheduler.scale_model_input(z, t), scheduler.model_time(t, z.shape[0])).sample``
+            (``scale_model_input`` applies the scheduler's input preconditioning, if any).
         sde: the :class:`~diffusers_psld.RecipeSDE` (``scheduler.sde``).
         z_init: the prior sample at ``t_start`` (``scheduler.sample_prior(...)``).
         rtol, atol: relative / absolute tolerances of the step-size control (> 0).
@@ -86,7 +88,10 @@ def probability_flow_sample(
         denoise: take the final probability-flow Euler step from ``sampling_eps`` to 0 (one call).
         project_eps: replace the model's ε by the consistent ε' = L⁻¹(z - a x̂₀) at every evaluation
             (:func:`diffusers_psld.sampling.eps_projection`; the schedulers' ``project_eps``). Needs Γ > 0
-            for k = 2.
+            for k = 2 and ``prediction_type="epsilon"`` (the C-channel types are consistent: it is the identity).
+        prediction_type: the model's output, ``"epsilon"`` (k*C channels), ``"sample"`` or
+            ``"sufficient_epsilon"`` (C channels); converted to ε with :mod:`diffusers_psld.parameterization`
+            (``scheduler.config.prediction_type``).
 
     Returns:
         :class:`ODESampleOutput` with the samples and the exact NFE.
@@ -106,7 +111,8 @@ def probability_flow_sample(
                          f"{tuple(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init)}")
     if not isinstance(project_eps, bool):
         raise ValueError(f"`project_eps` must be a bool, got {project_eps!r}")
-    if project_eps:
+    parameterization.check_prediction_type(prediction_type)
+    if project_eps and prediction_type == "epsilon":
         sampling.check_eps_projection(sde)
     model_dtype = torch.float64 if z_init.dtype == torch.float64 else torch.float32
     counter = [0]
@@ -114,6 +120,8 @@ def probability_flow_sample(
     def call(z, tf):
         eps_out = model(z.to(model_dtype), tf).to(torch.float64)
         counter[0] += 1
+        if prediction_type != "epsilon":
+            eps_out = parameterization.maps_for_times(sde, prediction_type, tf).to_eps(eps_out, z)
         if project_eps:
             kern = sde.hsm_kernel(tf)
             Mz, Me = sampling.eps_projection(kern.mean_coef, kern.chol)

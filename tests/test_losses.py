@@ -81,3 +81,109 @@ def test_times_and_reproducibility_and_stats():
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="channels"):
         hsm_loss(build_unet("tiny", 1, 1, sample_size=8), s, x0)
+
+
+# ---------------------------------------------------------------------------- prediction_type
+from diffusers_psld import parameterization as _P  # noqa: E402
+from diffusers_psld.exact import GaussianMixture  # noqa: E402
+
+_DATA = GaussianMixture([0.4, 0.6], [[-0.8, 0.3], [0.6, -0.2]], [[[0.06, 0.02], [0.02, 0.05]], [[0.09, 0.0], [0.0, 0.03]]])
+
+
+class _PerSample(torch.nn.Module):
+    """A 'network' whose output for sample b is ``fn(z_b, t_b)`` with the true float64 time; records its input."""
+
+    def __init__(self, fn, times):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+        self.fn, self.times, self.seen = fn, times, []
+
+    def forward(self, z, t, class_labels=None):
+        self.seen.append(z.detach().clone())
+        b = z.shape[0]
+        flat = z.double().reshape(b, -1)
+        out = torch.cat([self.fn(flat[i:i + 1], float(self.times[i])) for i in range(b)])
+        return (self.w * out.float()).reshape(b, -1, *z.shape[2:])
+
+
+def _exact(kind, sde):
+    def fn(z, t):
+        eps = _DATA.eps(sde, z, t)
+        if kind == "epsilon":
+            return eps
+        kern = sde.hsm_kernel(t)
+        return _P.output_maps(kind, kern.mean_coef, kern.chol).from_eps(eps, z)
+    return fn
+
+
+@pytest.mark.parametrize("kind", ["vp", "psld", "cld"])
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_loss_identity_on_exact_gaussian_mixture_inputs(kind, snr_gamma):
+    """With the exact posterior quantities, the three parameterizations give the same HSM loss (the Bayes risk of
+    the paper's ε-loss), sample by sample; a perturbation of the C-channel output raises it by exactly
+    λ(t)·δ², and for any output f the C-channel loss equals the paper's ε-loss of its lift."""
+    k = _sched(kind).num_components
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    x0 = _DATA.sample(n, g).float().reshape(n, 2, 1, 1)
+    noise = torch.randn(n, k * 2, 1, 1, generator=g)
+    # (not below 1e-3: a float32 x̂₀ output carries ε-equivalent rounding √λ·6e-8, 1e-3 relative for CLD at t = 1e-4)
+    t = torch.tensor([1e-3, 3e-3, 0.01, 0.05, 0.2, 0.4, 0.7, 1.0], dtype=torch.float64)
+    losses = {}
+    for ptype in ("epsilon", "sample", "sufficient_epsilon"):
+        s = {"vp": lambda: PSLDScheduler(diffusion="vp", prediction_type=ptype),
+             "psld": lambda: PSLDScheduler(prediction_type=ptype),
+             "cld": lambda: PSLDScheduler(gamma=0.0, nu=4.0, prediction_type=ptype)}[kind]()
+        per = [hsm_loss(_PerSample(_exact(ptype, s.sde), t[i:i + 1]), s, x0[i:i + 1], t=t[i:i + 1], noise=noise[i:i + 1],
+                        snr_gamma=snr_gamma).item() for i in range(n)]
+        losses[ptype] = torch.tensor(per, dtype=torch.float64)
+    torch.testing.assert_close(losses["sample"], losses["epsilon"], rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(losses["sufficient_epsilon"], losses["epsilon"], rtol=2e-4, atol=1e-6)
+    assert losses["epsilon"].max() > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("kind", ["vp", "psld", "cld"])
+@pytest.mark.parametrize("ptype", ["sample", "sufficient_epsilon"])
+def test_c_channel_loss_equals_paper_loss_of_the_lift(kind, ptype):
+    s_c = {"vp": lambda: PSLDScheduler(diffusion="vp", prediction_type=ptype), "psld": lambda: PSLDScheduler(prediction_type=ptype),
+           "cld": lambda: PSLDScheduler(gamma=0.0, nu=4.0, prediction_type=ptype)}[kind]()
+    s_e = PSLDScheduler.from_config(s_c.config, prediction_type="epsilon")
+    k, c = s_c.num_components, 2
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.rand(4, c, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(4, k * c, 4, 4, generator=g)
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+
+    def f_net(z, tm, class_labels=None):  # any C-channel function of the input
+        return torch.tanh(z[:, :c] * 0.7 + 0.2) + 0.3 * z[:, -c:]
+
+    def lifted(z, tm, class_labels=None):
+        return s_c.model_output_to_eps(f_net(z, tm).double(), z.double(), t).float()
+
+    l_c = hsm_loss(f_net, s_c, x0, t=t, noise=noise)
+    l_e = hsm_loss(lifted, s_e, x0, t=t, noise=noise)
+    assert torch.isclose(l_c.double(), l_e.double(), rtol=1e-5), (l_c, l_e)
+    with pytest.raises(ValueError, match="prediction_type"):
+        hsm_loss(f_net, s_c, x0, t=t, noise=noise, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="output 1\\*C = 2 channels"):
+        hsm_loss(lambda z, tm: torch.cat([z, z], 1), s_c, x0, t=t, noise=noise)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        hsm_loss(f_net, s_c, x0, t=t, noise=noise, snr_gamma=0.0)
+
+
+def test_training_sees_the_preconditioned_input():
+    s = PSLDScheduler(prediction_type="sufficient_epsilon", input_preconditioning=True, sigma_data=0.7)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)
+    seen = []
+
+    def net(z, tm, class_labels=None):
+        seen.append(z)
+        return z[:, :1]
+
+    hsm_loss(net, s, x0, t=t, noise=noise)
+    z = s.add_noise(x0.double(), noise.double(), t)
+    torch.testing.assert_close(seen[0], s.scale_model_input(z, t).float(), rtol=0, atol=0)
+    assert (seen[0] - z.float()).abs().max() > 0.1  # the input is not the raw state

@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet receives t*time_scale (default: the preset's: 1000, ncsnpp-* 1 = raw t as the paper)")
     g.add_argument("--sampler", choices=["em", "pf_euler", "pf_heun", "sscs"], default=None,
                    help="sampler for the sample grids and the saved scheduler (default: sscs for psld/cld, em for vp)")
+    g.add_argument("--prediction_type", choices=["epsilon", "sample", "sufficient_epsilon"], default="epsilon",
+                   help="network output: epsilon (the paper's k*C-channel ε), sample (x̂₀, C channels) or sufficient_epsilon "
+                        "(the noise of the sufficient statistic of x₀, C channels; consistent by construction)")
+    g.add_argument("--input_preconditioning", action=argparse.BooleanOptionalAction, default=False,
+                   help="feed the UNet c_in(t) z_t, c_in = (Σ_t + σ_data² a_t a_tᵀ)^(-1/2) (scheduler.scale_model_input)")
+    g.add_argument("--sigma_data", type=float, default=0.5, help="σ_data of --input_preconditioning (per-pixel data std, > 0)")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="min-SNR-γ loss weighting min(SNR_t, γ)/SNR_t in ε units (diffusers' flag; default: off)")
     g = p.add_argument_group("model")
     g.add_argument("--model_preset", default="digits",
                    help="tiny | digits | cifar10 | cifar10-large | celeba64 | afhqv2-128 | ncsnpp-cifar10 | "
@@ -177,6 +185,10 @@ def resolve_and_validate(args) -> argparse.Namespace:
     args.beta_min, args.beta_max = (beta[0], beta[0]) if len(beta) == 1 else (beta[0], beta[1])
     if args.beta_max < args.beta_min:
         _err("--beta", f"max ({args.beta_max}) must be >= min ({args.beta_min})")
+    if not (math.isfinite(args.sigma_data) and args.sigma_data > 0):
+        _err("--sigma_data", f"must be finite and > 0 (the per-pixel std of the data), got {args.sigma_data}")
+    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
+        _err("--snr_gamma", f"must be finite and > 0, got {args.snr_gamma}")
     if args.sampler is None:
         args.sampler = "em" if args.diffusion == "vp" else "sscs"
     if args.diffusion == "vp" and args.sampler == "sscs":
@@ -230,11 +242,13 @@ def check_output_dir(path: str):
 def make_scheduler(args):
     from diffusers_psld import PSLDScheduler
 
+    param = dict(prediction_type=args.prediction_type, input_preconditioning=args.input_preconditioning,
+                 sigma_data=args.sigma_data)
     if args.diffusion == "vp":
         return PSLDScheduler(diffusion="vp", beta_min=args.beta_min, beta_max=args.beta_max, time_scale=args.time_scale,
-                             sampler=args.sampler)
+                             sampler=args.sampler, **param)
     return PSLDScheduler(diffusion="psld", gamma=args.gamma, nu=args.nu, m_inv=args.m_inv, beta_min=args.beta_min,
-                         beta_max=args.beta_max, kappa=args.kappa, time_scale=args.time_scale, sampler=args.sampler)
+                         beta_max=args.beta_max, kappa=args.kappa, time_scale=args.time_scale, sampler=args.sampler, **param)
 
 
 def load_data(args):
@@ -413,7 +427,9 @@ def main(argv=None):
     from diffusers_psld import data as psld_data
     from diffusers_psld import hub
     from diffusers_psld.losses import hsm_loss
-    from diffusers_psld.models.unet_presets import build_unet
+    from diffusers import UNet2DModel
+
+    from diffusers_psld.models.unet_presets import preset_config
 
     scheduler = make_scheduler(args)  # validates the SDE parameters again (RecipeSDE)
     report_to = args.report_to
@@ -443,7 +459,10 @@ def main(argv=None):
     set_seed(args.seed)  # model initialisation identical on every rank
 
     num_class_embeds = ds.num_classes + 1 if args.class_conditional else None
-    unet = build_unet(args.model_preset, channels, scheduler.num_components, args.resolution, num_class_embeds)
+    # = build_unet(...), with out_channels = k*C (prediction_type "epsilon") or C (the C-channel types)
+    unet = UNet2DModel(**{**preset_config(args.model_preset, channels, scheduler.num_components, args.resolution,
+                                          num_class_embeds), "out_channels": scheduler.output_channels(channels)})
+    scheduler.check_unet(unet)
     n_params = sum(p.numel() for p in unet.parameters())
     ema = None
     if args.use_ema:
@@ -583,7 +602,8 @@ def main(argv=None):
                 print(f"[rank {rank}/{world}] first batch indices "
                       f"{psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0)[0]}", flush=True)
             with accelerator.autocast():
-                loss, stats = hsm_loss(unet, scheduler, x0, generator=g, class_labels=labels, return_stats=True)
+                loss, stats = hsm_loss(unet, scheduler, x0, generator=g, class_labels=labels, return_stats=True,
+                                       snr_gamma=args.snr_gamma)
             if args._inject_nan_at_step == global_step + 1:
                 loss = loss * float("nan")
             gathered = accelerator.gather(loss.detach().float().reshape(1))
@@ -676,8 +696,17 @@ def save_pipeline(unet, scheduler, output_dir: str):
     except ImportError:
         PSLDPipeline = None
     if PSLDPipeline is not None:
-        PSLDPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir, safe_serialization=True)
-        return "pipeline"
+        try:
+            pipe = PSLDPipeline(unet=unet, scheduler=scheduler)
+        except ValueError as err:  # a PSLDPipeline that predates C-channel prediction types refuses their UNet
+            if getattr(scheduler.config, "prediction_type", "epsilon") == "epsilon":
+                raise
+            print(f"warning: PSLDPipeline refused the {scheduler.config.prediction_type!r} UNet ({err}); "
+                  "saving unet/ + scheduler/ + model_index.json directly", file=sys.stderr)
+            pipe = None
+        if pipe is not None:
+            pipe.save_pretrained(output_dir, safe_serialization=True)
+            return "pipeline"
     import diffusers
 
     unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
@@ -706,6 +735,10 @@ def card_fields(args, public_args, n_params, world, steps, last_losses, wall, ch
         gamma=args.gamma if args.diffusion != "vp" else "n/a", nu=args.nu if args.diffusion != "vp" else "n/a",
         beta=beta, kappa=args.kappa if args.diffusion != "vp" else "n/a",
         eps_components="ε_m only (Γ = 0)" if args.diffusion == "cld" else "all",
+        prediction_type=args.prediction_type,
+        input_preconditioning=f"c_in(t) = (Σ_t + σ_data² a aᵀ)^(-1/2), σ_data = {args.sigma_data}"
+        if args.input_preconditioning else "none",
+        snr_gamma="none" if args.snr_gamma is None else f"min-SNR-γ, γ = {args.snr_gamma}",
         sampler=args.sampler, model_preset=args.model_preset, parameters=f"{n_params:,}",
         learning_rate=args.learning_rate, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_weight_decay=args.adam_weight_decay, adam_epsilon=args.adam_epsilon, lr_warmup_steps=args.lr_warmup_steps,

@@ -98,8 +98,9 @@ def exact_score_fn(mixture, sde: RecipeSDE) -> ScoreFn:
 def eps_model_score_fn(unet, scheduler, project_eps: Optional[bool] = None) -> ScoreFn:
     """Score callable from an ε-prediction network and a :class:`PSLDScheduler`.
 
-    ``unet(z, scheduler.model_time(t, B))`` may return a tensor or an object with ``.sample``
-    (diffusers ``UNet2DModel``); the score is ``scheduler.eps_to_score(ε, t) = -L_t^{-T} ε``.
+    ``unet(scheduler.scale_model_input(z, t), scheduler.model_time(t, B))`` may return a tensor or an object with
+    ``.sample`` (diffusers ``UNet2DModel``) of the scheduler's ``prediction_type``; it is converted to ε with
+    ``scheduler.model_output_to_eps`` and the score is ``scheduler.eps_to_score(ε, t) = -L_t^{-T} ε``.
     ``project_eps`` (default: the scheduler's ``config.project_eps``) first replaces ε by the consistent
     ε' (:meth:`PSLDScheduler.consistent_eps`), so the likelihood is that of the ODE the projected samplers
     integrate.
@@ -108,15 +109,16 @@ def eps_model_score_fn(unet, scheduler, project_eps: Optional[bool] = None) -> S
         project_eps = bool(getattr(scheduler.config, "project_eps", False))
     if not isinstance(project_eps, bool):
         raise ValueError(f"`project_eps` must be a bool or None, got {project_eps!r}")
-    if project_eps:
+    ptype = getattr(scheduler.config, "prediction_type", "epsilon")
+    if project_eps and ptype == "epsilon":
         check_eps_projection(scheduler.sde)
 
     def fn(z: torch.Tensor, t: float) -> torch.Tensor:
         param = next(iter(unet.parameters()), None) if hasattr(unet, "parameters") else None
         dtype = param.dtype if param is not None else z.dtype
-        out = unet(z.to(dtype), scheduler.model_time(t, z.shape[0], device=z.device))
+        out = unet(scheduler.scale_model_input(z, float(t)).to(dtype), scheduler.model_time(t, z.shape[0], device=z.device))
         eps = out.sample if hasattr(out, "sample") else out
-        eps = eps.to(z.dtype)
+        eps = scheduler.model_output_to_eps(eps.to(z.dtype), z, float(t)).to(z.dtype)
         if project_eps:
             eps = scheduler.consistent_eps(z, eps, float(t))
         return scheduler.eps_to_score(eps, float(t))

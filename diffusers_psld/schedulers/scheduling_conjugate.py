@@ -301,6 +301,9 @@ class ConjugateScheduler(PSLDScheduler):
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
         project_eps: bool = False,
+        prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
+        input_preconditioning: bool = False,
+        sigma_data: float = 0.5,
         conjugate_b: Literal["zero", "identity", "ones"] = "ones",
         conjugate_lambda: float = 0.0,
         quadrature_nodes: int = _GL_NODES,
@@ -320,7 +323,7 @@ class ConjugateScheduler(PSLDScheduler):
             raise ValueError(f"`quadrature_nodes` must be an int >= 4, got {q!r}")
         if cfg.eps_basis not in EPS_BASES:
             raise ValueError(f"`eps_basis` must be one of {EPS_BASES}, got {cfg.eps_basis!r}")
-        if cfg.eps_basis == "gddim" and cfg.diffusion == "psld" and cfg.gamma == 0:
+        if cfg.eps_basis == "gddim" and cfg.diffusion == "psld" and cfg.gamma == 0 and cfg.prediction_type == "epsilon":
             raise ValueError("`eps_basis='gddim'` needs gamma > 0: for CLD (gamma = 0) the rotated basis uses ε_x, "
                              "which a CLD network does not learn (masked in the loss)")
         super()._setup()

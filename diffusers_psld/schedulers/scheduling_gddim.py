@@ -182,6 +182,9 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
         project_eps: bool = False,
+        prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
+        input_preconditioning: bool = False,
+        sigma_data: float = 0.5,
         solver_order: int = 3,
         interpolation: Literal["logsnr", "time"] = "time",
         lower_order_final: bool = True,
@@ -209,9 +212,9 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         q = cfg.quadrature_nodes
         if isinstance(q, bool) or not isinstance(q, int) or q < 4:
             raise ValueError(f"`quadrature_nodes` must be an int >= 4, got {q!r}")
-        if cfg.diffusion == "psld" and cfg.gamma == 0:
+        if cfg.diffusion == "psld" and cfg.gamma == 0 and cfg.prediction_type == "epsilon":
             raise ValueError("`gamma` must be > 0 for GDDIMMultistepScheduler: for CLD (gamma = 0) gDDIM's rotated "
-                             "basis uses ε_x, which a CLD network does not learn")
+                             "basis uses ε_x, which a CLD network does not learn (use a C-channel prediction_type)")
         super()._setup()
         self._history: List[torch.Tensor] = []
 

@@ -43,7 +43,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import sampling
+from .. import parameterization, sampling
 from ..sde import RecipeSDE, blocks, kernels
 from ..sde.recipe import HSMKernel
 from .validation import (check_float_tensor, check_generator, check_real, check_steps, plain_config_values,
@@ -143,6 +143,14 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             the part of ε that no data point explains, which the probability-flow ODE amplifies (measured on
             the digits study: PF-Heun FID 29 → ~6 at NFE 1000, see the README). Needs Γ > 0 (a CLD network
             does not learn ε_x).
+        prediction_type (`str`, defaults to `"epsilon"`): what the network outputs
+            (:mod:`diffusers_psld.parameterization`): `"epsilon"` (the paper's ε, k*C channels), `"sample"` (x̂₀,
+            C channels) or `"sufficient_epsilon"` (the noise uᵀε of the sufficient statistic of x₀, C channels).
+            The C-channel types are consistent by construction; for VP they are diffusers' `"sample"`/`"epsilon"`.
+            :meth:`step` converts the output to ε once (every sampler of the package gets it).
+        input_preconditioning (`bool`, defaults to False): :meth:`scale_model_input` whitens the state,
+            c_in(t) z with c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} per pixel (training uses the same function).
+        sigma_data (`float`, defaults to 0.5): σ_data of ``input_preconditioning``, the per-pixel std of the data (> 0).
 
     Swapping samplers: ``compatibles`` lists every scheduler class of this package that accepts this
     configuration (all share the ε-network and the shared arguments), and
@@ -204,6 +212,9 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
         project_eps: bool = False,
+        prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
+        input_preconditioning: bool = False,
+        sigma_data: float = 0.5,
     ):
         self._setup()
 
@@ -275,7 +286,11 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             self.sde = RecipeSDE.vp(bmin, bmax)
         else:
             self.sde = RecipeSDE.psld(cfg.gamma, cfg.nu, bmin, bmax, cfg.kappa, cfg.m_inv)
-        if cfg.project_eps:
+        parameterization.check_prediction_type(cfg.prediction_type)
+        if not isinstance(cfg.input_preconditioning, bool):
+            raise ValueError(f"`input_preconditioning` must be a bool, got {cfg.input_preconditioning!r}")
+        parameterization.input_scaling(torch.ones(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), cfg.sigma_data)
+        if cfg.project_eps and cfg.prediction_type == "epsilon":  # the consistent types need no check (identity)
             sampling.check_eps_projection(self.sde)
         self._prior_scale = torch.diag(self.sde.masses.sqrt())  # float64, CPU; cast once per draw
         self.init_noise_sigma = 1.0  # not used: the prior is anisotropic, see `sample_prior`
@@ -398,6 +413,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """Install step tables built by :meth:`_build_calls` and reset the step state."""
         runs = [r if isinstance(r, _Calls) else _Calls.single(*r) for r in runs]  # tuples: see _Calls.single
         tables = _StepTables(self.sde, _Calls.cat(runs))
+        tables.add_model_maps(self.config.prediction_type,
+                              self.config.sigma_data if self.config.input_preconditioning else None)
         if len(tables.kinds) != n_calls:
             raise RuntimeError(f"{type(self).__name__} built {len(tables.kinds)} calls for num_inference_steps={n_calls}")
         tables.add_entry_steps(self._entry_steps(tables))
@@ -601,10 +618,65 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """``Lᵀ g``: adding ``g`` to the score equals subtracting ``Lᵀ g`` from ε (used for guidance)."""
         return blocks.apply(self._chol(t).transpose(-1, -2), grad)
 
+    # ------------------------------------------------------------------ network boundary
+    def output_channels(self, data_channels: int) -> int:
+        """Output channels of the network for data of ``data_channels`` = C channels: ``k*C`` for
+        ``prediction_type="epsilon"``, ``C`` for ``"sample"`` / ``"sufficient_epsilon"``."""
+        if isinstance(data_channels, bool) or not isinstance(data_channels, int) or data_channels <= 0:
+            raise ValueError(f"`data_channels` must be an int > 0, got {data_channels!r}")
+        return parameterization.output_components(self.config.prediction_type, self.num_components) * data_channels
+
+    def check_unet(self, unet, what: str = "unet") -> int:
+        """Raise ``ValueError`` unless ``unet`` (anything with ``config.in_channels``/``out_channels``) matches this
+        config: ``in_channels = k*C`` and ``out_channels = output_channels(C)``. Returns C."""
+        cfg = getattr(getattr(unet, "module", unet), "config", unet)
+        return parameterization.check_unet_channels(getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None),
+                                                    self.num_components, self.config.prediction_type, what)
+
+    def _maps_at(self, timestep, work, device):
+        """``(OutputMaps, c_in or None)`` at ``timestep``: this call's table entry when it matches, else computed."""
+        i = self._call_index_for(timestep) if not isinstance(timestep, str) else None
+        if i is not None:  # the current call's time (float32 ``timesteps`` entries included): its float64 table entry
+            cast = self._tables.on(device, work)
+            return cast.out_maps[i], (cast.c_in[i] if cast.c_in is not None else None)
+        t = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
+        if not torch.all(torch.isfinite(t)) or torch.any(t < 0) or torch.any(t > 1):
+            raise ValueError(f"`timestep` must be forward times in [0, 1], got {timestep!r}")
+        kern = self.sde.hsm_kernel(t)
+        maps = parameterization.output_maps(self.config.prediction_type, kern.mean_coef, kern.chol)
+        c_in = (parameterization.input_scaling(kern.mean_coef, kern.cov, self.config.sigma_data)
+                if self.config.input_preconditioning else None)
+        if t.numel() == 1:
+            maps, c_in = maps[0], (None if c_in is None else c_in[0])
+        return maps.to(device, work), (None if c_in is None else c_in.to(device, work))
+
+    def model_output_to_eps(self, model_output: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """ε ``[B, k*C, ...]`` from the network output (``prediction_type``) at state ``sample`` and forward
+        time ``timestep`` (scalar or ``[B]``); identity for ``"epsilon"``. Differentiable; in ``sample``'s dtype
+        (float32 at least)."""
+        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        maps, _ = self._maps_at(timestep, work, sample.device)
+        return maps.to_eps(model_output.to(work), sample.to(work))
+
+    def eps_to_model_output(self, eps: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The network output that gives ``eps`` (``prediction_type``; identity for ``"epsilon"``). For the
+        C-channel types an inconsistent ε is projected (the result lifts back to ``project_eps``'s ε')."""
+        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        maps, _ = self._maps_at(timestep, work, sample.device)
+        return maps.from_eps(eps.to(work), sample.to(work))
+
     # ------------------------------------------------------------------ sampling
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """Identity: the network sees the state as is (kept for Diffusers interchangeability)."""
-        return sample
+        """What the network receives for state ``sample`` ``[B, k*C, ...]`` at forward time ``timestep``
+        (scalar or ``[B]``): the state itself, or with ``input_preconditioning`` the whitened state
+        c_in(t) z, c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} (float64 tables, product in ``sample``'s dtype).
+        Training (:func:`diffusers_psld.losses.hsm_loss`) calls the same function."""
+        if not self.config.input_preconditioning:
+            return sample
+        if timestep is None:
+            raise ValueError("`timestep` is required by scale_model_input when `input_preconditioning=True`")
+        _, c_in = self._maps_at(timestep, sample.dtype, sample.device)
+        return blocks.apply(c_in, sample)
 
     def state_time(self, index: Optional[int] = None) -> float:
         """Forward time of the state passed to call ``index`` (default: the next call).
@@ -709,8 +781,9 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         self._check_step_inputs(model_output, timestep, sample, i)
         self._inputs = (model_output, sample)  # for the diagnosis of a non-finite result
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        z, eps = sample.to(work), model_output.to(work)
+        z = sample.to(work)
         tab = self._tables.on(sample.device, work)
+        eps = tab.out_maps[i].to_eps(model_output.to(work), z)  # prediction_type -> ε (identity for "epsilon")
         x0 = self._tables.project_x0(tab, i, z, eps)
         if self.config.project_eps:
             eps = blocks.apply(tab.proj_z[i], z) + blocks.apply(tab.proj_e[i], eps)
@@ -749,11 +822,12 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         k = self.num_components
         if sample.ndim < 2 or sample.shape[1] % k != 0:
             raise ValueError(f"`sample` must have shape [B, {k}*C, ...] ({k} stacked components), got {tuple(sample.shape)}")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"`model_output` must predict ε for all {sample.shape[1]} channels of the state, i.e. have shape "
-                f"{tuple(sample.shape)}; got {tuple(model_output.shape)}"
-            )
+        j = parameterization.output_components(self.config.prediction_type, k)
+        expected_shape = (sample.shape[0], j * (sample.shape[1] // k), *sample.shape[2:])
+        if tuple(model_output.shape) != expected_shape:
+            what = (f"predict ε for all {sample.shape[1]} channels of the state" if j == k else
+                    f"have C = {sample.shape[1] // k} channels for prediction_type={self.config.prediction_type!r}")
+            raise ValueError(f"`model_output` must {what}, i.e. have shape {expected_shape}; got {tuple(model_output.shape)}")
         t = timestep_value(timestep)
         expected = self._tables.eval_times[i]
         if abs(t - expected) > 1e-6 * max(1.0, expected):
@@ -823,6 +897,13 @@ class _StepTables:
         self.part_P, self.part_R, self.part_S, self.part_noisy = maps
         self._cache = {}
 
+    def add_model_maps(self, prediction_type: str, sigma_data):
+        """Per-call float64 tables of the network boundary: output → ε maps and (``sigma_data`` not None) c_in."""
+        kern = self.kernel
+        self.out_maps = parameterization.output_maps(prediction_type, kern.mean_coef, kern.chol)
+        self.c_in = None if sigma_data is None else parameterization.input_scaling(kern.mean_coef, kern.cov, sigma_data)
+        self._cache = {}
+
     def on(self, device, dtype):
         key = (str(device), dtype)
         if key not in self._cache:
@@ -841,3 +922,5 @@ class _Cast:
     def __init__(self, tables: _StepTables, device, dtype):
         for name in ("P", "R", "S", "x0_w", "x0_L", "proj_z", "proj_e", "part_P", "part_R", "part_S"):
             setattr(self, name, getattr(tables, name).to(device=device, dtype=dtype))
+        self.out_maps = tables.out_maps.to(device, dtype)
+        self.c_in = None if tables.c_in is None else tables.c_in.to(device=device, dtype=dtype)

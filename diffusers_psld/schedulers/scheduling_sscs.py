@@ -47,6 +47,9 @@ class SSCSScheduler(PSLDScheduler):
         striding: Literal["uniform", "quadratic"] = "uniform",
         sscs_score_time: Literal["midpoint", "start"] = "start",
         project_eps: bool = False,
+        prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
+        input_preconditioning: bool = False,
+        sigma_data: float = 0.5,
     ):
         if sampler != "sscs":
             raise ValueError(f"SSCSScheduler only runs `sampler='sscs'`, got {sampler!r}; use PSLDScheduler for {sampler!r}")
