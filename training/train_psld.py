@@ -689,33 +689,12 @@ def main(argv=None):
 
 
 def save_pipeline(unet, scheduler, output_dir: str):
-    """Save in the Diffusers layout: through ``PSLDPipeline.save_pretrained`` when the pipeline class is
-    importable, else ``unet/`` + ``scheduler/`` + a hand-written ``model_index.json`` (same content)."""
-    try:
-        from diffusers_psld.pipelines import PSLDPipeline
-    except ImportError:
-        PSLDPipeline = None
-    if PSLDPipeline is not None:
-        try:
-            pipe = PSLDPipeline(unet=unet, scheduler=scheduler)
-        except ValueError as err:  # a PSLDPipeline that predates C-channel prediction types refuses their UNet
-            if getattr(scheduler.config, "prediction_type", "epsilon") == "epsilon":
-                raise
-            print(f"warning: PSLDPipeline refused the {scheduler.config.prediction_type!r} UNet ({err}); "
-                  "saving unet/ + scheduler/ + model_index.json directly", file=sys.stderr)
-            pipe = None
-        if pipe is not None:
-            pipe.save_pretrained(output_dir, safe_serialization=True)
-            return "pipeline"
-    import diffusers
+    """Save as a ``PSLDPipeline`` (Diffusers layout, safetensors; the pipeline checks the UNet's channels against
+    the scheduler's ``prediction_type``). Returns ``"pipeline"``."""
+    from diffusers_psld.pipelines import PSLDPipeline
 
-    unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
-    scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
-    with open(os.path.join(output_dir, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "PSLDPipeline", "_diffusers_version": diffusers.__version__,
-                   "scheduler": [type(scheduler).__module__, type(scheduler).__name__],
-                   "unet": ["diffusers", "UNet2DModel"]}, f, indent=2)
-    return "components"
+    PSLDPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir, safe_serialization=True)
+    return "pipeline"
 
 
 def card_fields(args, public_args, n_params, world, steps, last_losses, wall, channels, k, ema) -> dict:

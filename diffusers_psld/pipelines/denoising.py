@@ -59,7 +59,9 @@ def denoise(pipe, z: torch.Tensor, eps_fn: EpsFn, generator=None, begin_index: i
             eps = check_finite(eps_fn(z, t_f), "ε", "the guided / corrected ε overflowed")
         except NonFiniteError as err:
             raise NonFiniteError(f"{where}: {err}", err.cause) from None
-        out = sched.step(eps, t, z, generator=generator)
+        # back to the network's `prediction_type` (identity for "epsilon"; for the consistent C-channel types a
+        # guided / corrected ε is projected onto the consistent set, i.e. `project_eps`)
+        out = sched.step(sched.eps_to_model_output(eps, z, t_f), t, z, generator=generator)
         z = out.prev_sample
         if not bool(torch.isfinite(z).all()):
             cause = "scheduler update: its coefficients or step size are not finite for this configuration"

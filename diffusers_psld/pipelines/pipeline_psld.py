@@ -38,6 +38,8 @@ from diffusers.utils import logging
 from .. import inpainting as _inpainting
 from ..models import classifier as _classifier_module  # noqa: F401
 from ..models.classifier import TimeDependentClassifier
+from ..models.ncsnpp import NCSNppModel
+from ..models.ncsnpp_classifier import NCSNppClassifier
 from ..schedulers import PSLDScheduler
 from . import guidance as _guidance
 from . import inputs as _inputs
@@ -149,16 +151,14 @@ class PSLDPipeline(DiffusionPipeline):
     #: diagnostics of the last call with ``inpaint_correction="tweedie"`` (one ``TweedieInfo`` per model call), else None
     inpaint_info = None
 
-    def __init__(self, unet: UNet2DModel, scheduler: PSLDScheduler, classifier: Optional[TimeDependentClassifier] = None):
+    def __init__(self, unet: Union[UNet2DModel, NCSNppModel], scheduler: PSLDScheduler,
+                 classifier: Optional[Union[TimeDependentClassifier, NCSNppClassifier]] = None):
         super().__init__()
         k = getattr(scheduler, "num_components", None)
-        if k is None:
+        if k is None or not hasattr(scheduler, "check_unet"):
             raise ValueError(f"`scheduler` must be a diffusers_psld scheduler (PSLDScheduler/SSCSScheduler), got {type(scheduler).__name__}")
-        if unet.config.in_channels % k != 0 or unet.config.out_channels != unet.config.in_channels:
-            raise ValueError(
-                f"`unet` must have in_channels == out_channels == k*C with k={k} components; got "
-                f"in_channels={unet.config.in_channels}, out_channels={unet.config.out_channels}"
-            )
+        # in_channels = k*C, out_channels = k*C ("epsilon") or C ("sample" / "sufficient_epsilon"): ValueError otherwise
+        scheduler.check_unet(unet)
         if classifier is not None and classifier.config.in_channels != unet.config.in_channels:
             raise ValueError(
                 f"`classifier` must take the full state ({unet.config.in_channels} channels), got "
@@ -238,7 +238,10 @@ class PSLDPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ model calls
     def _unet_eps(self, z, t, labels, unet_dtype):
-        """ε from the UNet at state ``z`` (float32) and time ``t``; the input is cast to ``unet_dtype``.
+        """ε ``[B, k*C, H, W]`` from the UNet at state ``z`` (float32) and forward time ``t``: the network sees
+        ``scheduler.scale_model_input(z, t)`` cast to ``unet_dtype``, and its output (``scheduler.config.prediction_type``:
+        k*C-channel ε, or C-channel x̂₀ / sufficient-statistic ε) is lifted to the full ε by
+        ``scheduler.model_output_to_eps``.
 
         The one place where the network output becomes ε. ``unet_dtype`` (the UNet's dtype) is resolved once
         per ``__call__`` by the caller, because diffusers' ``ModelMixin.dtype`` walks every submodule (~0.6 ms per
@@ -250,9 +253,12 @@ class PSLDPipeline(DiffusionPipeline):
         B = z.shape[0]
         tm = self.scheduler.model_time(t, B, device=z.device)
         kwargs = {} if labels is None else {"class_labels": labels}
-        out = self.unet(z.to(unet_dtype), tm, **kwargs).sample
-        return _guidance.check_finite(out, f"the UNet output ({unet_dtype})",
-                                      "UNet output non-finite: check its weights and the input state; fp16 may overflow").to(z.dtype)
+        net_in = self.scheduler.scale_model_input(z, t)  # identity unless `input_preconditioning`
+        out = self.unet(net_in.to(unet_dtype), tm, **kwargs).sample
+        out = _guidance.check_finite(out, f"the UNet output ({unet_dtype})",
+                                     "UNet output non-finite: check its weights and the input state; fp16 may overflow")
+        # `prediction_type` -> the full k*C ε (identity for "epsilon"); guidance and inpainting act on ε
+        return self.scheduler.model_output_to_eps(out.to(z.dtype), z, t)
 
     def _classifier_grad(self, z, t, labels):
         """∇_z log p(y | z_t) w.r.t. the full state, per sample (:func:`.guidance.classifier_log_prob_grad`)."""
