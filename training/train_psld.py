@@ -427,9 +427,8 @@ def main(argv=None):
     from diffusers_psld import data as psld_data
     from diffusers_psld import hub
     from diffusers_psld.losses import hsm_loss
-    from diffusers import UNet2DModel
 
-    from diffusers_psld.models.unet_presets import preset_config
+    from diffusers_psld.models.unet_presets import build_unet
 
     scheduler = make_scheduler(args)  # validates the SDE parameters again (RecipeSDE)
     report_to = args.report_to
@@ -459,9 +458,9 @@ def main(argv=None):
     set_seed(args.seed)  # model initialisation identical on every rank
 
     num_class_embeds = ds.num_classes + 1 if args.class_conditional else None
-    # = build_unet(...), with out_channels = k*C (prediction_type "epsilon") or C (the C-channel types)
-    unet = UNet2DModel(**{**preset_config(args.model_preset, channels, scheduler.num_components, args.resolution,
-                                          num_class_embeds), "out_channels": scheduler.output_channels(channels)})
+    # out_channels = k*C (prediction_type "epsilon") or C (the C-channel types); a UNet2DModel or an NCSN++ preset
+    unet = build_unet(args.model_preset, channels, scheduler.num_components, args.resolution, num_class_embeds,
+                      out_channels=scheduler.output_channels(channels))
     scheduler.check_unet(unet)
     n_params = sum(p.numel() for p in unet.parameters())
     ema = None

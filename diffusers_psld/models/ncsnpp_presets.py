@@ -51,8 +51,9 @@ NCSNPP_PRESETS: Dict[str, dict] = {
 
 
 def ncsnpp_preset_config(preset: str, data_channels: int, num_components: int, sample_size: Optional[int] = None,
-                         num_class_embeds: Optional[int] = None) -> dict:
-    """``NCSNppModel`` keyword arguments of an NCSN++ preset with ``in/out_channels = k·C``.
+                         num_class_embeds: Optional[int] = None, out_channels: Optional[int] = None) -> dict:
+    """``NCSNppModel`` keyword arguments of an NCSN++ preset with ``in_channels = k·C`` and ``out_channels`` (default
+    ``k·C``; ``C`` for the C-channel ``prediction_type``s, ``scheduler.output_channels(C)``).
 
     ``sample_size`` must already be validated by the caller (``unet_presets.check_resolution``).
     """
@@ -62,12 +63,14 @@ def ncsnpp_preset_config(preset: str, data_channels: int, num_components: int, s
     cfg = dict(spec["ncsnpp"])
     cfg["sample_size"] = spec["sample_size"] if sample_size is None else sample_size
     cfg["in_channels"] = cfg["out_channels"] = data_channels * num_components
+    if out_channels is not None:
+        cfg["out_channels"] = out_channels
     cfg["num_class_embeds"] = num_class_embeds
     return cfg
 
 
 def build_ncsnpp(preset: str, data_channels: int, num_components: int, sample_size: Optional[int] = None,
-                 num_class_embeds: Optional[int] = None):
+                 num_class_embeds: Optional[int] = None, out_channels: Optional[int] = None):
     """A freshly initialised :class:`~diffusers_psld.models.ncsnpp.NCSNppModel` from an NCSN++ preset.
 
     Raises ``ValueError`` naming ``--resolution`` for a ``sample_size`` the preset cannot take."""
@@ -77,4 +80,5 @@ def build_ncsnpp(preset: str, data_channels: int, num_components: int, sample_si
     if sample_size is not None:
         check_resolution(preset, sample_size)
 
-    return NCSNppModel(**ncsnpp_preset_config(preset, data_channels, num_components, sample_size, num_class_embeds))
+    return NCSNppModel(**ncsnpp_preset_config(preset, data_channels, num_components, sample_size, num_class_embeds,
+                                              out_channels))

@@ -99,8 +99,11 @@ def check_resolution(preset: str, resolution: int) -> int:
 
 
 def preset_config(preset: str, data_channels: int, num_components: int, sample_size: Optional[int] = None,
-                  num_class_embeds: Optional[int] = None) -> dict:
-    """The ``UNet2DModel`` keyword arguments of a preset with ``in/out_channels = k * C``."""
+                  num_class_embeds: Optional[int] = None, out_channels: Optional[int] = None) -> dict:
+    """The model keyword arguments of a preset with ``in_channels = k * C`` and ``out_channels`` (default ``k * C``;
+    pass ``scheduler.output_channels(C)``, i.e. ``C`` for the C-channel ``prediction_type``s)."""
+    if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1):
+        raise ValueError(f"`out_channels` must be a positive integer, got {out_channels!r}")
     cfg = copy.deepcopy(_get(preset))
     cfg.pop("description")
     for name, v in (("data_channels", data_channels), ("num_components", num_components)):
@@ -114,13 +117,16 @@ def preset_config(preset: str, data_channels: int, num_components: int, sample_s
                              f"null class for classifier-free guidance), got {num_class_embeds!r}")
         cfg["num_class_embeds"] = num_class_embeds
     if "ncsnpp" in cfg:  # NCSNppModel kwargs instead of UNet2DModel's
-        return ncsnpp_preset_config(preset, data_channels, num_components, cfg["sample_size"], num_class_embeds)
+        return ncsnpp_preset_config(preset, data_channels, num_components, cfg["sample_size"], num_class_embeds,
+                                    out_channels)
     cfg["in_channels"] = cfg["out_channels"] = data_channels * num_components
+    if out_channels is not None:
+        cfg["out_channels"] = out_channels
     return cfg
 
 
 def build_unet(preset: str, data_channels: int, num_components: int, sample_size: Optional[int] = None,
-               num_class_embeds: Optional[int] = None) -> UNet2DModel:
+               num_class_embeds: Optional[int] = None, out_channels: Optional[int] = None) -> UNet2DModel:
     """Build a freshly initialised ``UNet2DModel`` from a named preset.
 
     Args:
@@ -130,10 +136,12 @@ def build_unet(preset: str, data_channels: int, num_components: int, sample_size
         num_components: k, components of the state (``scheduler.num_components``: 2 for PSLD/CLD, 1 for VP).
         sample_size: resolution; defaults to the preset's; must be a multiple of :func:`downsample_factor`.
         num_class_embeds: ``n_classes + 1`` for a class-conditional UNet (last index = null class), else None.
+        out_channels: the output channels, default ``k * C`` (``prediction_type="epsilon"``); pass
+            ``scheduler.output_channels(C)`` (``C`` for ``"sample"`` / ``"sufficient_epsilon"``).
     """
     if "ncsnpp" in _get(preset):  # an NCSNppModel (same forward contract as UNet2DModel)
-        return build_ncsnpp(preset, data_channels, num_components, sample_size, num_class_embeds)
-    return UNet2DModel(**preset_config(preset, data_channels, num_components, sample_size, num_class_embeds))
+        return build_ncsnpp(preset, data_channels, num_components, sample_size, num_class_embeds, out_channels)
+    return UNet2DModel(**preset_config(preset, data_channels, num_components, sample_size, num_class_embeds, out_channels))
 
 
 def count_parameters(model) -> int:

@@ -36,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple, Union
 
+import math
+
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -373,7 +375,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             else:
                 out = t.detach().to(torch.float32) * scale
         else:
-            out = torch.tensor(timestep_value(t, "t") * scale, dtype=torch.float32)
+            # any finite t >= 0 (adaptive ODE solvers, e.g. torchdiffeq's dopri5, evaluate stages past t = 1)
+            out = torch.tensor(timestep_value(t, "t", upper=math.inf) * scale, dtype=torch.float32)
         if batch_size is not None:
             if out.numel() == 1:
                 out = out.reshape(-1).expand(int(batch_size))
@@ -640,8 +643,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             cast = self._tables.on(device, work)
             return cast.out_maps[i], (cast.c_in[i] if cast.c_in is not None else None)
         t = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
-        if not torch.all(torch.isfinite(t)) or torch.any(t < 0) or torch.any(t > 1):
-            raise ValueError(f"`timestep` must be forward times in [0, 1], got {timestep!r}")
+        if not torch.all(torch.isfinite(t)) or torch.any(t < 0):  # past t = 1 is fine (adaptive ODE stages)
+            raise ValueError(f"`timestep` must be finite forward times >= 0, got {timestep!r}")
         kern = self.sde.hsm_kernel(t)
         maps = parameterization.output_maps(self.config.prediction_type, kern.mean_coef, kern.chol)
         c_in = (parameterization.input_scaling(kern.mean_coef, kern.cov, self.config.sigma_data)

@@ -86,8 +86,9 @@ def check_generator(generator, batch_size: int):
                     f"got {type(generator).__name__} {generator!r}; use torch.Generator().manual_seed(seed)")
 
 
-def timestep_value(timestep, name: str = "timestep") -> float:
-    """A timestep (Python/NumPy number, or a tensor whose entries are all equal) as a finite float in [0, 1]."""
+def timestep_value(timestep, name: str = "timestep", upper: float = 1.0) -> float:
+    """A timestep (Python/NumPy number, or a tensor whose entries are all equal) as a finite float in [0, ``upper``]
+    (``upper=math.inf`` where a time past the schedule is legitimate, e.g. an adaptive ODE solver's trial stage)."""
     if isinstance(timestep, torch.Tensor):
         if timestep.numel() == 0:
             raise ValueError(f"`{name}` is an empty tensor; pass an entry of `scheduler.timesteps`")
@@ -102,8 +103,9 @@ def timestep_value(timestep, name: str = "timestep") -> float:
                         f"tensor), got {type(timestep).__name__} {timestep!r}")
     else:
         value = float(timestep)
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be a forward time in [0, 1] taken from `scheduler.timesteps`, got {value!r}")
+    if not math.isfinite(value) or not 0.0 <= value <= upper:
+        rng = "[0, 1] taken from `scheduler.timesteps`" if upper == 1.0 else f"[0, {upper}]"
+        raise ValueError(f"`{name}` must be a finite forward time in {rng}, got {value!r}")
     return value
 
 
