@@ -125,6 +125,10 @@ def test_nan_loss_stops_with_step_named(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     assert "checkpoint-2" in str(info.value) and (out / "checkpoint-2").is_dir()
     assert not (out / "model_index.json").exists()
+    from tqdm.auto import tqdm
+
+    # the progress bar was closed on the way out; unclosed, it is printed again after the pytest summary
+    assert not [b for b in list(tqdm._instances) if not b.disable], "an unclosed progress bar survived the stop"
 
 
 def _folder(tmp_path, n=2):
@@ -152,6 +156,12 @@ def _folder(tmp_path, n=2):
     (["--cond_drop_prob", "1.5"], "--cond_drop_prob"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "--resume_from_checkpoint"),
     (["--image_column", "img"], "--image_column"),
+    (["--resolution", "100000"], "--resolution"),  # was OOM-killed at 24 GiB in the data pre-resize
+    (["--time_scale", "inf"], "--time_scale"),  # was NaN at step 1
+    (["--time_scale", "0"], "--time_scale"),
+    (["--num_threads", "0"], "--num_threads"),
+    (["--allow_changed_settings", "nu"], "--allow_changed_settings"),
+    (["--allow_changed_settings", "no_such_flag"], "--allow_changed_settings"),
 ])
 def test_bad_flags_named(tmp_path, extra, flag):
     with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
@@ -173,11 +183,80 @@ def test_bad_data_and_output_dir_named(tmp_path):
         with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
             train_psld.main(args)
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_data_errors_take_the_clean_flag_path(tmp_path, monkeypatch):
+    """Empty folder, a non-image .png, an offline Hub data set: `ValueError` naming the flag (→ `error: ...`)."""
+    import numpy as np
+    import PIL.Image
+    from accelerate.state import AcceleratorState
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    bad = tmp_path / "bad" / "a"
+    bad.mkdir(parents=True)
+    for i in range(3):
+        PIL.Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(bad / f"{i}.png")
+    (bad / "fake.png").write_text("not an image")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [
+        (["--train_data_dir", str(empty)], r"--train_data_dir.*contains no image files"),
+        (["--train_data_dir", str(tmp_path / "bad"), "--train_batch_size", "1"], r"--train_data_dir.*1 of 4 image files.*fake\.png"),
+        (["--dataset_name", "cifar10"], r"--dataset_name` 'cifar10' could not be loaded.*offline mode is on"),
+    ]
+    for extra, pattern in cases:
+        args = [*TINY, "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1", "--cache_dir", str(tmp_path / "c"), *extra]
+        with pytest.raises(ValueError, match=pattern):
+            train_psld.main(args)
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_script_prints_one_error_line_for_bad_data(tmp_path):
+    """The command line path: exit code 2 and `error: --flag ...`, no traceback."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(Exception):  # datasets refuses an empty image folder before we can
-        train_psld.main([*TINY, "--output_dir", str(tmp_path / "o2"), "--train_data_dir", str(empty), "--cache_dir", str(tmp_path / "c3")])
-    AcceleratorState._reset_state(reset_partial_state=True)
+    p = subprocess.run([sys.executable, str(SCRIPT), "--train_data_dir", str(empty), "--output_dir", str(tmp_path / "o")],
+                       env=_env(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().startswith("error: `--train_data_dir`") and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_missing_tensorboard_is_recorded_as_what_really_happened(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
+    out = tmp_path / "tb"
+    train_psld.main([*TINY, "--output_dir", str(out), "--max_train_steps", "1", "--checkpointing_steps", "100",
+                     "--save_images_steps", "100", "--report_to", "tensorboard"])
+    err = capsys.readouterr().err
+    assert "TensorBoard is not installed" in err
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["report_to"] == "none" and args["report_to_requested"] == "tensorboard"
+    assert "tensorboard was requested but is not installed" in (out / "README.md").read_text()
+    assert not (out / "logs").exists()
+
+
+def test_default_num_threads_leaves_a_core_free(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert train_psld.default_num_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert train_psld.default_num_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert train_psld.default_num_threads() == 15
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit user choice wins
+    assert train_psld.default_num_threads() == 3
+
+
+def test_num_threads_is_applied_and_recorded(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        run(tmp_path / "th", "--max_train_steps", 1, "--checkpointing_steps", 100, "--save_images_steps", 100,
+            "--num_threads", 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((tmp_path / "th" / "training_args.json").read_text())["num_threads"] == 1
 
 
 def test_push_to_hub_with_stub_never_leaks_token(tmp_path, monkeypatch, capsys):
