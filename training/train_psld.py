@@ -499,15 +499,18 @@ def _required_files(args):
     return req
 
 
-def _intact_hint(args, step: int) -> str:
+def _intact_hint(args, step: int, parent: str) -> str:
+    """Where to resume instead of a damaged ``checkpoint-<step>`` inside ``parent``."""
     from diffusers_psld import checkpoints as ckpt
 
-    prev = ckpt.last_intact(args.output_dir, below_step=step, required=_required_files(args))
+    prev = ckpt.last_intact(parent, below_step=step, required=_required_files(args))
     if prev is None:
-        return (f"No intact earlier checkpoint in {args.output_dir!r}: start a new run (another --output_dir, or "
+        return (f"No intact earlier checkpoint in {parent!r}: start a new run (another --output_dir, or "
                 f"without --resume_from_checkpoint).")
+    inside = os.path.abspath(parent) == os.path.abspath(args.output_dir)
     return (f"The last loadable checkpoint is {prev}: resume from it with "
-            f"`--resume_from_checkpoint {os.path.basename(prev)}` (the damaged one is left in place for inspection).")
+            f"`--resume_from_checkpoint {os.path.basename(prev) if inside else prev}` (the damaged one is left in "
+            f"place for inspection).")
 
 
 def resolve_resume(args):
@@ -556,7 +559,8 @@ def resolve_resume(args):
         _err("--resume_from_checkpoint", f"{path!r} is not named checkpoint-<step>")
     problem = ckpt.verify(path, _required_files(args))
     if problem:
-        _err("--resume_from_checkpoint", f"checkpoint {path} is damaged: {problem}. {_intact_hint(args, int(m.group(1)))}")
+        _err("--resume_from_checkpoint", f"checkpoint {path} is damaged: {problem}. "
+                                         f"{_intact_hint(args, int(m.group(1)), os.path.dirname(path))}")
     stored = ckpt.read_manifest(path).get("settings") or old_args
     if not isinstance(stored, dict):
         print(f"note: {path} records no settings (written by an older version): resuming without comparing them",
@@ -743,7 +747,7 @@ def main(argv=None):
         except Exception as err:  # noqa: BLE001  (a damage the manifest did not catch: name it and the way out)
             step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
             raise ValueError(f"`--resume_from_checkpoint`: {resume_path} could not be loaded ({type(err).__name__}: "
-                             f"{err}). {_intact_hint(args, step)}") from err
+                             f"{err}). {_intact_hint(args, step, os.path.dirname(resume_path))}") from err
         global_step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
         if is_main:
             print(f"resumed from {resume_path} at step {global_step}", flush=True)
