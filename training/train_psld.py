@@ -252,9 +252,9 @@ def resolve_and_validate(args) -> argparse.Namespace:
 def default_num_threads() -> int:
     """Default torch CPU threads: the usable cores minus one (at least 1), unless ``OMP_NUM_THREADS`` is set.
 
-    One core stays free for the data loader, the OS and any other process: on the 2-core reference
-    machine torch's default (2 threads) ran the default training step at 3-8 s/step while another
-    process was busy, against ~0.4 s/step with 1 thread (README, *Reliability*)."""
+    One core stays free for the data loader, the OS and any other process: on the shared 2-core
+    reference machine, with a busy-loop process running, torch's default (2 threads) took 23 s per
+    default training step against 3.9 s with 1 thread (README, *Reliability*)."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) >= 1:
         return int(env)
