@@ -309,10 +309,12 @@ def test_ddp_two_processes(tmp_path):
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = p.stdout + p.stderr
-    sums = {int(l.split("[rank ")[1][0]): l.split("param_checksum=")[1].strip() for l in text.splitlines() if "param_checksum=" in l}
+    # regexes, not lines: two ranks printing at once may interleave their writes on one line
+    import re
+
+    sums = {int(r): v for r, v in re.findall(r"\[rank (\d)/2\] param_checksum=([-+\d.e]+)", text)}
     assert sums.keys() == {0, 1} and sums[0] == sums[1]
-    firsts = {int(l.split("[rank ")[1][0]): json.loads(l.split("first batch indices ")[1]) for l in text.splitlines()
-              if "first batch indices" in l}
+    firsts = {int(r): json.loads(v) for r, v in re.findall(r"\[rank (\d)/2\] first batch indices (\[[\d, ]*\])", text)}
     from diffusers_psld.data import epoch_batches
 
     assert firsts[0] == epoch_batches(1797, 8, 2, 0, 0, 0)[0] and firsts[1] == epoch_batches(1797, 8, 2, 1, 0, 0)[0]
