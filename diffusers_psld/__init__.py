@@ -15,13 +15,21 @@ Those module paths are frozen: ``diffusers_psld.schedulers.scheduling_psld``,
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' loader looks these names up here)
 
 from .losses import hsm_loss
-from .models import TimeDependentClassifier, build_unet
+from .models import TimeDependentClassifier
 from .pipelines import NonFiniteError, PSLDImg2ImgPipeline, PSLDPipeline, PSLDPipelineOutput
 from .ode import ODESampleOutput, probability_flow_sample
 from .schedulers import ConjugateScheduler, GDDIMMultistepScheduler, PSLDScheduler, PSLDSchedulerOutput, SplittingScheduler, SSCSScheduler
 from .sde import HSMKernel, RecipeSDE
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # build_unet is imported on first use: see diffusers_psld.models (runpy warning)
+    if name == "build_unet":
+        from .models.unet_presets import build_unet
+
+        return build_unet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "RecipeSDE",

@@ -69,3 +69,35 @@ def test_imagefolder_and_column_errors(tmp_path):
         data.load_image_dataset(train_data_dir=root, image_column="nope", resolution=8, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="--train_data_dir"):
         data.load_image_dataset(train_data_dir=str(tmp_path / "missing"), resolution=8)
+
+
+def test_check_image_folder_names_empty_folders_and_unreadable_files(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "a" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"--train_data_dir.*contains no image files"):
+        data.check_image_folder(str(empty))
+    root = _folder(tmp_path)
+    assert data.check_image_folder(root) == 6
+    bad = tmp_path / "imgs" / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=r"--train_data_dir.*1 of 7 image files.*broken\.png"):
+        data.check_image_folder(root)
+
+
+def test_undecodable_image_in_a_loaded_set_names_the_file(tmp_path):
+    """A file that passes the header check but cannot be decoded (truncated) fails with its path, not deep in PIL."""
+    root = _folder(tmp_path)
+    victim = tmp_path / "imgs" / "train" / "dog" / "big.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(victim)
+    ds = data.load_image_dataset(train_data_dir=root, resolution=8, cache_dir=str(tmp_path / "cache"))
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated after loading: header intact, pixels gone
+    idx = next(i for i in range(len(ds)) if "big.png" in ds._describe(i))
+    with pytest.raises(ValueError, match=r"big\.png.*cannot be decoded"):
+        ds[idx]
+
+
+def test_offline_hub_dataset_error_names_the_flag(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"`--dataset_name` 'cifar10' could not be loaded.*offline mode is on"):
+        data.load_image_dataset(dataset_name="cifar10", resolution=8)

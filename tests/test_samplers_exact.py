@@ -167,3 +167,14 @@ def test_pred_original_sample_is_the_posterior_mean_for_exact_eps():
     C = var * torch.outer(a, a) + kern.cov
     post = mu + (var * a) @ torch.linalg.solve(C, (z - a * mu).T)
     assert torch.allclose(res.pred_original_sample[:, 0], post, atol=1e-10)
+
+
+if __name__ == "__main__":  # `python tests/test_samplers_exact.py`: the README's table of law errors vs NFE
+    nfes = (10, 50, 100, 200, 1000)
+    print("| sampler | " + " | ".join(map(str, nfes)) + " NFE | order 200→1000 | order at the test's NFE pair |")
+    print("|---" * (len(nfes) + 3) + "|")
+    for name, (cls, config, _, (n1, n2), _) in SAMPLERS.items():
+        errs = [law_error(cls, config, n) for n in nfes]
+        pair = math.log(law_error(cls, config, n1) / law_error(cls, config, n2)) / math.log(n2 / n1)
+        last = math.log(errs[-2] / errs[-1]) / math.log(nfes[-1] / nfes[-2])
+        print(f"| {name} | " + " | ".join(f"{e:.2g}" for e in errs) + f" | {last:.2f} | {pair:.2f} ({n1}→{n2}) |")

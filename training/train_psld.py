@@ -18,9 +18,16 @@ at ``--ema_decay``), because a fixed 0.9999 EMA would still be ~90 % the random 
 Reproducibility and resume: the data order of epoch e is ``randperm`` seeded by (seed, e), split
 into per-rank slices of each global batch; t, ε and label dropout of step s come from a generator
 seeded by (seed, rank, step, micro-batch). Checkpoints (``checkpoint-<step>``) are written by
-``accelerator.save_state`` into ``.tmp-checkpoint-<step>`` and renamed with ``os.replace``, so a
-killed run always leaves the previous complete checkpoint; ``--resume_from_checkpoint latest``
-continues with exactly the loss trajectory of an uninterrupted run.
+``accelerator.save_state`` into ``.tmp-checkpoint-<step>``, completed by a manifest (sizes and SHA-256
+of every file, and the run's settings) written last, and renamed with ``os.replace``; old ones are
+pruned by an atomic rename to ``.trash-…`` before deletion (:mod:`diffusers_psld.checkpoints`). A killed
+run always leaves complete checkpoints only; ``--resume_from_checkpoint latest`` verifies the
+checkpoint, refuses changed diffusion/network settings, and continues with exactly the loss
+trajectory of an uninterrupted run.
+
+CPU threads: ``--num_threads`` (default: the usable cores minus one, at least 1; on the 2-core
+reference machine 1 thread) — torch's default of one thread per core collapses to seconds per step
+as soon as another process competes for a core (measured in the README's *Reliability* section).
 """
 from __future__ import annotations
 
@@ -46,6 +53,18 @@ PAPER_DEFAULTS = dict(learning_rate=2e-4, lr_warmup_steps=5000, ema_warmup=False
                       train_batch_size=16, checkpointing_steps=5000, save_images_steps=5000,
                       checkpoints_total_limit=None)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# A larger image than this has never been a diffusion training resolution here; the data pre-resize of
+# --resolution 100000 was killed by the OOM killer at 24 GiB. Bounded before any data is touched.
+MAX_RESOLUTION = 1024
+# Settings that define the trained model: a resume with other values is refused (no override).
+FIXED_SETTINGS = ("diffusion", "gamma", "nu", "beta_min", "beta_max", "kappa", "m_inv", "time_scale", "model_preset",
+                  "resolution", "class_conditional", "use_ema", "prediction_type", "offline_digits")
+# Settings that may change between runs of one training (step counts, sampling for the grids, I/O).
+FREE_SETTINGS = ("output_dir", "logging_dir", "report_to", "report_to_requested", "resume_from_checkpoint",
+                 "max_train_steps", "num_epochs", "checkpointing_steps", "checkpoints_total_limit", "save_images_steps",
+                 "num_inference_steps", "eval_batch_size", "sampler", "push_to_hub", "hub_model_id", "hub_token",
+                 "hub_private_repo", "dataloader_num_workers", "cache_dir", "num_threads", "allow_changed_settings",
+                 "defaults_used", "dataset_label", "beta", "resume_history")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -64,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize the shorter side then center-crop (default: direct resize to R×R, as the paper's CelebA-64)")
     g.add_argument("--random_flip", action="store_true", help="random horizontal flips (deterministic per (seed, epoch, index))")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--num_threads", type=int, default=None,
+                   help="torch CPU threads (default: usable cores - 1, at least 1; see the README's Reliability section)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--diffusion", choices=["psld", "cld", "vp"], default="psld",
                    help="psld (Γ, ν); cld = PSLD with Γ=0, ν=4; vp = VP-SDE β 0.1→20")
@@ -116,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
     g.add_argument("--checkpointing_steps", type=int, default=None)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest', a checkpoint directory, or a checkpoint name inside --output_dir (checkpoint-500)")
+    g.add_argument("--allow_changed_settings", nargs="+", default=[], metavar="NAME",
+                   help="on resume, accept these changed settings (e.g. learning_rate seed); recorded in "
+                        "training_args.json. Diffusion and network settings cannot be changed.")
     g.add_argument("--save_images_steps", type=int, default=None, help="sample grid (EMA weights) every N steps")
     g.add_argument("--num_inference_steps", type=int, default=100, help="network evaluations per sample")
     g.add_argument("--eval_batch_size", type=int, default=64, help="images in the sample grid")
@@ -153,9 +178,17 @@ def resolve_and_validate(args) -> argparse.Namespace:
         _err("--model_preset", f"unknown preset {args.model_preset!r}; choose one of {sorted(PRESETS)}")
     if args.resolution is None:
         args.resolution = PRESETS[args.model_preset]["sample_size"]
+    if not 1 <= args.resolution <= MAX_RESOLUTION:
+        _err("--resolution", f"must be between 1 and {MAX_RESOLUTION} pixels, got {args.resolution}")
     check_resolution(args.model_preset, args.resolution)  # message names --resolution
     if args.time_scale is None:  # NCSN++ presets: 1.0 (raw t, as the official networks); recorded in the scheduler
         args.time_scale = PRESETS[args.model_preset].get("time_scale", 1000.0)
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        _err("--time_scale", f"must be a finite number > 0 (the UNet receives t * time_scale), got {args.time_scale}")
+    if args.num_threads is None:
+        args.num_threads = default_num_threads()
+    elif args.num_threads < 1:
+        _err("--num_threads", f"must be >= 1, got {args.num_threads}")
     # diffusion
     if args.diffusion == "vp":
         for flag in ("gamma", "nu", "m_inv"):
@@ -221,10 +254,31 @@ def resolve_and_validate(args) -> argparse.Namespace:
         data = args.dataset_name or (Path(args.train_data_dir).name if args.train_data_dir else "digits")
         args.output_dir = os.path.join("outputs", f"psld-{data.replace('/', '-')}-{args.diffusion}")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        _err("--resume_from_checkpoint", f"{args.resume_from_checkpoint!r} is not a checkpoint directory (or use 'latest')")
+        inside = os.path.join(args.output_dir, args.resume_from_checkpoint)
+        if os.path.basename(os.path.normpath(args.resume_from_checkpoint)) == args.resume_from_checkpoint and os.path.isdir(inside):
+            args.resume_from_checkpoint = inside  # a bare name (checkpoint-500) inside --output_dir, as diffusers' scripts
+        else:
+            _err("--resume_from_checkpoint", f"{args.resume_from_checkpoint!r} is not a checkpoint directory, nor a "
+                                             f"checkpoint name inside --output_dir {args.output_dir!r} (or use 'latest')")
     if args.push_to_hub and args.hub_model_id is not None and args.hub_model_id.count("/") > 1:
         _err("--hub_model_id", f"must look like 'name' or 'user/name', got {args.hub_model_id!r}")
     return args
+
+
+def default_num_threads() -> int:
+    """Default torch CPU threads: the usable cores minus one (at least 1), unless ``OMP_NUM_THREADS`` is set.
+
+    One core stays free for the data loader, the OS and any other process: on the shared 2-core
+    reference machine, with a busy-loop process running, torch's default (2 threads) took 23 s per
+    default training step against 3.9 s with 1 thread (README, *Reliability*)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover  (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def check_output_dir(path: str):
@@ -257,6 +311,11 @@ def load_data(args):
     if args.offline_digits:
         if args.image_column is not None:
             _err("--image_column", "the offline digits set has no columns; give --dataset_name or --train_data_dir")
+        need, avail = digits_memory(args.resolution)
+        if avail is not None and need > avail // 2:
+            _err("--resolution", f"{args.resolution} px would need {need / 2**30:.1f} GiB to hold the offline digits "
+                                 f"in memory; {avail / 2**30:.1f} GiB are available (the set is kept in memory, "
+                                 f"use at most half of it)")
         ds = data.load_digits_dataset(args.resolution, seed=args.seed, random_flip=args.random_flip)
         args.dataset_label = "sklearn-digits"
         channels = 1
@@ -272,6 +331,24 @@ def load_data(args):
     if args.class_conditional and not ds.num_classes:
         _err("--class_conditional", "the data set has no labels")
     return ds, channels
+
+
+def digits_memory(resolution: int):
+    """(bytes the in-memory digits set needs at ``resolution``: 1797 float32 images plus the stacking copy,
+    bytes of memory available now or None when unknown)."""
+    need = 2 * 1797 * resolution * resolution * 4
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache, unlike free pages
+            avail = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")), None)
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover
+            avail = None
+    return need, avail
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int):
@@ -329,18 +406,25 @@ def make_grid(x, nrow=None):
 
 
 def list_checkpoints(output_dir: str):
-    """Complete checkpoints (``checkpoint-<step>``, temp dirs excluded), oldest first, as (step, path)."""
-    if not os.path.isdir(output_dir):
-        return []
-    out = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
-           if (m := CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(output_dir, d))]
-    return sorted(out)
+    """Complete checkpoints (``checkpoint-<step>`` with their manifest; temp and trash dirs excluded),
+    oldest first, as (step, path). See :func:`diffusers_psld.checkpoints.list_checkpoints`."""
+    from diffusers_psld import checkpoints as ckpt
+
+    return ckpt.list_checkpoints(output_dir)
 
 
 def save_checkpoint(accelerator, args, step: int, extra: dict):
-    """Atomic ``save_state``: write ``.tmp-checkpoint-<step>`` (all ranks: accelerate writes weights on
-    the main process and one RNG file per rank), then the main process renames it with ``os.replace``
-    and prunes old checkpoints beyond ``--checkpoints_total_limit``."""
+    """Crash-safe ``save_state``: write ``.tmp-checkpoint-<step>`` (all ranks: accelerate writes weights on
+    the main process and one RNG file per rank); the main process adds the manifest (file sizes and
+    SHA-256, the run's settings) as the last file, renames the directory with ``os.replace`` and prunes
+    old checkpoints beyond ``--checkpoints_total_limit`` (atomic rename to trash, then delete).
+
+    Raises:
+        CheckpointError: the write failed (disk full or another I/O error); the message names the
+            checkpoint and says whether the disk is full; the temporary directory is removed.
+    """
+    from diffusers_psld import checkpoints as ckpt
+
     out = args.output_dir
     final = os.path.join(out, f"checkpoint-{step}")
     tmp = os.path.join(out, f".tmp-checkpoint-{step}")
@@ -348,26 +432,177 @@ def save_checkpoint(accelerator, args, step: int, extra: dict):
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    previous = list_checkpoints(out)
+
+    def failed(err):
+        free = shutil.disk_usage(out).free if os.path.isdir(out) else None  # measured before the cleanup
+        needed = max([ckpt.dir_size(p) for _, p in previous] + [ckpt.dir_size(tmp), 1 << 20])
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ckpt.CheckpointError(ckpt.describe_write_failure(err, final, free, needed,
+                                                                previous[-1][1] if previous else None))
+
+    try:
+        accelerator.save_state(tmp)
+    except Exception as err:  # noqa: BLE001  (re-raised with the checkpoint named)
+        raise failed(err) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, "training_state.json"), "w") as f:
-            json.dump(dict(step=step, **extra), f)
-        if args._crash_before_rename_at_step == step:
+        if args._crash_before_rename_at_step == step:  # test hook: a kill after the write, before the rename
             raise RuntimeError(f"injected crash between temp write and rename at step {step}")
-        trash = None
-        if os.path.exists(final):  # re-saving the same step: keep the old one until the new one is in place
-            trash = os.path.join(out, f".trash-checkpoint-{step}-{os.getpid()}")
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        if trash:
-            shutil.rmtree(trash, ignore_errors=True)
-        if args.checkpoints_total_limit is not None:
-            cks = list_checkpoints(out)
-            for _, path in cks[: max(0, len(cks) - args.checkpoints_total_limit)]:
-                shutil.rmtree(path, ignore_errors=True)
+        try:
+            ckpt.finalize(tmp, final, dict(step=step, **extra))
+        except Exception as err:  # noqa: BLE001
+            raise failed(err) from err
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        ckpt.prune(out, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+EMA_STATE = "ema_state.json"
+
+
+def save_ema(ema, path: str):
+    """Save an ``EMAModel`` as a plain model folder (``UNet2DModel`` / ``NCSNppModel``; its config holds only model keys) plus
+    ``ema_state.json`` (decay, optimization_step, warm-up …). diffusers' ``EMAModel.save_pretrained``
+    writes the EMA keys into the UNet's config.json instead, and every later load then warns that they
+    "were passed to UNet2DModel … will be ignored"."""
+    from diffusers import UNet2DModel
+
+    model_cls = ema.model_cls or UNet2DModel  # UNet2DModel or NCSNppModel (the class training built)
+    model = model_cls.from_config(dict(ema.model_config))
+    ema.copy_to(model.parameters())
+    model.save_pretrained(path, safe_serialization=True)
+    state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    with open(os.path.join(path, EMA_STATE), "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def load_ema(ema, path: str):
+    """Load :func:`save_ema`'s folder (or one written by ``EMAModel.save_pretrained``, EMA keys in
+    config.json) into ``ema``: shadow parameters from the safetensors weights, the EMA counters from
+    ``ema_state.json``. Reads only safetensors; no diffusers warning (the config is split by hand)."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    ema_keys = set(ema.state_dict()) - {"shadow_params"}
+    if os.path.exists(os.path.join(path, EMA_STATE)):
+        with open(os.path.join(path, EMA_STATE)) as f:
+            state = json.load(f)
+    else:  # EMAModel.save_pretrained layout
+        state = {k: config[k] for k in ema_keys if k in config}
+    config = {k: v for k, v in config.items() if k not in ema_keys}
+    weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{weights} is missing (EMA weights are read from safetensors only)")
+    model = (ema.model_cls or UNet2DModel).from_config(config)
+    model.load_state_dict(load_file(weights))
+    ema.load_state_dict({**state, "shadow_params": [p.detach().clone() for p in model.parameters()]})
+
+
+def public_settings(args) -> dict:
+    """The run's settings as written to training_args.json and into every checkpoint's manifest (JSON
+    values, the Hub token redacted)."""
+    from diffusers_psld import hub
+
+    raw = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "defaults_used"}
+    return json.loads(json.dumps(hub.redact(raw), default=str))
+
+
+def _required_files(args):
+    req = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    if args.use_ema:
+        req += ["unet_ema/config.json", "unet_ema/diffusion_pytorch_model.safetensors"]
+    return req
+
+
+def _intact_hint(args, step: int, parent: str) -> str:
+    """Where to resume instead of a damaged ``checkpoint-<step>`` inside ``parent``."""
+    from diffusers_psld import checkpoints as ckpt
+
+    prev = ckpt.last_intact(parent, below_step=step, required=_required_files(args))
+    if prev is None:
+        return (f"No intact earlier checkpoint in {parent!r}: start a new run (another --output_dir, or "
+                f"without --resume_from_checkpoint).")
+    inside = os.path.abspath(parent) == os.path.abspath(args.output_dir)
+    return (f"The last loadable checkpoint is {prev}: resume from it with "
+            f"`--resume_from_checkpoint {os.path.basename(prev) if inside else prev}` (the damaged one is left in "
+            f"place for inspection).")
+
+
+def resolve_resume(args):
+    """The checkpoint to resume from (None: start a new run), checked before anything is written.
+
+    ``latest`` is the newest complete checkpoint. The checkpoint must verify against its manifest and
+    must have been trained with the same diffusion and network settings (:data:`FIXED_SETTINGS`);
+    other changed settings need ``--allow_changed_settings NAME`` and are recorded in
+    ``args.resume_history`` (→ training_args.json).
+
+    Raises:
+        ValueError: naming ``--resume_from_checkpoint`` (damaged checkpoint: the bad file and the last
+            loadable checkpoint; changed settings: each difference) or ``--allow_changed_settings``.
+    """
+    from diffusers_psld import checkpoints as ckpt
+
+    history = []
+    old_args_path = os.path.join(args.output_dir, "training_args.json")
+    old_args = None
+    if os.path.exists(old_args_path):
+        try:
+            with open(old_args_path) as f:
+                old_args = json.load(f)
+            history = list(old_args.get("resume_history", []))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            old_args = None
+    args.resume_history = history
+    known = set(vars(args))
+    for name in args.allow_changed_settings:
+        if name in FIXED_SETTINGS:
+            _err("--allow_changed_settings", f"{name!r} defines the trained model (diffusion or network) and cannot "
+                                             f"change on resume; start a new run instead")
+        if name not in known or name.startswith("_"):
+            _err("--allow_changed_settings", f"{name!r} is not a training setting (use the flag's name without --, "
+                                             f"e.g. learning_rate)")
+    path = args.resume_from_checkpoint
+    if path == "latest":
+        cks = ckpt.list_checkpoints(args.output_dir)
+        path = cks[-1][1] if cks else None
+    if not path:
+        args.resume_history = []  # a new run: no history
+        return None
+    path = os.path.normpath(path)
+    m = CHECKPOINT_RE.match(os.path.basename(path))
+    if not m:
+        _err("--resume_from_checkpoint", f"{path!r} is not named checkpoint-<step>")
+    problem = ckpt.verify(path, _required_files(args))
+    if problem:
+        _err("--resume_from_checkpoint", f"checkpoint {path} is damaged: {problem}. "
+                                         f"{_intact_hint(args, int(m.group(1)), os.path.dirname(path))}")
+    stored = ckpt.read_manifest(path).get("settings") or old_args
+    if not isinstance(stored, dict):
+        print(f"note: {path} records no settings (written by an older version): resuming without comparing them",
+              file=sys.stderr, flush=True)
+        return path
+    hard, soft = ckpt.compare_settings(stored, public_settings(args), FIXED_SETTINGS, FREE_SETTINGS)
+    refused = hard + [d for d in soft if d[0] not in args.allow_changed_settings]
+    if refused:
+        lines = []
+        for k, a, b in hard:
+            lines.append(f"  {k}: {a!r} in the checkpoint, {b!r} now (defines the model: cannot change)")
+        for k, a, b in soft:
+            if k not in args.allow_changed_settings:
+                lines.append(f"  {k}: {a!r} in the checkpoint, {b!r} now (pass --allow_changed_settings {k} to accept)")
+        _err("--resume_from_checkpoint", f"{path} was trained with other settings:\n" + "\n".join(lines) +
+             "\nRepeat the checkpoint's values, or start a new run in another --output_dir.")
+    if soft:
+        changed = {k: [a, b] for k, a, b in soft}
+        args.resume_history = history + [{"checkpoint": os.path.basename(path), "step": int(m.group(1)),
+                                          "changed": changed}]
+        print("resuming with changed settings (recorded in training_args.json): "
+              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
+    return path
 
 
 def _rewrite_log(path: str, upto_step: int):
@@ -430,21 +665,30 @@ def main(argv=None):
 
     from diffusers_psld.models.unet_presets import build_unet
 
+    from diffusers_psld import checkpoints as ckpt
+
+    torch.set_num_threads(args.num_threads)
     scheduler = make_scheduler(args)  # validates the SDE parameters again (RecipeSDE)
-    report_to = args.report_to
-    if report_to == "tensorboard":
+    args.report_to_requested = args.report_to
+    if args.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            print("tensorboard is not installed: --report_to none", file=sys.stderr)
-            report_to = "none"
+            print("note: TensorBoard is not installed (pip install tensorboard), so this run logs to train_log.jsonl "
+                  "only; training_args.json and the model card record report_to = none", file=sys.stderr, flush=True)
+            args.report_to = "none"
+    report_to = args.report_to  # what really happens: recorded in training_args.json and the model card
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=None if report_to == "none" else report_to,
                               project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
     is_main = accelerator.is_main_process
     if is_main:
         check_output_dir(args.output_dir)
+        stale = ckpt.remove_stale(args.output_dir)
+        if stale:
+            print(f"removed leftovers of an interrupted run: {', '.join(stale)}", flush=True)
     accelerator.wait_for_everyone()
+    resume_path = resolve_resume(args)  # verified, settings compared (ValueError naming the flag otherwise)
     ds, channels = load_data(args)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = args.train_batch_size * world
@@ -471,7 +715,7 @@ def main(argv=None):
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             if ema is not None:
-                ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+                save_ema(ema, os.path.join(output_dir, "unet_ema"))
             for m in models:
                 accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "unet"))
         while weights:
@@ -479,10 +723,8 @@ def main(argv=None):
 
     def load_hook(models, input_dir):
         if ema is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(unet))
-            ema.load_state_dict(loaded.state_dict())
+            load_ema(ema, os.path.join(input_dir, "unet_ema"))
             ema.to(accelerator.device)
-            del loaded
         while models:
             m = models.pop()
             loaded = type(unet).from_pretrained(input_dir, subfolder="unet")
@@ -501,7 +743,7 @@ def main(argv=None):
     if ema is not None:
         ema.to(accelerator.device)
 
-    public_args = hub.redact({k: v for k, v in vars(args).items() if not k.startswith("_") and k != "defaults_used"})
+    public_args = public_settings(args)
     if is_main:
         print(f"diffusers-psld training: {args.diffusion} on {args.dataset_label} ({len(ds)} images, "
               f"{args.resolution}px, C={channels}, k={scheduler.num_components}); preset {args.model_preset} "
@@ -516,25 +758,21 @@ def main(argv=None):
         accelerator.init_trackers("psld", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                   for k, v in public_args.items()})
 
-    # ---------------- resume
+    # ---------------- resume (checked before anything was written: resolve_resume)
     global_step = 0
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            cks = list_checkpoints(args.output_dir)
-            path = cks[-1][1] if cks else None
-        if path is None:
-            if is_main:
-                print("no checkpoint found in --output_dir: starting a new run", flush=True)
-        else:
-            m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-            if not m:
-                _err("--resume_from_checkpoint", f"{path!r} is not named checkpoint-<step>")
-            accelerator.load_state(path)
-            global_step = int(m.group(1))
-            if is_main:
-                print(f"resumed from {path} at step {global_step}", flush=True)
+    if resume_path is None and args.resume_from_checkpoint and is_main:
+        print("no checkpoint found in --output_dir: starting a new run", flush=True)
+    if resume_path is not None:
+        try:
+            accelerator.load_state(resume_path)
+        except Exception as err:  # noqa: BLE001  (a damage the manifest did not catch: name it and the way out)
+            step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
+            raise ValueError(f"`--resume_from_checkpoint`: {resume_path} could not be loaded ({type(err).__name__}: "
+                             f"{err}). {_intact_hint(args, step, os.path.dirname(resume_path))}") from err
+        global_step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
+        if is_main:
+            print(f"resumed from {resume_path} at step {global_step}", flush=True)
     if is_main:
         if global_step == 0 and os.path.exists(log_path):
             os.remove(log_path)
@@ -585,70 +823,72 @@ def main(argv=None):
     unet.train()
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not is_main, desc="steps")
     t_start, steps_done, last_losses = time.time(), 0, []
-    while global_step < args.max_train_steps:
-        step_losses, comp = [], {}
-        for micro in range(accum):
-            epoch, batch = next(batch_iter)
-            x0 = batch["input"].to(accelerator.device)
-            g = step_generator(args.seed, rank, global_step, micro)
-            labels = None
-            if args.class_conditional:
-                labels = batch["label"].clone()
-                drop = torch.rand(labels.shape[0], generator=g) < args.cond_drop_prob
-                labels[drop] = null_class
-                labels = labels.to(accelerator.device)
-            if args._debug_ranks and global_step == 0 and micro == 0:
-                print(f"[rank {rank}/{world}] first batch indices "
-                      f"{psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0)[0]}", flush=True)
-            with accelerator.autocast():
-                loss, stats = hsm_loss(unet, scheduler, x0, generator=g, class_labels=labels, return_stats=True,
-                                       snr_gamma=args.snr_gamma)
-            if args._inject_nan_at_step == global_step + 1:
-                loss = loss * float("nan")
-            gathered = accelerator.gather(loss.detach().float().reshape(1))
-            if not torch.all(torch.isfinite(gathered)):
-                ck = list_checkpoints(args.output_dir)
-                raise FloatingPointError(
-                    f"non-finite loss ({gathered.tolist()}) at step {global_step + 1} (epoch {epoch}); training stopped. "
-                    f"Last good checkpoint: {ck[-1][1] if ck else 'none'}")
-            step_losses.append(gathered.double().mean().item())
-            for kname, v in stats.items():
-                if kname.startswith("loss_"):
-                    comp[kname] = comp.get(kname, 0.0) + accelerator.gather(v.float().reshape(1)).mean().item() / accum
-            if micro < accum - 1:
-                with accelerator.no_sync(unet):
+    try:  # close the bar on any exit: an unclosed bar is printed again when it is garbage collected
+        while global_step < args.max_train_steps:
+            step_losses, comp = [], {}
+            for micro in range(accum):
+                epoch, batch = next(batch_iter)
+                x0 = batch["input"].to(accelerator.device)
+                g = step_generator(args.seed, rank, global_step, micro)
+                labels = None
+                if args.class_conditional:
+                    labels = batch["label"].clone()
+                    drop = torch.rand(labels.shape[0], generator=g) < args.cond_drop_prob
+                    labels[drop] = null_class
+                    labels = labels.to(accelerator.device)
+                if args._debug_ranks and global_step == 0 and micro == 0:
+                    print(f"[rank {rank}/{world}] first batch indices "
+                          f"{psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0)[0]}", flush=True)
+                with accelerator.autocast():
+                    loss, stats = hsm_loss(unet, scheduler, x0, generator=g, class_labels=labels, return_stats=True,
+                                           snr_gamma=args.snr_gamma)
+                if args._inject_nan_at_step == global_step + 1:
+                    loss = loss * float("nan")
+                gathered = accelerator.gather(loss.detach().float().reshape(1))
+                if not torch.all(torch.isfinite(gathered)):
+                    ck = list_checkpoints(args.output_dir)
+                    raise FloatingPointError(
+                        f"non-finite loss ({gathered.tolist()}) at step {global_step + 1} (epoch {epoch}); training stopped. "
+                        f"Last good checkpoint: {ck[-1][1] if ck else 'none'}")
+                step_losses.append(gathered.double().mean().item())
+                for kname, v in stats.items():
+                    if kname.startswith("loss_"):
+                        comp[kname] = comp.get(kname, 0.0) + accelerator.gather(v.float().reshape(1)).mean().item() / accum
+                if micro < accum - 1:
+                    with accelerator.no_sync(unet):
+                        accelerator.backward(loss / accum)
+                else:
                     accelerator.backward(loss / accum)
-            else:
-                accelerator.backward(loss / accum)
-        if args.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-        lr_now = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(unet.parameters())
-        global_step += 1
-        steps_done += 1
-        loss_val = float(np.mean(step_losses))
-        last_losses = (last_losses + [loss_val])[-100:]
-        rate = steps_done / max(time.time() - t_start, 1e-9)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", steps_per_s=f"{rate:.2f}")
-        logs = {"loss": loss_val, "lr": lr_now, **comp}
-        if ema is not None:
-            logs["ema_decay"] = ema.cur_decay_value if ema.cur_decay_value is not None else 0.0
-        if is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": global_step, **logs}) + "\n")
-        if report_to != "none":
-            accelerator.log(logs, step=global_step)
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, global_step, {"epoch": epoch, "loss": loss_val})
-        if global_step % args.save_images_steps == 0 and global_step < args.max_train_steps:
-            save_samples(global_step)
-            accelerator.wait_for_everyone()
-    progress.close()
+            if args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            lr_now = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(unet.parameters())
+            global_step += 1
+            steps_done += 1
+            loss_val = float(np.mean(step_losses))
+            last_losses = (last_losses + [loss_val])[-100:]
+            rate = steps_done / max(time.time() - t_start, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", steps_per_s=f"{rate:.2f}")
+            logs = {"loss": loss_val, "lr": lr_now, **comp}
+            if ema is not None:
+                logs["ema_decay"] = ema.cur_decay_value if ema.cur_decay_value is not None else 0.0
+            if is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": global_step, **logs}) + "\n")
+            if report_to != "none":
+                accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step, {"epoch": epoch, "loss": loss_val, "settings": public_args})
+            if global_step % args.save_images_steps == 0 and global_step < args.max_train_steps:
+                save_samples(global_step)
+                accelerator.wait_for_everyone()
+    finally:
+        progress.close()
     wall = time.time() - t_start
 
     if args._debug_ranks:
@@ -725,8 +965,10 @@ def card_fields(args, public_args, n_params, world, steps, last_losses, wall, ch
         effective_batch=args.train_batch_size * world * args.gradient_accumulation_steps, steps=steps, ema=ema_txt,
         mixed_precision=args.mixed_precision, seed=args.seed,
         final_loss=f"{sum(last_losses) / len(last_losses):.4f}" if last_losses else "n/a",
-        wall_time=f"{wall / 60:.1f} min", hardware=f"{platform.machine()} CPU ×{os.cpu_count()}, torch {torch.__version__}"
-        + ("" if not torch.cuda.is_available() else f", {torch.cuda.get_device_name(0)}"),
+        wall_time=f"{wall / 60:.1f} min", hardware=f"{platform.machine()} CPU ×{os.cpu_count()} ({args.num_threads} torch "
+        f"thread(s)), torch {torch.__version__}" + ("" if not torch.cuda.is_available() else f", {torch.cuda.get_device_name(0)}")
+        + f"; logging: {'TensorBoard + ' if args.report_to == 'tensorboard' else ''}train_log.jsonl"
+        + (f" ({args.report_to_requested} was requested but is not installed)" if args.report_to_requested != args.report_to else ""),
         samples_section="## Samples\n\n![samples](samples.png)\n\nEMA weights, seed {}.".format(args.seed),
         tags=["class-conditional"] if args.class_conditional else [],
     )
@@ -738,3 +980,8 @@ if __name__ == "__main__":
     except ValueError as err:  # bad input: one clear line, exit code 2
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:  # a checkpoint could not be written (disk full, I/O): one clear line, exit code 1
+        if type(err).__name__ != "CheckpointError":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
