@@ -251,3 +251,32 @@ def test_trained_classifier_guided_accuracy_clearly_above_unguided():
     guided = sum(per_class) / 4
     assert 0.1 < unguided < 0.4, unguided
     assert guided >= 0.8 and min(per_class) >= 0.6, (per_class, unguided, loss)
+
+
+def test_guided_accuracy_benchmark_smoke(tmp_path):
+    """benchmarks/guided_accuracy.py end to end on a tiny random pipeline (the table's plumbing, not its figures)."""
+    import json
+    import os
+
+    from _scripts import load_script
+
+    from diffusers_psld.evaluation.features import DigitsFeatureNet
+
+    bench = load_script(os.path.join("benchmarks", "guided_accuracy.py"), "psld_bench_guided_accuracy")
+    clf = TimeDependentClassifier(in_channels=2, num_classes=10, block_out_channels=(8, 16), norm_num_groups=4,
+                                  sample_size=8)
+    PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler(), classifier=clf).save_pretrained(str(tmp_path / "pipe"))
+    torch.manual_seed(0)
+    DigitsFeatureNet(image_size=8, feature_dim=8, width=4).save_pretrained(str(tmp_path / "fx"))
+    out = str(tmp_path / "res" / "ga")
+    r = bench.main(["--pipeline", str(tmp_path / "pipe"), "--feature_extractor", str(tmp_path / "fx"), "--scales", "0",
+                    "2", "--num_per_class", "1", "--num_inference_steps", "3", "--batch_size", "6", "--output", out])
+    assert [row["scale"] for row in r["rows"]] == [0.0, 2.0] and r["scheduler"] == "GDDIMMultistepScheduler"
+    for row in r["rows"]:
+        assert len(row["per_class"]) == 10 and sum(row["predicted_histogram"]) == 10
+        assert row["average"] == pytest.approx(sum(row["per_class"]) / 10)
+    assert json.load(open(out + ".json"))["rows"][1]["scale"] == 2.0
+    assert "| 2 |" in open(out + ".md").read()
+    with pytest.raises(SystemExit):  # a pipeline without a classifier is refused up front
+        PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler()).save_pretrained(str(tmp_path / "noclf"))
+        bench.parse_args(["--pipeline", str(tmp_path / "noclf"), "--feature_extractor", "x"])
