@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--output", default=os.path.join("benchmarks", "results", "guided_accuracy"),
                    help="output path without extension (.json and .md are written)")
+    p.add_argument("--save_grid", type=int, default=0, metavar="N",
+                   help="also write <output>_s<scale>.png: N samples per class (one row per requested class)")
     args = p.parse_args(argv)
     for name in ("num_per_class", "num_inference_steps", "batch_size", "num_threads"):
         if getattr(args, name) < 1:
@@ -78,19 +80,35 @@ def load_pipeline(path: str, scheduler: str):
 
 
 @torch.no_grad()
-def guided_predictions(pipe, judge, labels: torch.Tensor, scale: float, num_inference_steps: int, batch_size: int,
-                       seed: int) -> torch.Tensor:
-    """Judge's predicted class of each sample guided towards ``labels`` (scale 0: unguided, same noise)."""
+def guided_samples(pipe, judge, labels: torch.Tensor, scale: float, num_inference_steps: int, batch_size: int,
+                   seed: int):
+    """``(uint8 images [N, C, H, W], judge's predicted classes [N])`` of samples guided towards ``labels``
+    (scale 0: unguided, same noise)."""
     from diffusers_psld.evaluation.fid import to_uint8
 
-    preds = []
+    preds, images = [], []
     for j, start in enumerate(range(0, len(labels), batch_size)):
         lab = labels[start:start + batch_size]
         out = pipe(batch_size=len(lab), class_labels=lab, guidance_scale=float(scale),
                    num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + j),
                    output_type="np").images
-        preds.append(judge(to_uint8(out)).argmax(-1))
-    return torch.cat(preds)
+        images.append(to_uint8(out))
+        preds.append(judge(images[-1]).argmax(-1))
+    return torch.cat(images), torch.cat(preds)
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int, path: str, px: int = 2):
+    """One row per requested class, ``per_class`` samples each, enlarged ``px`` times (nearest)."""
+    import numpy as np
+    import PIL.Image
+
+    rows = []
+    for c in labels.unique().tolist():
+        row = images[labels == c][:per_class]
+        rows.append(np.concatenate(list(row.permute(0, 2, 3, 1).numpy()), axis=1))
+    grid = np.concatenate(rows, axis=0)
+    im = PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    im.resize((im.width * px, im.height * px), PIL.Image.NEAREST).save(path)
 
 
 def summarize(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
@@ -101,19 +119,30 @@ def summarize(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
 
 def markdown(r: dict) -> str:
     n = r["num_classes"]
+    judge_acc = f"{r['judge_val_accuracy']:.3f}" if isinstance(r["judge_val_accuracy"], float) else "n/a"
+    clf = r["classifier"]
+    if isinstance(clf, dict):
+        clf = (f"{clf.get('max_train_steps')} steps, batch {clf.get('train_batch_size')}, lr {clf.get('learning_rate')}, "
+               f"channels {clf.get('block_out_channels')}, {clf.get('resolution')} px; held-out accuracy "
+               f"{clf.get('val_acc_t_lt_0.1', float('nan')):.3f} at t < 0.1, {clf.get('val_acc_all_t', float('nan')):.3f} "
+               "over t ~ U(0, 1)")
     head = "| scale | average | " + " | ".join(str(c) for c in range(n)) + " | s |"
     lines = [
         "# Classifier-guidance accuracy (digits PSLD)", "",
-        f"Fraction of guided samples that the independent DigitsFeatureNet (val. accuracy "
-        f"{r['judge_val_accuracy']}) classifies as the requested class; {r['num_per_class']} samples per class, "
-        f"{r['scheduler']} at NFE {r['num_inference_steps']}; scale 0 = unguided (same seeds).", "",
+        f"Fraction of guided samples that the independent DigitsFeatureNet (`{r['judge']}`, validation accuracy "
+        f"{judge_acc}) classifies as the requested class, per class (%) and averaged; {r['num_per_class']} "
+        f"samples per class, {r['scheduler']} at NFE {r['num_inference_steps']}; scale 0 = unguided (same seeds "
+        "and labels).", "",
         head, "|" + "---|" * (n + 3),
     ]
     for row in r["rows"]:
         lines.append(f"| {row['scale']:g} | **{100 * row['average']:.1f} %** | "
                      + " | ".join(f"{100 * a:.0f}" for a in row["per_class"]) + f" | {row['seconds']:.0f} |")
-    lines += ["", f"Pipeline: `{r['pipeline']}` (classifier: {r['classifier']}).", f"Machine: {r['machine']}.", "",
-              "Command:", "", "```", r["command"], "```", ""]
+    grids = [f"[scale {row['scale']:g}]({os.path.basename(row['grid'])})" for row in r["rows"] if row.get("grid")]
+    lines += ["", f"Pipeline: `{r['pipeline']}`; classifier: {clf}.", f"Machine: {r['machine']}.", ""]
+    if grids:
+        lines += ["Samples (rows = requested class): " + ", ".join(grids) + ".", ""]
+    lines += ["Command:", "", "```", r["command"], "```", ""]
     return "\n".join(lines)
 
 
@@ -136,27 +165,32 @@ def main(argv=None):
     if judge.config.num_classes != n_cls:
         raise ValueError(f"the feature network has {judge.config.num_classes} classes, the classifier {n_cls}")
     labels = torch.arange(n_cls).repeat_interleave(args.num_per_class)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     rows = []
     for s in args.scales:
         t0 = time.perf_counter()
-        preds = guided_predictions(pipe, judge, labels, s, args.num_inference_steps, args.batch_size, args.seed)
+        images, preds = guided_samples(pipe, judge, labels, s, args.num_inference_steps, args.batch_size, args.seed)
         row = {"scale": s, **summarize(preds, labels, n_cls), "seconds": time.perf_counter() - t0}
+        if args.save_grid:
+            row["grid"] = f"{args.output}_s{s:g}.png"
+            save_grid(images, labels, args.save_grid, row["grid"])
         rows.append(row)
         print(f"scale {s:g}: average {100 * row['average']:.1f} %  per class "
               + " ".join(f"{100 * a:.0f}" for a in row["per_class"]) + f"  ({row['seconds']:.0f} s)", flush=True)
     clf_metrics = os.path.join(os.path.dirname(os.path.abspath(args.pipeline)), "metrics.json")
+    from diffusers_psld.evaluation.fid import weights_sha256
+
     result = {
-        "pipeline": os.path.abspath(args.pipeline),
+        "pipeline": args.pipeline, "weights_sha256": weights_sha256(args.pipeline),
         "classifier": json.load(open(clf_metrics)) if os.path.isfile(clf_metrics) else "classifier/ of the pipeline",
         "scheduler": type(pipe.scheduler).__name__, "num_inference_steps": args.num_inference_steps,
         "num_per_class": args.num_per_class, "num_classes": n_cls, "seed": args.seed,
-        "judge": os.path.abspath(args.feature_extractor), "judge_val_accuracy": judge_acc,
+        "judge": args.feature_extractor, "judge_val_accuracy": judge_acc,
         "rows": rows,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} thread(s)",
+                   f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at the end",
         "command": " ".join(["python", "benchmarks/guided_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output + ".json", "w") as f:
         json.dump(result, f, indent=2)
     with open(args.output + ".md", "w") as f:

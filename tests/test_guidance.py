@@ -270,13 +270,14 @@ def test_guided_accuracy_benchmark_smoke(tmp_path):
     DigitsFeatureNet(image_size=8, feature_dim=8, width=4).save_pretrained(str(tmp_path / "fx"))
     out = str(tmp_path / "res" / "ga")
     r = bench.main(["--pipeline", str(tmp_path / "pipe"), "--feature_extractor", str(tmp_path / "fx"), "--scales", "0",
-                    "2", "--num_per_class", "1", "--num_inference_steps", "3", "--batch_size", "6", "--output", out])
+                    "2", "--num_per_class", "1", "--num_inference_steps", "3", "--batch_size", "6", "--output", out,
+                    "--save_grid", "1"])
     assert [row["scale"] for row in r["rows"]] == [0.0, 2.0] and r["scheduler"] == "GDDIMMultistepScheduler"
     for row in r["rows"]:
         assert len(row["per_class"]) == 10 and sum(row["predicted_histogram"]) == 10
         assert row["average"] == pytest.approx(sum(row["per_class"]) / 10)
     assert json.load(open(out + ".json"))["rows"][1]["scale"] == 2.0
-    assert "| 2 |" in open(out + ".md").read()
+    assert "| 2 |" in open(out + ".md").read() and os.path.isfile(out + "_s2.png")
     with pytest.raises(SystemExit):  # a pipeline without a classifier is refused up front
         PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler()).save_pretrained(str(tmp_path / "noclf"))
         bench.parse_args(["--pipeline", str(tmp_path / "noclf"), "--feature_extractor", "x"])
