@@ -251,7 +251,11 @@ def _guided_tab(ctx: DemoContext):
         gr.Markdown(f"Guidance: {ctx.guide_kind}, {ctx.n_classes} classes." if ctx.n_classes else
                     "**Unavailable for this model** (no classifier, no class-conditional UNet).")
         label = raw_number(0, precision=0, label="class label")
-        scale = gr.Slider(0.0, 20.0, value=1.0, step=0.5, label="guidance scale (1 = exact posterior / conditional)")
+        # classifier guidance: 8 is the README's measured scale (90 % of digits samples of the requested class vs 43 %
+        # at 1); classifier-free guidance: 1 = the conditional model
+        default = 8.0 if ctx.n_classes and not ctx.pipe.is_class_conditional else 1.0
+        scale = gr.Slider(0.0, 20.0, value=default, step=0.5,
+                          label="guidance scale (1 = exact posterior / conditional; classifier guidance on digits: 8)")
         ctl = ctx.controls()
         btn = gr.Button("Generate", variant="primary")
         gal = gr.Gallery(label="samples", columns=4)
