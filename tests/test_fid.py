@@ -115,6 +115,15 @@ def test_weights_sha256(tmp_path):
     h = fm.weights_sha256(str(tmp_path))
     assert h == {"unet/diffusion_pytorch_model.safetensors":
                  "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    (tmp_path / "checkpoint-5").mkdir()  # training checkpoints are not part of the pipeline
+    (tmp_path / "checkpoint-5" / "optimizer.bin").write_bytes(b"x")
+    assert fm.weights_sha256(str(tmp_path)) == h
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "diffusion_pytorch_model.safetensors").write_bytes(b"abc")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PSLDPipeline", "unet": ["diffusers", "UNet2DModel"], '
+                                               '"classifier": ["diffusers_psld.models.classifier", "T"]}')
+    assert sorted(fm.weights_sha256(str(tmp_path))) == ["classifier/diffusion_pytorch_model.safetensors",
+                                                        "unet/diffusion_pytorch_model.safetensors"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no weight file"):
         fm.weights_sha256(str(tmp_path / "empty"))

@@ -133,27 +133,37 @@ class ShardMismatchError(ValueError):
 
 
 def weights_sha256(model_dir: str) -> Dict[str, str]:
-    """SHA-256 of every weight file (``*.safetensors``, ``*.bin``) under ``model_dir`` (relative path → hex).
+    """SHA-256 of the weight files (``*.safetensors``, ``*.bin``) of a saved pipeline (relative path → hex).
+
+    Only the pipeline's component folders are read: those named in ``model_index.json`` (``unet``,
+    ``classifier``, ...), else ``unet/`` (bare layout); training checkpoints next to them are not hashed.
 
     Raises:
-        ValueError: ``model_dir`` is not a directory or holds no weight file.
+        ValueError: ``model_dir`` is not a directory or its components hold no weight file.
     """
     import hashlib
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"`model_dir` must be a directory, got {model_dir!r}")
+    index = os.path.join(model_dir, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            components = sorted(k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list))
+    else:
+        components = ["unet"]
     out = {}
-    for root, _, files in os.walk(model_dir):
-        for name in sorted(files):
-            if name.endswith((".safetensors", ".bin")):
-                path = os.path.join(root, name)
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                out[os.path.relpath(path, model_dir).replace(os.sep, "/")] = h.hexdigest()
+    for comp in components:
+        for root, _, files in os.walk(os.path.join(model_dir, comp)):
+            for name in sorted(files):
+                if name.endswith((".safetensors", ".bin")):
+                    path = os.path.join(root, name)
+                    h = hashlib.sha256()
+                    with open(path, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            h.update(block)
+                    out[os.path.relpath(path, model_dir).replace(os.sep, "/")] = h.hexdigest()
     if not out:
-        raise ValueError(f"`model_dir` {model_dir!r} holds no weight file (*.safetensors / *.bin)")
+        raise ValueError(f"`model_dir` {model_dir!r} holds no weight file (*.safetensors / *.bin) in {components}")
     return dict(sorted(out.items()))
 
 
