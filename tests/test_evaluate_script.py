@@ -83,6 +83,36 @@ def test_report_fields_and_resume(workdir):
     assert rep3["fid"] == pytest.approx(rep["fid"], rel=1e-6)
 
 
+def test_other_settings_in_the_same_output_dir_are_refused_or_regenerated(workdir):
+    """Issue #13 §2: a rerun with another scheduler / NFE must not reuse the old shards and label them anew."""
+    out = workdir / "mismatch"
+    first = evaluate.main(_args(workdir, out, "--skip_metrics"))
+    fp = first["model"]["fingerprint"]
+    assert fp["num_inference_steps"] == 3 and fp["scheduler"] == "PSLDScheduler"
+    assert list(fp["weights_sha256"]) == ["unet/diffusion_pytorch_model.safetensors"]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
+    for extra, field in [(("--num_inference_steps", "5"), "num_inference_steps"),
+                         (("--scheduler", "sscs"), "scheduler"), (("--seed", "1"), "seed")]:
+        args = _args(workdir, out, "--skip_metrics")
+        i = args.index("--num_inference_steps")
+        args = args[:i] + args[i + 2:] + (["--num_inference_steps", "3"] if extra[0] != "--num_inference_steps" else [])
+        with pytest.raises(evaluate.fidmod.ShardMismatchError, match=field):
+            evaluate.main(args + list(extra))
+        assert {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()} == before  # nothing touched
+    # the CLI says so without a traceback
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "training", "evaluate.py"),
+                           *_args(workdir, out, "--skip_metrics", "--scheduler", "sscs")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--regenerate_mismatched_shards" in proc.stderr
+    # explicit opt-in: regenerated, and the report is the one of a fresh folder
+    rep = evaluate.main(_args(workdir, out, "--scheduler", "sscs", "--regenerate_mismatched_shards"))
+    assert rep["shards_generated"] == 3 and rep["shards_regenerated_other_settings"] == 3 and rep["shards_reused"] == 0
+    fresh = evaluate.main(_args(workdir, workdir / "mismatch_fresh", "--scheduler", "sscs"))
+    assert rep["fid"] == pytest.approx(fresh["fid"], rel=1e-9)
+    assert "overwritten: other settings" in (out / "report.md").read_text()
+
+
 def test_scheduler_swap_and_bare_layout(workdir):
     rep = evaluate.main(_args(workdir, workdir / "sscs", "--scheduler", "sscs", "--striding", "quadratic",
                               "--skip_metrics"))

@@ -23,7 +23,7 @@ def net8():
 
 def test_to_uint8_formats():
     x = torch.tensor([0.0, 0.5, 0.9999, 1.2, -0.1]).reshape(1, 1, 1, 5)
-    assert fm.to_uint8(x).flatten().tolist() == [0, 127, 254, 255, 0]  # truncation, clamped
+    assert fm.to_uint8(x).flatten().tolist() == [0, 128, 255, 255, 0]  # rounded (half to even), clamped
     a = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32)
     out = fm.to_uint8(a)
     assert out.shape == (2, 3, 4, 4) and out.dtype == torch.uint8
@@ -34,6 +34,99 @@ def test_to_uint8_formats():
     assert fm.to_uint8(pil).shape == (1, 1, 4, 4)
     with pytest.raises(ValueError, match="images"):
         fm.to_uint8(np.zeros((4, 4)))
+
+
+def test_to_uint8_is_numpy_to_pil():
+    """One float → uint8 rule: to_uint8 gives the bytes of diffusers' numpy_to_pil (the pipeline's "pil")."""
+    from diffusers.utils.pil_utils import numpy_to_pil
+
+    a = np.random.default_rng(1).random((6, 5, 5, 1)).astype(np.float32)
+    a[0, 0, 0, 0], a[0, 0, 1, 0] = 0.5 / 255, 2.5 / 255  # exact half levels
+    pil = np.stack([np.asarray(im) for im in numpy_to_pil(a)])[..., None]
+    assert np.array_equal(fm.to_uint8(a).permute(0, 2, 3, 1).numpy(), pil)
+
+
+def test_training_digits_through_output_transform_give_fid_zero(net8):
+    """A perfect model (the training digits pushed through PSLDPipeline's output transform) scores FID 0.
+
+    With truncation instead of rounding ~23 % of the pixels came back one level low (FID 0.0059).
+    """
+    from diffusers_psld.data import load_digits_dataset
+
+    real, _ = fx.load_digits_images(8)
+    x = load_digits_dataset(resolution=8).images  # what the UNet is trained on, in [-1, 1]
+    fake_float = (x / 2 + 0.5).clamp(0, 1)  # PSLDPipeline's output transform (output_type="pt"/"np")
+    fake = fm.to_uint8(fake_float.permute(0, 2, 3, 1).numpy())
+    assert torch.equal(fake, real)
+    r = fm.compute_fid_is(fake, real, net8, splits=2)
+    assert abs(r["fid"]) < 1e-3, r["fid"]
+    # the truncating rule this replaced is not exact on the same data (the test can fail)
+    trunc = (fake_float * 255).to(torch.uint8)
+    assert (trunc != real).float().mean() > 0.05
+
+
+def test_shards_record_provenance_and_refuse_other_settings(tmp_path):
+    d = str(tmp_path / "s")
+    fp = {"weights_sha256": {"unet/w.safetensors": "aa"}, "num_inference_steps": 100,
+          "scheduler_config": {"sampler": "em", "gamma": 0.01}}
+    f = _Counter()
+    fm.generate_shards(f, d, 10, 4, base_seed=3, fingerprint=fp)
+    with np.load(fm.shard_path(d, 0)) as z:
+        import json
+
+        prov = json.loads(str(z["provenance"]))
+    assert prov["fingerprint"]["num_inference_steps"] == 100 and prov["seed"] == 3 and "round" in prov["uint8_rule"]
+    before = fm.load_shards(d, 10, 4, fingerprint=fp, base_seed=3)["images"]
+    # an interrupted identical run resumes: only the missing shard is generated
+    os.remove(fm.shard_path(d, 1))
+    st = fm.generate_shards(f, d, 10, 4, base_seed=3, fingerprint=fp)
+    assert st["generated"] == [1] and st["skipped"] == [0, 2] and st["regenerated"] == []
+    assert torch.equal(fm.load_shards(d, 10, 4, fingerprint=fp, base_seed=3)["images"], before)
+    # other NFE / sampler / weights / seed: refused before anything is written, naming the fields
+    for other, field in [({**fp, "num_inference_steps": 5}, "num_inference_steps"),
+                         ({**fp, "scheduler_config": {"sampler": "sscs", "gamma": 0.01}}, "scheduler_config.sampler"),
+                         ({**fp, "weights_sha256": {"unet/w.safetensors": "bb"}}, "weights_sha256")]:
+        n_calls = len(f.calls)
+        with pytest.raises(fm.ShardMismatchError, match=field):
+            fm.generate_shards(f, d, 10, 4, base_seed=3, fingerprint=other)
+        assert len(f.calls) == n_calls
+        with pytest.raises(fm.ShardMismatchError, match=field):
+            fm.load_shards(d, 10, 4, fingerprint=other, base_seed=3)
+    with pytest.raises(fm.ShardMismatchError, match="seed"):
+        fm.generate_shards(f, d, 10, 4, base_seed=4, fingerprint=fp)
+    # explicit regeneration overwrites them all with the new settings
+    new = {**fp, "num_inference_steps": 5}
+    st = fm.generate_shards(f, d, 10, 4, base_seed=3, fingerprint=new, on_mismatch="regenerate")
+    assert st["generated"] == [0, 1, 2] and st["regenerated"] == [0, 1, 2]
+    fm.load_shards(d, 10, 4, fingerprint=new, base_seed=3)
+    # shards without provenance (older versions) are not trusted
+    legacy = str(tmp_path / "legacy")
+    os.makedirs(legacy)
+    np.savez(fm.shard_path(legacy, 0), images=np.zeros((4, 4, 4, 1), np.uint8), seed=np.int64(3), seconds=np.float64(0))
+    with pytest.raises(fm.ShardMismatchError, match="older version"):
+        fm.generate_shards(f, legacy, 4, 4, base_seed=3, fingerprint=fp)
+    with pytest.raises(ValueError, match="on_mismatch"):
+        fm.generate_shards(f, legacy, 4, 4, on_mismatch="ignore")
+
+
+def test_weights_sha256(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"abc")
+    h = fm.weights_sha256(str(tmp_path))
+    assert h == {"unet/diffusion_pytorch_model.safetensors":
+                 "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    (tmp_path / "checkpoint-5").mkdir()  # training checkpoints are not part of the pipeline
+    (tmp_path / "checkpoint-5" / "optimizer.bin").write_bytes(b"x")
+    assert fm.weights_sha256(str(tmp_path)) == h
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "diffusion_pytorch_model.safetensors").write_bytes(b"abc")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PSLDPipeline", "unet": ["diffusers", "UNet2DModel"], '
+                                               '"classifier": ["diffusers_psld.models.classifier", "T"]}')
+    assert sorted(fm.weights_sha256(str(tmp_path))) == ["classifier/diffusion_pytorch_model.safetensors",
+                                                        "unet/diffusion_pytorch_model.safetensors"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no weight file"):
+        fm.weights_sha256(str(tmp_path / "empty"))
 
 
 def test_shard_plan():

@@ -4,14 +4,27 @@ Generation
 ----------
 ``N`` samples are split into shards of ``shard_size`` images; shard ``i`` is generated with
 ``torch.Generator().manual_seed(base_seed + i)`` by process ``i % world_size`` and written atomically
-to ``<dir>/shard_{i:05d}.npz`` (``images``: uint8 ``[n, H, W, C]``, ``seed``, ``seconds``). A shard that
-already exists with the right size is not regenerated, so an interrupted run resumes where it stopped,
-and the result does not depend on the number of processes. The main process then reads all shards
-(the file system is the gather; per-process timings are gathered with Accelerate in
+to ``<dir>/shard_{i:05d}.npz`` (``images``: uint8 ``[n, H, W, C]``, ``seed``, ``seconds``, and
+``provenance``: a JSON string of what generated it, see below). A shard that already exists with the
+right size **and the same provenance** is not regenerated, so an interrupted run resumes where it
+stopped, and the result does not depend on the number of processes. The main process then reads all
+shards (the file system is the gather; per-process timings are gathered with Accelerate in
 ``training/evaluate.py``).
 
-Conversion to uint8 follows the official PSLD code and torchmetrics' ``normalize=True``:
-``floor(255 · clamp(x, 0, 1))`` (truncation). Real data that is already 8-bit is converted exactly.
+Provenance: the caller passes a ``fingerprint`` dict (``training/evaluate.py``: SHA-256 of every weight
+file, scheduler class and config, NFE, guidance, dtype, device type, sampling loop); each shard adds its
+seed and the uint8 rule (its size, the sampling batch, is the stored image count). Before generating anything, every existing shard of the run is
+compared with it (all ranks read the same files, so all ranks decide alike). A shard written by other
+settings (or without provenance, by an older version) is never reused: with ``on_mismatch="error"``
+(the default) :class:`ShardMismatchError` names the shard and every differing field; with
+``"regenerate"`` it is overwritten. :func:`load_shards` checks the same fingerprint, so a report can
+only be computed from shards of the settings it is labelled with.
+
+Conversion to uint8 is the one rule of diffusers' ``numpy_to_pil`` (what ``PSLDPipeline`` uses for
+``output_type="pil"``): ``round(255 · clamp(x, 0, 1))`` (round half to even, in the input's float
+precision), applied alike to generated samples and to float reference data; 8-bit data is taken as is.
+The training digits pushed through the pipeline's output transform ``(x / 2 + 0.5).clamp(0, 1)``
+therefore come back bit-identical and score FID 0 (up to float error) against the reference set.
 
 Metrics
 -------
@@ -27,6 +40,7 @@ Metrics
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import re
@@ -40,6 +54,9 @@ import torch
 from .features import DigitsFeatureNet, FeatureHead, LogitsHead, load_feature_extractor
 
 __all__ = [
+    "UINT8_RULE",
+    "ShardMismatchError",
+    "weights_sha256",
     "to_uint8",
     "shard_path",
     "shard_plan",
@@ -64,12 +81,18 @@ SampleFn = Callable[[int, torch.Generator], Union[torch.Tensor, np.ndarray]]
 
 
 # ---------------------------------------------------------------------------------------- conversion
+#: the float → uint8 rule of :func:`to_uint8` (recorded in every shard's provenance)
+UINT8_RULE = "round(255*clamp(x,0,1)) half-to-even (diffusers numpy_to_pil)"
+
+
 def to_uint8(images) -> torch.Tensor:
     """Images → uint8 ``[N, C, H, W]`` tensor.
 
     Accepts a torch tensor ``[N, C, H, W]`` (float in [0, 1] or uint8), a NumPy array ``[N, H, W, C]``
-    (diffusers' ``output_type="np"``), or a list of PIL images. Floats are truncated:
-    ``floor(255 · clamp(x, 0, 1))`` as in the official PSLD code and torchmetrics' ``normalize=True``.
+    (diffusers' ``output_type="np"``), or a list of PIL images. Floats are **rounded** exactly as
+    diffusers' ``numpy_to_pil`` does: ``round(255 · clamp(x, 0, 1))`` (half to even) in the input's
+    precision (float16 / bfloat16 are computed in float32), so ``output_type="np"`` and ``"pil"`` give
+    the same bytes and float reference data is converted by the same rule.
     """
     if isinstance(images, (list, tuple)):
         images = np.stack([np.asarray(im) for im in images])
@@ -85,7 +108,10 @@ def to_uint8(images) -> torch.Tensor:
         return images.cpu().contiguous()
     if not images.is_floating_point():
         raise ValueError(f"`images` must be uint8 or floating point in [0, 1], got dtype {images.dtype}")
-    return (images.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().contiguous()
+    x = images.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -102,14 +128,121 @@ def shard_plan(num_samples: int, shard_size: int) -> List[int]:
     return [shard_size] * n_full + ([rest] if rest else [])
 
 
-def _shard_ok(path: str, size: int) -> bool:
+class ShardMismatchError(ValueError):
+    """An existing shard was generated with other settings than the current run."""
+
+
+def weights_sha256(model_dir: str) -> Dict[str, str]:
+    """SHA-256 of the weight files (``*.safetensors``, ``*.bin``) of a saved pipeline (relative path → hex).
+
+    Only the pipeline's component folders are read: those named in ``model_index.json`` (``unet``,
+    ``classifier``, ...), else ``unet/`` (bare layout); training checkpoints next to them are not hashed.
+
+    Raises:
+        ValueError: ``model_dir`` is not a directory or its components hold no weight file.
+    """
+    import hashlib
+
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"`model_dir` must be a directory, got {model_dir!r}")
+    index = os.path.join(model_dir, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            components = sorted(k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list))
+    else:
+        components = ["unet"]
+    out = {}
+    for comp in components:
+        for root, _, files in os.walk(os.path.join(model_dir, comp)):
+            for name in sorted(files):
+                if name.endswith((".safetensors", ".bin")):
+                    path = os.path.join(root, name)
+                    h = hashlib.sha256()
+                    with open(path, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            h.update(block)
+                    out[os.path.relpath(path, model_dir).replace(os.sep, "/")] = h.hexdigest()
+    if not out:
+        raise ValueError(f"`model_dir` {model_dir!r} holds no weight file (*.safetensors / *.bin) in {components}")
+    return dict(sorted(out.items()))
+
+
+def _jsonable(obj):
+    """A JSON-stable copy (tuples → lists, NumPy / torch scalars → Python) for comparing provenance."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _shard_provenance(fingerprint: Optional[dict], seed: int, size: int) -> dict:
+    # the size (= sampling batch) is checked against the stored image count: a shard of the same settings
+    # but another size (``num_samples`` changed) is incomplete and regenerated, not foreign
+    return _jsonable({"fingerprint": fingerprint or {}, "seed": int(seed), "uint8_rule": UINT8_RULE})
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else []):
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def provenance_differences(stored: Optional[dict], expected: dict) -> List[str]:
+    """``"field: stored ≠ now"`` lines between two provenance dicts (empty when they agree)."""
+    if stored is None:
+        return ["no provenance recorded (shard written by an older version of this tool)"]
+    a, b = _flatten(stored), _flatten(expected)
+    return [f"{k}: {a.get(k, '<absent>')!r} (shard) != {b.get(k, '<absent>')!r} (now)"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _read_shard_meta(path: str):
+    """``(n_images, provenance or None)`` of a shard, or ``None`` when missing / unreadable."""
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            return f["images"].shape[0] == size
+            n = f["images"].shape[0]
+            prov = json.loads(str(f["provenance"])) if "provenance" in f.files else None
+        return n, prov
     except Exception:  # corrupt / partial file: regenerate
+        return None
+
+
+def _check_existing(directory: str, sizes: List[int], base_seed: int, fingerprint: Optional[dict],
+                    on_mismatch: str) -> Dict[int, List[str]]:
+    """Shard index → differences for every existing, readable shard whose provenance differs.
+
+    Raises :class:`ShardMismatchError` (listing the first such shard's differences) when
+    ``on_mismatch == "error"``.
+    """
+    bad = {}
+    for i, size in enumerate(sizes):
+        meta = _read_shard_meta(shard_path(directory, i))
+        if meta is None:
+            continue
+        diffs = provenance_differences(meta[1], _shard_provenance(fingerprint, base_seed + i, size))
+        if diffs:
+            bad[i] = diffs
+    if bad and on_mismatch == "error":
+        i = min(bad)
+        raise ShardMismatchError(
+            f"{len(bad)} existing shard(s) in {directory!r} were generated with other settings than this run "
+            f"(shards {sorted(bad)[:10]}{'…' if len(bad) > 10 else ''}); shard {i} differs in:\n  "
+            + "\n  ".join(bad[i][:20])
+            + "\nUse a new --output_dir, or pass --regenerate_mismatched_shards (on_mismatch='regenerate') to "
+              "overwrite them. No shard was modified."
+        )
+    return bad
+
+
+def _shard_ok(path: str, size: int, provenance: Optional[dict] = None) -> bool:
+    meta = _read_shard_meta(path)
+    if meta is None or meta[0] != size:
         return False
+    return provenance is None or not provenance_differences(meta[1], provenance)
 
 
 def generate_shards(
@@ -121,29 +254,45 @@ def generate_shards(
     process_index: int = 0,
     num_processes: int = 1,
     log: Optional[Callable[[str], None]] = None,
+    fingerprint: Optional[dict] = None,
+    on_mismatch: str = "error",
 ) -> Dict[str, object]:
-    """Generate this process's shards (``i % num_processes == process_index``), skipping existing ones.
+    """Generate this process's shards (``i % num_processes == process_index``), reusing identical ones.
 
     Shard ``i`` uses ``torch.Generator().manual_seed(base_seed + i)``; the generator is passed to
-    ``sample_fn(batch_size, generator)``.
+    ``sample_fn(batch_size, generator)``. An existing shard is reused only if it has the right size and
+    the same provenance (``fingerprint`` + seed + :data:`UINT8_RULE`).
+
+    Args:
+        fingerprint: JSON-able dict describing what ``sample_fn`` samples (weights hash, scheduler config,
+            NFE, guidance, ...); stored in every shard. ``None`` stores ``{}``.
+        on_mismatch: ``"error"`` (default): raise :class:`ShardMismatchError` before generating anything
+            if any existing shard of the run has other provenance; ``"regenerate"``: overwrite those shards.
 
     Returns:
-        ``{"generated": [indices], "skipped": [indices], "images": n generated now, "seconds": generation time}``.
+        ``{"generated": [indices], "skipped": [indices], "regenerated": [indices generated over a shard of
+        other settings], "images": n generated now, "seconds": generation time}``.
     """
+    if on_mismatch not in ("error", "regenerate"):
+        raise ValueError(f"`on_mismatch` must be 'error' or 'regenerate', got {on_mismatch!r}")
     if not (isinstance(num_processes, int) and num_processes >= 1):
         raise ValueError(f"`num_processes` must be an int >= 1, got {num_processes!r}")
     if not (isinstance(process_index, int) and 0 <= process_index < num_processes):
         raise ValueError(f"`process_index` must be in [0, {num_processes}), got {process_index!r}")
     sizes = shard_plan(num_samples, shard_size)
     os.makedirs(directory, exist_ok=True)
+    mismatched = _check_existing(directory, sizes, base_seed, fingerprint, on_mismatch)
     generated, skipped, n_images, seconds = [], [], 0, 0.0
     for i, size in enumerate(sizes):
         if i % num_processes != process_index:
             continue
         path = shard_path(directory, i)
-        if _shard_ok(path, size):
+        provenance = _shard_provenance(fingerprint, base_seed + i, size)
+        if i not in mismatched and _shard_ok(path, size, provenance):
             skipped.append(i)
             continue
+        if i in mismatched and log is not None:
+            log(f"shard {i}: regenerating (other settings: {'; '.join(mismatched[i][:3])})")
         g = torch.Generator().manual_seed(base_seed + i)
         t0 = time.perf_counter()
         imgs = to_uint8(sample_fn(size, g))
@@ -151,24 +300,38 @@ def generate_shards(
         if imgs.shape[0] != size:
             raise RuntimeError(f"`sample_fn` returned {imgs.shape[0]} images for batch_size={size}")
         tmp = path[:-4] + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, images=imgs.permute(0, 2, 3, 1).numpy(), seed=np.int64(base_seed + i), seconds=np.float64(dt))
+        np.savez(tmp, images=imgs.permute(0, 2, 3, 1).numpy(), seed=np.int64(base_seed + i), seconds=np.float64(dt),
+                 provenance=np.array(json.dumps(provenance, sort_keys=True)))
         os.replace(tmp, path)
         generated.append(i)
         n_images += size
         seconds += dt
         if log is not None:
             log(f"shard {i}: {size} images in {dt:.2f} s (seed {base_seed + i})")
-    return {"generated": generated, "skipped": skipped, "images": n_images, "seconds": seconds}
+    return {"generated": generated, "skipped": skipped,
+            "regenerated": sorted(i for i in mismatched if i in generated), "images": n_images, "seconds": seconds}
 
 
-def load_shards(directory: str, num_samples: int, shard_size: int) -> Dict[str, object]:
-    """Read all shards of a run: ``{"images": uint8 [N, C, H, W], "seconds": total generation seconds}``."""
+def load_shards(directory: str, num_samples: int, shard_size: int, fingerprint: Optional[dict] = None,
+                base_seed: Optional[int] = None) -> Dict[str, object]:
+    """Read all shards of a run: ``{"images": uint8 [N, C, H, W], "seconds": total generation seconds}``.
+
+    With ``fingerprint`` and ``base_seed``, every shard's provenance must match (as in
+    :func:`generate_shards`), otherwise :class:`ShardMismatchError`.
+    """
     sizes = shard_plan(num_samples, shard_size)
     imgs, secs = [], 0.0
     for i, size in enumerate(sizes):
         path = shard_path(directory, i)
-        if not _shard_ok(path, size):
+        meta = _read_shard_meta(path)
+        if meta is None or meta[0] != size:
             raise FileNotFoundError(f"shard {i} ({size} images) missing or incomplete: {path}")
+        if fingerprint is not None or base_seed is not None:
+            if fingerprint is None or base_seed is None:
+                raise ValueError("`fingerprint` and `base_seed` must be given together")
+            diffs = provenance_differences(meta[1], _shard_provenance(fingerprint, base_seed + i, size))
+            if diffs:
+                raise ShardMismatchError(f"shard {i} ({path}) was generated with other settings: " + "; ".join(diffs[:20]))
         with np.load(path, allow_pickle=False) as f:
             imgs.append(f["images"])
             secs += float(f["seconds"])
@@ -339,7 +502,10 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
         project_eps: the schedulers' ``project_eps`` (consistent ε; needs Γ > 0); ``None`` keeps it.
 
     Returns:
-        ``(sample_fn, info)``; ``info`` describes the model and scheduler for the report.
+        ``(sample_fn, info)``; ``info`` describes the model and scheduler for the report, and
+        ``info["fingerprint"]`` is the provenance to pass to :func:`generate_shards` / :func:`load_shards`
+        (SHA-256 of every weight file, sampling loop, scheduler class and config, NFE, guidance, UNet
+        dtype, device type).
     """
     from diffusers import UNet2DModel
 
@@ -412,4 +578,15 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
         "resolution": list(size),
         "scheduler_config": {key: v for key, v in dict(sched.config).items() if not key.startswith("_")},
     }
+    # what generated the samples: compared with every existing shard before reusing it (generate_shards)
+    info["fingerprint"] = _jsonable({
+        "weights_sha256": weights_sha256(model_dir),
+        "sampling_loop": info["model_layout"],
+        "scheduler": info["scheduler"],
+        "scheduler_config": info["scheduler_config"],
+        "num_inference_steps": int(num_inference_steps),
+        "guidance": None,  # evaluate.py samples unconditionally
+        "unet_dtype": str(unet.dtype),
+        "device_type": torch.device(device).type,
+    })
     return sample_fn, info

@@ -34,8 +34,15 @@ class TimeDependentClassifier(ModelMixin, ConfigMixin):
         norm_num_groups (`int`, defaults to 8): GroupNorm groups (must divide every block's channels).
         time_embed_dim (`int`, *optional*): defaults to ``4 * block_out_channels[0]``.
         dropout (`float`, defaults to 0.0).
+        sample_size (`int`, *optional*): the spatial size H = W of the states it was trained on
+            (``training/train_classifier.py`` records it). When set, ``forward`` refuses states of another
+            size instead of classifying inputs it never saw; ``None`` (older checkpoints) skips the check.
 
     ``forward(sample [B, k*C, H, W], timestep [B] float) -> logits [B, num_classes]``.
+
+    Raises:
+        ValueError: bad configuration (channels, classes, groups, sample_size), or in ``forward`` a state
+            of the wrong channel count or spatial size, or an integer timestep.
     """
 
     @register_to_config
@@ -48,12 +55,15 @@ class TimeDependentClassifier(ModelMixin, ConfigMixin):
         norm_num_groups: int = 8,
         time_embed_dim: int | None = None,
         dropout: float = 0.0,
+        sample_size: int | None = None,
     ):
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"`in_channels` must be >= 1, got {in_channels}")
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be >= 2, got {num_classes}")
+        if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1):
+            raise ValueError(f"`sample_size` must be None or an int >= 1, got {sample_size!r}")
         if not block_out_channels or any(c % norm_num_groups for c in block_out_channels):
             raise ValueError(f"`norm_num_groups`={norm_num_groups} must divide every entry of `block_out_channels`={list(block_out_channels)}")
         ch0 = block_out_channels[0]
@@ -82,6 +92,12 @@ class TimeDependentClassifier(ModelMixin, ConfigMixin):
         """
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"`sample` must be [B, {self.config.in_channels}, H, W], got {tuple(sample.shape)}")
+        size = self.config.get("sample_size") if hasattr(self.config, "get") else None
+        if size is not None and tuple(sample.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"`sample` is {tuple(sample.shape[-2:])} but this classifier was trained on {size}×{size} states; "
+                f"train one at the pipeline's sample_size (training/train_classifier.py --pipeline <dir>)"
+            )
         t = torch.as_tensor(timestep, device=sample.device)
         if not t.is_floating_point():
             raise ValueError("`timestep` must be a float tensor (use scheduler.model_time); integers lose the time")
