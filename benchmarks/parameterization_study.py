@@ -218,9 +218,7 @@ def run_eval(job: dict, args, real: torch.Tensor, log) -> dict:
     t0 = time.perf_counter()
     model_dir = os.path.join(args.work_dir, "models", job["model"])
     sample_fn, sched_name = make_sample_fn(model_dir, job["sampler"], job["nfe"])
-    sample_dir = os.path.join(args.work_dir, "samples", job["name"])
-    fidmod.generate_shards(sample_fn, sample_dir, args.num_samples, args.shard_size, job["seed"], log=log)
-    g = fidmod.load_shards(sample_dir, args.num_samples, args.shard_size)
+    g = qs.sample_job_shards(sample_fn, sched_name, model_dir, job, args, log)
     m = compute_fid_kid(g["images"], real, args.feature_extractor, args.kid_subsets, args.kid_subset_size, job["seed"],
                         args.kid_gamma)
     cfg = qs.model_config(model_dir)

@@ -221,17 +221,32 @@ def make_sample_fn(model_dir: str, sampler: str, nfe: int, compile_unet: bool = 
     return sample_fn, type(pipe.scheduler).__name__
 
 
+def job_fingerprint(model_dir: str, job: dict, sched_name: str) -> dict:
+    """What a job's sample shards come from (stored in every shard; a shard of other settings is refused, see
+    :func:`diffusers_psld.evaluation.fid.generate_shards`): the weights' SHA-256, scheduler class, sampler, NFE."""
+    return {"weights_sha256": fidmod.weights_sha256(model_dir), "scheduler": sched_name, "sampler": job["sampler"],
+            "num_inference_steps": int(job["nfe"])}
+
+
+def sample_job_shards(sample_fn, sched_name: str, model_dir: str, job: dict, args, log) -> dict:
+    """Generate (or reuse identical) shards of ``job`` and load them: ``load_shards``' dict plus ``"generated"``."""
+    fp = job_fingerprint(model_dir, job, sched_name)
+    sample_dir = os.path.join(args.work_dir, "samples", job["name"])
+    stats = fidmod.generate_shards(sample_fn, sample_dir, args.num_samples, args.shard_size, job["seed"], log=log,
+                                   fingerprint=fp)
+    g = fidmod.load_shards(sample_dir, args.num_samples, args.shard_size, fingerprint=fp, base_seed=job["seed"])
+    return {**g, "generated": stats["generated"]}
+
+
 def run_job(job: dict, args, real: torch.Tensor, log) -> dict:
     t0 = time.perf_counter()
     model_dir = os.path.join(args.models_dir, job["model"])
     sample_fn, sched_name = make_sample_fn(model_dir, job["sampler"], job["nfe"], args.compile)
-    sample_dir = os.path.join(args.work_dir, "samples", job["name"])
-    stats = fidmod.generate_shards(sample_fn, sample_dir, args.num_samples, args.shard_size, job["seed"], log=log)
-    g = fidmod.load_shards(sample_dir, args.num_samples, args.shard_size)
+    g = sample_job_shards(sample_fn, sched_name, model_dir, job, args, log)
     m = fidmod.compute_fid_is(g["images"], real, args.feature_extractor, batch_size=256, splits=10, seed=job["seed"])
     return {**job, "scheduler": sched_name, "sampler_description": SAMPLERS[job["sampler"]][0],
             "fid": m["fid"], "is_mean": m["is_mean"], "is_std": m["is_std"], "num_samples": args.num_samples,
-            "num_real": m["num_real"], "generation_seconds": g["seconds"], "shards_generated": len(stats["generated"]),
+            "num_real": m["num_real"], "generation_seconds": g["seconds"], "shards_generated": len(g["generated"]),
             "wall_seconds": time.perf_counter() - t0, "feature_extractor": m["feature_extractor"],
             "compiled_unet": bool(getattr(args, "compile", False)),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

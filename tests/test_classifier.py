@@ -42,7 +42,7 @@ def test_train_classifier_script(tmp_path):
     assert model.config.sample_size == 8
     assert isinstance(model, TimeDependentClassifier)
     card = ModelCard.load(tmp_path / "classifier" / "README.md")
-    assert card.data.library_name == "diffusers" and "psld" in card.data.tags and card.data.license == "apache-2.0"
+    assert card.data.library_name == "diffusers" and "psld" in card.data.tags and card.data.license == "mit"
     assert "Time-dependent classifier" in card.text
     loaded = TimeDependentClassifier.from_pretrained(tmp_path / "classifier")
     assert loaded.config.num_classes == 10 and loaded.config.in_channels == 2

@@ -209,7 +209,7 @@ def _noisy_states(x, scheduler, generator, device):
 def write_card(out, args, model, scheduler, loss, acc):
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="diffusers", license="apache-2.0",
+    data = ModelCardData(library_name="diffusers", license="mit",
                          tags=["diffusers", "psld", "classifier", "classifier-guidance", "time-dependent-classifier"])
     card = ModelCard.from_template(
         data, template_path=CARD, in_channels=model.config.in_channels, dataset="scikit-learn digits",
