@@ -206,8 +206,15 @@ def test_helpers_off_table_times_and_batched_times():
         y = torch.linalg.solve(kern.chol, z[i].reshape(2, D))  # L⁻¹ z
         want = y - torch.outer(u, u @ y) + torch.outer(u, f[i])
         torch.testing.assert_close(single[0], want.reshape(-1), rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="timestep"):
-        s.model_output_to_eps(f, z, 1.5)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timestep"):
+            s.model_output_to_eps(f, z, bad)
+    # past t = 1 is a valid forward time (adaptive ODE solvers evaluate stages there): the kernel there
+    kern = s.sde.hsm_kernel(1.5)
+    u, _ = u_dense(s.sde, 1.5)
+    y = torch.linalg.solve(kern.chol, z[0].reshape(2, D))
+    want = y - torch.outer(u, u @ y) + torch.outer(u, f[0])
+    torch.testing.assert_close(s.model_output_to_eps(f[:1], z[:1], 1.5)[0], want.reshape(-1), rtol=1e-10, atol=1e-10)
 
 
 def test_config_round_trip_and_old_configs(tmp_path):
