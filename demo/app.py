@@ -1,15 +1,20 @@
-"""Gradio demo for diffusers-psld: unconditional, class-guided and inpainting sampling.
+"""Gradio demo for diffusers-psld: unconditional, class-guided, inpainting and image-to-image (SDEdit) sampling.
 
 Model: ``PSLD_MODEL`` env var (local pipeline dir or Hub id); default ``outputs/psld-digits-psld``
 (what ``training/train_psld.py`` writes for the digits data). If that is missing, an **untrained** tiny
-UNet is built at startup and the UI says so (its samples are noise). Run: ``python demo/app.py``.
+UNet is built at startup and the UI says so (its samples are noise). Any saved PSLD / CLD / VP pipeline loads,
+whatever its ``prediction_type`` ("epsilon": k·C-channel UNet; "sample" / "sufficient_epsilon": C channels) and
+``input_preconditioning``; the page shows them (:func:`model_info`). Run: ``python demo/app.py``.
 
 Limits (environment variables): ``PSLD_MAX_BATCH`` (16) images per request, ``PSLD_MAX_STEPS`` (500)
 steps, ``PSLD_MAX_COST`` (batch × steps × cost factor; default ``PSLD_MAX_BATCH × PSLD_MAX_STEPS``,
 where a plain step costs 1, a classifier-free-guided step 2 and a Tweedie-inpainting step
-:data:`TWEEDIE_COST` = 6) and ``PSLD_MAX_QUEUE`` (16) waiting requests (``demo.queue(max_size=...)``,
+:data:`TWEEDIE_COST` = 6; image-to-image counts the model calls it runs, ≈ strength × steps,
+:func:`img2img_nfe`) and ``PSLD_MAX_QUEUE`` (16) waiting requests (``demo.queue(max_size=...)``,
 one request runs at a time). Every bad input (seed out of [0, 2**64 - 1] or not an integer, a file that
-is not an image, an unknown sampler, a request over the limits) is a ``gr.Error`` naming the input.
+is not an image, an unknown sampler, a strength outside (0, 1], a request over the limits) is a ``gr.Error``
+naming the input; so is whatever the pipelines raise (``ValueError`` / ``TypeError`` for an argument,
+``NonFiniteError`` for a NaN or inf during sampling; :func:`pipeline_errors`), instead of Gradio's generic error.
 
 Default sampler: the README's recommendation for the loaded model: gDDIM multistep
 (:class:`GDDIMMultistepScheduler`) for PSLD with Γ > 0 and VP, SSCS with quadratic striding for CLD (Γ = 0).
@@ -17,6 +22,7 @@ New tabs (e.g. image-to-image) are one ``_<name>_tab(ctx)`` function added to ``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -29,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gradio as gr  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 
-from diffusers_psld.pipelines import PSLDPipeline  # noqa: E402
+from diffusers_psld.pipelines import NonFiniteError, PSLDImg2ImgPipeline, PSLDPipeline  # noqa: E402
+from diffusers_psld.pipelines.pipeline_psld_img2img import begin_index_for_strength  # noqa: E402
 from diffusers_psld.schedulers import GDDIMMultistepScheduler, PSLDScheduler, SSCSScheduler  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outputs", "psld-digits-psld")
@@ -79,6 +86,28 @@ def load_pipeline(model: str | None = None):
     return pipe, msg
 
 
+def model_info(pipe) -> str:
+    """One line for the page: the diffusion, the network's ``prediction_type`` and output channels, the input
+    preconditioning and the guidance components of ``pipe``."""
+    cfg = pipe.scheduler.config
+    if pipe.num_components == 1:
+        diffusion = "VP"
+    elif float(cfg.get("gamma", 0.0)) > 0:
+        diffusion = f"PSLD (Γ = {float(cfg['gamma']):g}, ν = {float(cfg['nu']):g})"
+    else:
+        diffusion = f"CLD (PSLD with Γ = 0, ν = {float(cfg['nu']):g})"
+    out_ch = pipe.unet.config.out_channels
+    text = (f"{diffusion}; {type(pipe.unet).__name__} output `prediction_type=\"{cfg.get('prediction_type', 'epsilon')}\"` "
+            f"({out_ch} channel{'s' if out_ch != 1 else ''})")
+    if cfg.get("input_preconditioning", False):
+        text += f", input preconditioning (σ_data = {float(cfg['sigma_data']):g})"
+    if pipe.is_class_conditional:
+        text += f"; class-conditional UNet ({pipe.unet.config.num_class_embeds - 1} classes)"
+    if pipe.classifier is not None:
+        text += f"; time-dependent classifier ({pipe.classifier.config.num_classes} classes)"
+    return text + "."
+
+
 def recommended_sampler(pipe) -> str:
     """The README's recommended sampler label for this model: gDDIM for PSLD Γ > 0 / VP, SSCS for CLD."""
     cfg = pipe.scheduler.config
@@ -118,30 +147,79 @@ def _integer(value, name: str, low: int, high: int) -> int:
     return value
 
 
-def _check(batch, steps, seed, cost_factor: int = 1, what: str = "a plain step"):
-    batch = _integer(batch, "batch size", 1, MAX_BATCH)
-    steps = _integer(steps, "steps", 2, MAX_STEPS)
-    seed = _integer(seed, "seed", 0, MAX_SEED)
-    cost = batch * steps * cost_factor
+def _check_inputs(batch, steps, seed):
+    """``(batch, steps, seed)`` as ints within the limits, else a gr.Error naming the input."""
+    return (_integer(batch, "batch size", 1, MAX_BATCH), _integer(steps, "steps", 2, MAX_STEPS),
+            _integer(seed, "seed", 0, MAX_SEED))
+
+
+def _check_cost(batch: int, calls: int, cost_factor: int = 1, what: str = "a plain step", calls_text: str | None = None):
+    """gr.Error if ``batch × calls × cost_factor`` (model calls per image, each costing ``cost_factor`` plain
+    steps) is over ``MAX_COST``."""
+    cost = batch * calls * cost_factor
     if cost > MAX_COST:
-        raise gr.Error(f"this request costs {cost} image-steps (batch {batch} × steps {steps} × {cost_factor} for "
-                       f"{what}), over the limit of {MAX_COST}: lower the batch size or the steps")
+        raise gr.Error(f"this request costs {cost} image-steps (batch {batch} × {calls_text or f'steps {calls}'} × "
+                       f"{cost_factor} for {what}), over the limit of {MAX_COST}: lower the batch size or the steps")
+
+
+def _check(batch, steps, seed, cost_factor: int = 1, what: str = "a plain step"):
+    batch, steps, seed = _check_inputs(batch, steps, seed)
+    _check_cost(batch, steps, cost_factor, what)
     return batch, steps, seed
+
+
+@contextlib.contextmanager
+def pipeline_errors():
+    """Turn what the package raises for one request into a ``gr.Error`` (shown on the page; Gradio replaces any
+    other exception by a generic message): ``ValueError`` / ``TypeError`` (a bad argument, named in the message)
+    and :class:`~diffusers_psld.NonFiniteError` (a NaN or inf during sampling: call, time, likely cause)."""
+    try:
+        yield
+    except gr.Error:  # already a message for the page (gr.Error is a ValueError)
+        raise
+    except NonFiniteError as err:
+        raise gr.Error(f"sampling failed (NaN or inf): {err}. Try a lower guidance scale, another sampler or more "
+                       "steps; if every request fails, the model's weights are broken") from None
+    except (ValueError, TypeError) as err:
+        raise gr.Error(f"invalid input: {err}") from None
 
 
 def _show(images):
     return [im.resize((DISPLAY_PX, DISPLAY_PX * im.height // im.width), PIL.Image.NEAREST) for im in images]
 
 
+def _sample(pipe, scheduler, batch, steps, seed, pipeline_cls=PSLDPipeline, **kwargs):
+    """Run ``pipeline_cls`` on the loaded components (``pipe.unet``, ``pipe.classifier``) with ``scheduler``;
+    the inputs are already checked. Pipeline errors become gr.Errors (:func:`pipeline_errors`)."""
+    with pipeline_errors():
+        runner = pipeline_cls(unet=pipe.unet, scheduler=scheduler, classifier=pipe.classifier)
+        runner.set_progress_bar_config(disable=True)
+        out = runner(batch_size=batch, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return _show(out.images)
+
+
 def _run(pipe, sampler, batch, steps, seed, cost_factor=1, what="a plain step", **kwargs):
     batch, steps, seed = _check(batch, steps, seed, cost_factor, what)
-    runner = PSLDPipeline(unet=pipe.unet, scheduler=_scheduler(pipe, sampler), classifier=pipe.classifier)
-    runner.set_progress_bar_config(disable=True)
-    try:
-        out = runner(batch_size=batch, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs)
-    except ValueError as err:
-        raise gr.Error(str(err)) from None
-    return _show(out.images)
+    return _sample(pipe, _scheduler(pipe, sampler), batch, steps, seed, **kwargs)
+
+
+def img2img_nfe(scheduler, steps: int, strength) -> int:
+    """Model calls of a :class:`PSLDImg2ImgPipeline` run with ``steps`` and ``strength`` on ``scheduler``: the
+    calls from the start the pipeline picks (:func:`begin_index_for_strength`, ≈ ``strength × steps`` on a uniform
+    grid, more on the quadratic / power grids, which crowd calls near t = 0) to the end. Sets the scheduler's
+    timesteps (the pipeline sets them again).
+
+    Raises:
+        TypeError / ValueError: ``strength`` is not a real number in (0, 1], or below the schedule's last time.
+    """
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps) - begin_index_for_strength(scheduler, strength)
+
+
+def _model_image(image, ctx):
+    """The upload as a PIL image in the model's mode ("L" or "RGB") and size (bilinear resize)."""
+    img = PIL.Image.fromarray(np.asarray(image)) if not isinstance(image, PIL.Image.Image) else image
+    return img.convert("L" if ctx.C == 1 else "RGB").resize((ctx.W, ctx.H), PIL.Image.BILINEAR)
 
 
 def _mask_from_editor(editor, size, preset):
@@ -196,6 +274,15 @@ def raw_number(*args, **kwargs) -> gr.Number:
     return comp
 
 
+def raw_slider(*args, **kwargs) -> gr.Slider:
+    """A ``gr.Slider`` that hands the raw value to the handler, which validates it and names the input (Gradio's
+    own bound check says "Value 0 is less than minimum value 0.01" without naming the slider, and fails on
+    ``"abc"`` with a generic error)."""
+    comp = gr.Slider(*args, **kwargs)
+    comp.preprocess = lambda payload: payload
+    return comp
+
+
 class DemoContext:
     """What every tab needs: the pipeline, its image geometry, its guidance kind and the shared controls."""
 
@@ -215,9 +302,9 @@ class DemoContext:
 
     def controls(self):
         sampler = gr.Dropdown(list(SAMPLERS), value=self.default_sampler, label="sampler")
-        steps = gr.Slider(2, MAX_STEPS, value=min(50, MAX_STEPS), step=1, label="steps (model evaluations)")
+        steps = raw_slider(2, MAX_STEPS, value=min(50, MAX_STEPS), step=1, label="steps (model evaluations)")
         seed = raw_number(0, precision=0, label="seed (0 … 2**64 - 1)")
-        batch = gr.Slider(1, MAX_BATCH, value=4, step=1, label="batch size")
+        batch = raw_slider(1, MAX_BATCH, value=4, step=1, label="batch size")
         return [sampler, steps, seed, batch]
 
 
@@ -271,8 +358,7 @@ def _inpaint_tab(ctx: DemoContext):
         tweedie = INPAINT_METHODS[method] == "tweedie"
         # check the limits before decoding / resizing anything
         _check(batch, steps, seed, TWEEDIE_COST if tweedie else 1, "Tweedie inpainting" if tweedie else "a plain step")
-        img = PIL.Image.fromarray(np.asarray(image)) if not isinstance(image, PIL.Image.Image) else image
-        img = img.convert("L" if ctx.C == 1 else "RGB").resize((ctx.W, ctx.H), PIL.Image.BILINEAR)
+        img = _model_image(image, ctx)
         mask = _mask_from_editor(editor, (ctx.H, ctx.W), preset)
         return _run(ctx.pipe, sampler, batch, steps, seed, cost_factor=TWEEDIE_COST if tweedie else 1,
                     what="Tweedie inpainting" if tweedie else "a plain step", image=img, mask_image=mask,
@@ -293,18 +379,45 @@ def _inpaint_tab(ctx: DemoContext):
         btn.click(inpaint, [image, editor, preset, *ctl, method], gal, api_name="inpaint")
 
 
-#: the tabs in display order; an image-to-image tab is one more ``_<name>_tab(ctx)`` function here
-TABS = [_unconditional_tab, _guided_tab, _inpaint_tab]
+def _img2img_tab(ctx: DemoContext):
+    def img2img(image, strength, sampler, steps, seed, batch):
+        if image is None:
+            raise gr.Error("image: upload an image to start from")
+        batch, steps, seed = _check_inputs(batch, steps, seed)
+        scheduler = _scheduler(ctx.pipe, sampler)
+        with pipeline_errors():  # the package's own strength rule and its errors (naming `strength`)
+            nfe = img2img_nfe(scheduler, steps, strength)
+        _check_cost(batch, nfe, calls_text=f"{nfe} model calls (strength {float(strength):g} of {steps} steps)")
+        return _sample(ctx.pipe, scheduler, batch, steps, seed, pipeline_cls=PSLDImg2ImgPipeline,
+                       image=_model_image(image, ctx), strength=strength)
+
+    with gr.Tab("Image-to-image"):
+        gr.Markdown("SDEdit: the image is noised by the forward diffusion to t ≈ **strength** (momentum drawn from the "
+                    "same kernel) and denoised from there; only the calls after that point run (≈ strength × steps "
+                    "model evaluations, counted so in the limits). Small strength stays close to the input, 1 is "
+                    "unconditional sampling; with the default β = 8, PSLD forgets the input by t ≈ 0.4. The image is "
+                    f"resized to {ctx.W}×{ctx.H}.")
+        image = checked_image(label="image", type="pil", image_mode="L" if ctx.C == 1 else "RGB")
+        strength = raw_slider(0.01, 1.0, value=0.3, step=0.01, label="strength (0 < strength ≤ 1; 1 = from noise)")
+        ctl = ctx.controls()
+        btn = gr.Button("Generate", variant="primary")
+        gal = gr.Gallery(label="samples", columns=4)
+        btn.click(img2img, [image, strength, *ctl], gal, api_name="img2img")
+
+
+#: the tabs in display order; a new tab is one more ``_<name>_tab(ctx)`` function here
+TABS = [_unconditional_tab, _guided_tab, _inpaint_tab, _img2img_tab]
 
 
 def build_demo(pipe: PSLDPipeline, status: str) -> gr.Blocks:
     """The Blocks app with every tab of :data:`TABS`; the queue holds at most ``MAX_QUEUE`` waiting requests."""
     ctx = DemoContext(pipe)
     with gr.Blocks(title="PSLD sampler") as demo:
-        gr.Markdown(f"# Phase Space Langevin Diffusion (PSLD)\n{status}\n\nImages are {ctx.H}×{ctx.W}, {ctx.C} "
-                    f"channel(s); shown enlarged. Default sampler: {ctx.default_sampler}. Limits: batch ≤ {MAX_BATCH}, "
-                    f"steps ≤ {MAX_STEPS}, batch × steps × cost ≤ {MAX_COST} (Tweedie inpainting counts "
-                    f"{TWEEDIE_COST}× a plain step), at most {MAX_QUEUE} requests waiting.")
+        gr.Markdown(f"# Phase Space Langevin Diffusion (PSLD)\n{status} {model_info(pipe)}\n\nImages are "
+                    f"{ctx.H}×{ctx.W}, {ctx.C} channel(s); shown enlarged. Default sampler: {ctx.default_sampler}. "
+                    f"Limits: batch ≤ {MAX_BATCH}, steps ≤ {MAX_STEPS}, batch × steps × cost ≤ {MAX_COST} (Tweedie "
+                    f"inpainting counts {TWEEDIE_COST}× a plain step, image-to-image only the calls it runs), at "
+                    f"most {MAX_QUEUE} requests waiting.")
         for tab in TABS:
             tab(ctx)
     demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)

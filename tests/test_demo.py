@@ -1,5 +1,6 @@
 """Gradio demo: every tab through gradio_client, errors as gr.Error, one headless-browser test."""
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -7,10 +8,12 @@ import socket
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
+from diffusers_psld import NonFiniteError, PSLDImg2ImgPipeline, PSLDScheduler  # noqa: E402
 from diffusers_psld.models.classifier import TimeDependentClassifier  # noqa: E402
 from diffusers_psld.pipelines import PSLDPipeline  # noqa: E402
 
@@ -26,22 +29,78 @@ def free_port():
         return s.getsockname()[1]
 
 
+def _serve(pipe, status):
+    demo = app.build_demo(pipe, status)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+def _classifier(in_channels=2):
+    torch.manual_seed(1)
+    return TimeDependentClassifier(in_channels=in_channels, num_classes=10, block_out_channels=(8, 16), norm_num_groups=4)
+
+
 @pytest.fixture(scope="module")
 def server():
     base = app.untrained_pipeline()
-    clf = TimeDependentClassifier(in_channels=2, num_classes=10, block_out_channels=(8, 16), norm_num_groups=4)
-    pipe = PSLDPipeline(unet=base.unet, scheduler=base.scheduler, classifier=clf)
+    pipe = PSLDPipeline(unet=base.unet, scheduler=base.scheduler, classifier=_classifier())
     pipe.set_progress_bar_config(disable=True)
-    demo = app.build_demo(pipe, "test model (untrained)")
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
+    demo, url = _serve(pipe, "test model (untrained)")
+    yield url
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def nan_server():
+    """A model whose UNet outputs NaN: every tab must answer with the pipeline's NonFiniteError as a gr.Error."""
+    base = app.untrained_pipeline()
+    with torch.no_grad():
+        base.unet.conv_out.bias.fill_(float("nan"))
+    demo, url = _serve(base, "NaN model")
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def suff_dir(tmp_path_factory):
+    """A tiny saved pipeline with prediction_type="sufficient_epsilon" (C-channel UNet), input preconditioning and a
+    classifier, built like tests/test_pipeline_prediction_type.py's save/load test."""
+    from diffusers import UNet2DModel
+
+    sched = PSLDScheduler(prediction_type="sufficient_epsilon", input_preconditioning=True, sigma_data=0.6)
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, layers_per_block=1)
+    path = tmp_path_factory.mktemp("suff") / "pipe"
+    PSLDPipeline(unet=unet, scheduler=sched, classifier=_classifier()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def suff_server(suff_dir):
+    pipe, status = app.load_pipeline(suff_dir)
+    demo, url = _serve(pipe, status)
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    arr = (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)
+    path = tmp_path / "im.png"
+    PIL.Image.fromarray(arr).save(path)
+    return str(path)
 
 
 def test_missing_model_falls_back_honestly(tmp_path):
     pipe, msg = app.load_pipeline(str(tmp_path / "nope"))
     assert "UNTRAINED" in msg and isinstance(pipe, PSLDPipeline)
+    info = app.model_info(pipe)
+    assert 'prediction_type="epsilon"' in info and "PSLD (Γ = 0.01" in info and "preconditioning" not in info
+    out = app._run(pipe, app.recommended_sampler(pipe), 1, 3, 0)
+    assert len(out) == 1
 
 
 def test_unconditional_tab(server):
@@ -168,3 +227,111 @@ def test_browser_generate_shows_image(server):
             assert img.evaluate("el => el.naturalWidth") > 0
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- image-to-image (issue #15 §2)
+def test_img2img_tab(server, image_file):
+    client = Client(server, verbose=False)
+    out = client.predict(handle_file(image_file), 0.3, app.GDDIM, 10, 0, 2, api_name="/img2img")
+    assert len(out) == 2 and PIL.Image.open(out[0]["image"]).size == (app.DISPLAY_PX, app.DISPLAY_PX)
+    again = client.predict(handle_file(image_file), 0.3, app.GDDIM, 10, 0, 2, api_name="/img2img")
+    assert np.array_equal(np.asarray(PIL.Image.open(out[1]["image"])), np.asarray(PIL.Image.open(again[1]["image"])))
+    out = client.predict(handle_file(image_file), 1.0, "Probability-flow Heun (ODE)", 4, 0, 1, api_name="/img2img")
+    assert len(out) == 1
+    with pytest.raises(Exception, match="image: upload an image"):
+        client.predict(None, 0.3, app.GDDIM, 10, 0, 1, api_name="/img2img")
+    with pytest.raises(Exception, match=r"strength. must be in \(0, 1\].*got 0"):
+        client.predict(handle_file(image_file), 0.0, app.GDDIM, 10, 0, 1, api_name="/img2img")
+    with pytest.raises(Exception, match=r"strength. must be in \(0, 1\].*got 1.5"):
+        client.predict(handle_file(image_file), 1.5, app.GDDIM, 10, 0, 1, api_name="/img2img")
+    with pytest.raises(Exception, match=r"strength.=0.0001 is below the last time"):
+        client.predict(handle_file(image_file), 1e-4, app.SSCS, 10, 0, 1, api_name="/img2img")
+
+
+@pytest.mark.parametrize("label", list(app.SAMPLERS))
+def test_img2img_cost_counts_the_model_calls_that_run(label):
+    """The demo's NFE for a strength is exactly the number of UNet calls PSLDImg2ImgPipeline makes."""
+    base = app.untrained_pipeline()
+    steps, strength = 12, 0.3
+    nfe = app.img2img_nfe(app._scheduler(base, label), steps, strength)
+    calls = []
+    handle = base.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pipe = PSLDImg2ImgPipeline(unet=base.unet, scheduler=app._scheduler(base, label))
+        pipe.set_progress_bar_config(disable=True)
+        pipe(image=torch.rand(1, 1, 8, 8), strength=strength, num_inference_steps=steps, output_type="pt")
+    finally:
+        handle.remove()
+    assert 0 < nfe == len(calls) < steps
+    assert app.img2img_nfe(app._scheduler(base, label), steps, 1.0) == steps
+
+
+def test_img2img_cost_limit_uses_the_calls_that_run(server, image_file, monkeypatch):
+    base = app.untrained_pipeline()
+    steps, strength = 20, 0.2
+    nfe = app.img2img_nfe(app._scheduler(base, app.SSCS), steps, strength)
+    assert nfe < steps
+    monkeypatch.setattr(app, "MAX_COST", 2 * nfe)  # the server runs in this process: the limit is read per request
+    client = Client(server, verbose=False)
+    out = client.predict(handle_file(image_file), strength, app.SSCS, steps, 0, 2, api_name="/img2img")
+    assert len(out) == 2
+    with pytest.raises(Exception, match=rf"costs {2 * steps} image-steps \(batch 2 × {steps} model calls \(strength 1"):
+        client.predict(handle_file(image_file), 1.0, app.SSCS, steps, 0, 2, api_name="/img2img")
+
+
+def test_img2img_rejects_a_non_image(server, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match="image: 'notes.png' is not an image"):
+        client.predict(handle_file(str(bad)), 0.3, app.GDDIM, 3, 0, 1, api_name="/img2img")
+
+
+# ---------------------------------------------------------------- pipeline errors reach the page (not Gradio's generic one)
+def test_non_finite_sampling_is_a_clear_error(nan_server, image_file):
+    client = Client(nan_server, verbose=False)
+    nan = r"sampling failed \(NaN or inf\): sampling call 1/3 .*UNet output"
+    with pytest.raises(Exception, match=nan):
+        client.predict(app.GDDIM, 3, 0, 1, api_name="/unconditional")
+    with pytest.raises(Exception, match=nan):
+        client.predict(handle_file(image_file), 1.0, app.GDDIM, 3, 0, 1, api_name="/img2img")
+    with pytest.raises(Exception, match=nan):
+        client.predict(handle_file(image_file), None, "keep left half", app.GDDIM, 3, 0, 1, api_name="/inpaint")
+
+
+def test_pipeline_type_errors_are_clear_errors(server, image_file):
+    base = app.untrained_pipeline()
+    with pytest.raises(app.gr.Error, match="invalid input: `guidance_scale` must be a real number, got str 'abc'"):
+        app._run(base, app.GDDIM, 1, 3, 0, guidance_scale="abc")  # TypeError raised by PSLDPipeline
+    with pytest.raises(app.gr.Error, match=r"invalid input: `guidance_scale` must be a finite number in \[0, 1e6\], got -1.0"):
+        app._run(base, app.GDDIM, 1, 3, 0, guidance_scale=-1.0)  # ValueError raised by PSLDPipeline
+    with pytest.raises(app.gr.Error, match="sampling failed"):
+        with app.pipeline_errors():
+            raise NonFiniteError("x is not finite", cause="test")
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match="invalid input: `strength` must be a real number, got str 'abc'"):
+        client.predict(handle_file(image_file), "abc", app.GDDIM, 3, 0, 1, api_name="/img2img")
+
+
+# ---------------------------------------------------------------- prediction_type / input preconditioning (issue #14)
+def test_sufficient_epsilon_pipeline_loads_and_shows_its_type(suff_dir):
+    pipe, status = app.load_pipeline(suff_dir)
+    assert "UNTRAINED" not in status and pipe.unet.config.out_channels == 1
+    assert pipe.scheduler.config.prediction_type == "sufficient_epsilon"
+    info = app.model_info(pipe)
+    assert 'prediction_type="sufficient_epsilon"' in info and "1 channel" in info
+    assert "input preconditioning (σ_data = 0.6)" in info
+    demo = app.build_demo(pipe, status)
+    assert 'prediction_type=\\"sufficient_epsilon\\"' in json.dumps(demo.get_config_file())
+
+
+def test_sufficient_epsilon_pipeline_every_tab(suff_server, image_file):
+    client = Client(suff_server, verbose=False)
+    for sampler in (app.GDDIM, app.SSCS, "Probability-flow Heun (ODE)"):
+        assert len(client.predict(sampler, 4, 0, 2, api_name="/unconditional")) == 2
+        assert len(client.predict(handle_file(image_file), 0.3, sampler, 10, 0, 1, api_name="/img2img")) == 1
+    assert len(client.predict(3, 2.0, "Euler-Maruyama (SDE)", 3, 0, 1, api_name="/guided")) == 1
+    out = client.predict(handle_file(image_file), None, "keep left half", app.SSCS, 4, 0, 1, api_name="/inpaint")
+    got = np.asarray(PIL.Image.open(out[0]["image"]).convert("L").resize((8, 8), PIL.Image.NEAREST))
+    want = np.asarray(PIL.Image.open(image_file))
+    np.testing.assert_allclose(got[:, :4], want[:, :4], atol=3)
