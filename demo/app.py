@@ -32,7 +32,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gradio as gr  # noqa: E402
+try:
+    import gradio as gr  # noqa: E402
+except ImportError:  # pragma: no cover - the demo extra is not installed
+    sys.exit('demo/app.py needs Gradio: pip install -e ".[demo]"  (from the repository root)')
 from diffusers import UNet2DModel  # noqa: E402
 
 from diffusers_psld.pipelines import NonFiniteError, PSLDImg2ImgPipeline, PSLDPipeline  # noqa: E402

@@ -123,6 +123,11 @@ def test_scheduler_swap_and_bare_layout(workdir):
     assert rep["model"]["project_eps"] is False
     rep = evaluate.main(_args(workdir, workdir / "heun_pe", "--sampler", "pf_heun", "--project_eps", "--skip_metrics"))
     assert rep["model"]["project_eps"] is True and rep["model"]["scheduler_config"]["project_eps"] is True
+    for name, cls, sampler in (("gddim", "GDDIMMultistepScheduler", "gddim_multistep"),
+                               ("splitting", "SplittingScheduler", "roba")):
+        extra = ("--sampler", sampler) if name == "splitting" else ()
+        rep = evaluate.main(_args(workdir, workdir / name, "--scheduler", name, *extra, "--skip_metrics"))
+        assert rep["model"]["scheduler"] == cls and rep["model"]["sampler"] == sampler
     # unet/ + scheduler/ without model_index.json: standard Diffusers loop
     bare = workdir / "bare"
     shutil.copytree(workdir / "pipe", bare)
@@ -161,6 +166,8 @@ def test_likelihood_option(workdir):
 def test_cli_errors(workdir):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", "--scheduler", "sscs", "--sampler", "em"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", "--sampler", "roba"])  # a splitting sampler
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", "--num_samples", "0"])
     with pytest.raises(ValueError, match="model_dir"):

@@ -79,6 +79,14 @@ def test_hub_id_loading_from_preseeded_cache(pipe, tmp_path, monkeypatch):
         PSLDPipeline.from_pretrained("someuser/not-there", cache_dir=str(cache))
 
 
+def test_missing_relative_dir_that_looks_like_a_repo_id(tmp_path, monkeypatch):
+    """'outputs/run' is a relative path and a valid repo id: offline, the error names both readings."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"no local directory .*outputs/psld-run.* Hub repo id"):
+        PSLDPipeline.from_pretrained("outputs/psld-run", cache_dir=str(tmp_path / "cache"))
+
+
 def test_hub_id_passes_download_kwargs(pipe, tmp_path, monkeypatch):
     pipe.save_pretrained(tmp_path / "snap")
     calls = []

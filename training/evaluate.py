@@ -48,8 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--shard_size", type=int, default=64, help="images per seed shard (= sampling batch)")
     p.add_argument("--seed", type=int, default=0, help="base seed; shard i uses seed + i")
-    p.add_argument("--scheduler", choices=["psld", "sscs"], default=None, help="default: the saved scheduler")
-    p.add_argument("--sampler", choices=["em", "pf_euler", "pf_heun", "sscs"], default=None)
+    p.add_argument("--scheduler", choices=sorted(fidmod.scheduler_classes()), default=None,
+                   help="default: the saved scheduler; gddim = GDDIMMultistepScheduler (recommended below ~50 NFE)")
+    p.add_argument("--sampler", default=None,
+                   help="a sampler of the chosen scheduler class (psld: em, pf_euler, pf_heun, sscs; splitting: "
+                        "roba, cvv, ...); default: the class's own")
     p.add_argument("--striding", choices=["uniform", "quadratic"], default=None)
     p.add_argument("--project_eps", action="store_true",
                    help="use the consistent ε' = L⁻¹(z - a x̂₀) (schedulers' project_eps; PSLD with Γ > 0) for "
@@ -91,8 +94,11 @@ def parse_args(argv=None):
         p.error("--likelihood_samples must be >= 0 and --likelihood_batch_size >= 1")
     if args.num_inference_steps < 2:
         p.error("--num_inference_steps must be >= 2")
-    if args.scheduler == "sscs" and args.sampler not in (None, "sscs"):
-        p.error("--sampler must be 'sscs' (or unset) with --scheduler sscs")
+    if args.sampler is not None:
+        cls = fidmod.scheduler_classes()[args.scheduler or "psld"]
+        if args.sampler not in cls._samplers:
+            p.error(f"--sampler must be one of {list(cls._samplers)} with --scheduler {args.scheduler or 'psld'}, "
+                    f"got {args.sampler!r}")
     return args
 
 

@@ -485,6 +485,15 @@ def compute_fid_is(fake, real, extractor: Union[str, DigitsFeatureNet] = "incept
 
 
 # ---------------------------------------------------------------------------------------- pipelines
+def scheduler_classes() -> Dict[str, type]:
+    """``--scheduler`` names of :func:`pipeline_sample_fn` / ``training/evaluate.py`` → scheduler classes."""
+    from ..schedulers import (ConjugateScheduler, GDDIMMultistepScheduler, PSLDScheduler, SplittingScheduler,
+                              SSCSScheduler)
+
+    return {"psld": PSLDScheduler, "sscs": SSCSScheduler, "gddim": GDDIMMultistepScheduler,
+            "conjugate": ConjugateScheduler, "splitting": SplittingScheduler}
+
+
 def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler: Optional[str] = None,
                        striding: Optional[str] = None, num_inference_steps: int = 100,
                        device: Union[str, torch.device] = "cpu", torch_dtype=None,
@@ -495,9 +504,11 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
     ``unet/`` + ``scheduler/`` layout is also accepted and sampled with the standard Diffusers loop.
 
     Args:
-        scheduler: ``"psld"`` (:class:`PSLDScheduler`), ``"sscs"`` (:class:`SSCSScheduler`) or ``None``
-            (keep the saved one). The SDE parameters are taken from the saved scheduler config.
-        sampler: ``PSLDScheduler`` sampler (``em``, ``pf_euler``, ``pf_heun``, ``sscs``); ``None`` keeps it.
+        scheduler: a key of :data:`SCHEDULER_CLASSES` (``"psld"``, ``"sscs"``, ``"gddim"``, ``"conjugate"``,
+            ``"splitting"``) or ``None`` (keep the saved one). The SDE parameters and ``prediction_type`` come
+            from the saved scheduler config (``from_config``).
+        sampler: a sampler of that class (``PSLDScheduler``: ``em``, ``pf_euler``, ``pf_heun``, ``sscs``;
+            ``SplittingScheduler``: ``roba``, ``cvv``, ...); ``None`` keeps the class's own choice.
         striding: ``uniform`` / ``quadratic``; ``None`` keeps it.
         project_eps: the schedulers' ``project_eps`` (consistent ε; needs Γ > 0); ``None`` keeps it.
 
@@ -509,12 +520,13 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
     """
     from diffusers import UNet2DModel
 
-    from ..schedulers import PSLDScheduler, SSCSScheduler
+    from ..schedulers import PSLDScheduler
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"`model_dir` must be a directory (a saved pipeline), got {model_dir!r}")
-    if scheduler not in (None, "psld", "sscs"):
-        raise ValueError(f"`scheduler` must be 'psld', 'sscs' or None, got {scheduler!r}")
+    classes = scheduler_classes()
+    if scheduler is not None and scheduler not in classes:
+        raise ValueError(f"`scheduler` must be one of {sorted(classes)} or None, got {scheduler!r}")
     pipe = None
     if os.path.isfile(os.path.join(model_dir, "model_index.json")):
         from ..pipelines import PSLDPipeline
@@ -532,13 +544,14 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
         overrides["striding"] = striding
     if project_eps is not None:
         overrides["project_eps"] = project_eps
-    if scheduler == "sscs":
-        if overrides.get("sampler", "sscs") != "sscs":
-            raise ValueError(f"`sampler` must be 'sscs' (or unset) with scheduler='sscs', got {sampler!r}")
-        overrides["sampler"] = "sscs"
-        sched = SSCSScheduler.from_config(sched.config, **overrides)
-    elif scheduler == "psld" or overrides:
-        sched = PSLDScheduler.from_config(sched.config, **overrides)
+    if scheduler is not None:
+        cls = classes[scheduler]
+        if "sampler" in overrides and overrides["sampler"] not in cls._samplers:
+            raise ValueError(f"`sampler` must be one of {cls._samplers} (or unset) with scheduler={scheduler!r}, got {sampler!r}")
+        sched = cls.from_config(sched.config, **overrides)
+    elif overrides:  # keep the saved class when it runs the requested sampler, else PSLDScheduler (EM/PF/SSCS)
+        cls = type(sched) if overrides.get("sampler", sched.config.sampler) in type(sched)._samplers else PSLDScheduler
+        sched = cls.from_config(sched.config, **overrides)
     unet = unet.to(device).eval()
     if pipe is not None:
         pipe.scheduler = sched

@@ -178,7 +178,8 @@ class PSLDPipeline(DiffusionPipeline):
 
         Raises:
             FileNotFoundError: a local path (absolute, ``./…``, ``~…``, or deeper than ``namespace/name``) that
-                is not a directory.
+                is not a directory; or a ``namespace/name`` that is neither a local directory nor fetchable from
+                the Hub (the message names both readings and the Hub error).
             ValueError: a component whose weights exist only as pickles (``*.bin``), unless
                 ``use_safetensors=False`` is passed (then loaded with ``torch.load(weights_only=True)``).
         """
@@ -190,7 +191,14 @@ class PSLDPipeline(DiffusionPipeline):
             dl = {key: kwargs.pop(key) for key in ("revision", "cache_dir", "token", "local_files_only",
                                                    "force_download", "proxies") if key in kwargs}
             dl = {key: val for key, val in dl.items() if val is not None}
-            path = _snapshot_download(path, **dl)
+            try:
+                path = _snapshot_download(path, **dl)
+            except Exception as err:  # noqa: BLE001  (Hub / network / offline-cache errors)
+                # "outputs/run" is both a relative path and a valid "namespace/name" repo id: name both readings
+                raise FileNotFoundError(
+                    f"`pretrained_model_name_or_path`={path!r}: there is no local directory {os.path.abspath(path)!r}, "
+                    f"and as a Hub repo id it could not be fetched ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+                ) from err
         _check_safetensors(path, kwargs.get("use_safetensors"), passed=[k for k in ("unet", "scheduler", "classifier") if k in kwargs])
         return super().from_pretrained(path, **kwargs)
 
