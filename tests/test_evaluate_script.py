@@ -168,6 +168,11 @@ def test_cli_errors(workdir):
         evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", "--scheduler", "sscs", "--sampler", "em"])
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", "--sampler", "roba"])  # a splitting sampler
+    # used only after sampling: checked before any shard is generated
+    for extra in (["--reference", "nope"], ["--feature_extractor", str(workdir / "missing_fx")],
+                  ["--feature_extractor", __file__]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", *extra])
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model_dir", "x", "--output_dir", "y", "--num_samples", "0"])
     with pytest.raises(ValueError, match="model_dir"):

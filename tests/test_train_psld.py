@@ -160,6 +160,7 @@ def _folder(tmp_path, n=2):
     (["--time_scale", "inf"], "--time_scale"),  # was NaN at step 1
     (["--time_scale", "0"], "--time_scale"),
     (["--num_threads", "0"], "--num_threads"),
+    (["--seed", "-1"], "--seed"),
     (["--allow_changed_settings", "nu"], "--allow_changed_settings"),
     (["--allow_changed_settings", "no_such_flag"], "--allow_changed_settings"),
 ])

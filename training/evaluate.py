@@ -94,6 +94,16 @@ def parse_args(argv=None):
         p.error("--likelihood_samples must be >= 0 and --likelihood_batch_size >= 1")
     if args.num_inference_steps < 2:
         p.error("--num_inference_steps must be >= 2")
+    # inputs that are only used after sampling are checked now, before any shard is generated
+    ref = args.reference
+    if not (ref == "digits" or (ref.endswith(".npz") and os.path.isfile(ref)) or os.path.isdir(ref)):
+        p.error(f"--reference must be 'digits', an existing .npz file or an image folder, got {ref!r}")
+    fx = args.feature_extractor
+    if fx is not None and fx != "inception" and not args.skip_metrics:
+        if os.path.isfile(fx):
+            p.error(f"--feature_extractor must be 'inception' or a DigitsFeatureNet directory, got the file {fx!r}")
+        if not os.path.isdir(fx) and not args.train_feature_extractor:
+            p.error(f"--feature_extractor {fx!r} does not exist (pass --train_feature_extractor to train one there)")
     if args.sampler is not None:
         cls = fidmod.scheduler_classes()[args.scheduler or "psld"]
         if args.sampler not in cls._samplers:
@@ -297,5 +307,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except fidmod.ShardMismatchError as e:  # a refusal, not a crash: say what differs, no traceback
-        sys.exit(f"error: {e}")
+    except (fidmod.ShardMismatchError, ValueError, FileNotFoundError) as e:  # refusals of bad input, not crashes:
+        sys.exit(f"error: {e}")  # say what is wrong, no traceback

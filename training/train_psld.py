@@ -166,6 +166,8 @@ def resolve_and_validate(args) -> argparse.Namespace:
     from diffusers_psld.models.unet_presets import PRESETS, check_resolution
 
     args.offline_digits = not (args.dataset_name or args.train_data_dir)
+    if not 0 <= args.seed <= 2**32 - 1:  # accelerate's set_seed range
+        _err("--seed", f"must be in [0, 2**32 - 1], got {args.seed}")
     if args.dataset_name and args.train_data_dir:
         _err("--dataset_name", "give either --dataset_name or --train_data_dir, not both")
     defaults = DIGITS_DEFAULTS if args.offline_digits else PAPER_DEFAULTS
