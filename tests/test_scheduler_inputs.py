@@ -372,14 +372,14 @@ def test_empty_batch_is_refused_by_add_noise():
         PSLDScheduler().add_noise(torch.zeros(0, 1, 2, 2), torch.zeros(0, 2, 2, 2), 0.5)
 
 
-@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler])
+@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler])
 @pytest.mark.parametrize("bad", [10 ** 6, 65, 3, 8.0, True])
 def test_quadrature_nodes_are_bounded_in_the_constructor(cls, bad):
     with pytest.raises(ValueError, match=r"quadrature_nodes.*\[4, 64\]"):
         cls(quadrature_nodes=bad)
 
 
-@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler])
+@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler])
 def test_quadrature_nodes_accept_numpy_and_the_upper_bound(cls):
     cls(quadrature_nodes=np.int64(64)).set_timesteps(3)
 
@@ -393,7 +393,7 @@ def test_gddim_step_validates_the_generator(bad):
         s.step(z, s.timesteps[0], z, generator=bad)
 
 
-@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler])
+@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler])
 def test_slow_set_timesteps_warns_with_the_expected_cost(cls, monkeypatch):
     from diffusers_psld.schedulers import scheduling_psld
 

@@ -279,7 +279,7 @@ class ConjugateScheduler(PSLDScheduler):
             ``set_timesteps`` refuses a λ whose Euler factors e^x(1 - x), x = λ·μ·h (μ = 1 for `"identity"`, k for
             `"ones"`), amplify the state by more than 10³ over the run (λ = 30 at 10 steps overflows);
             λ·μ·h <= 1.2785 on every step is always accepted.
-        quadrature_nodes (`int`, defaults to 24): Gauss–Legendre nodes per quadrature piece (in u = √t), >= 4.
+        quadrature_nodes (`int`, defaults to 24): Gauss–Legendre nodes per quadrature piece (in u = √t), in [4, 64].
         eps_basis (`str`, defaults to `"cholesky"`): the ε frozen over a step: the network's ε
             (`"cholesky"`, C_out = -L_t^{-T}) or gDDIM's rotated ε_R (`"gddim"`, C_out = -R_t^{-T}; exact
             for point-mass data, needs gamma > 0 or VP). See the module docstring.

@@ -163,7 +163,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             (the shared `striding` option, which the other two ignore).
         spacing_power (`float`, defaults to 2.5): exponent of `time_spacing="power"`, in (0, 8] (tuned on the
             benchmark mixture at 10-20 NFE; 2-3 are all close; larger powers collapse the grid onto sampling_eps).
-        quadrature_nodes (`int`, defaults to 16): Gauss–Legendre nodes per quadrature piece, >= 4.
+        quadrature_nodes (`int`, defaults to 16): Gauss–Legendre nodes per quadrature piece, in [4, 64].
     """
 
     @register_to_config

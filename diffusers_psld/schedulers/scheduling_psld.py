@@ -132,7 +132,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             `None` takes the preset's (8, 8 for PSLD; 0.1, 20 for VP).
         kappa (`float`, defaults to 0.04): κ, HSM initial momentum variance factor (m₀ ~ N(0, κM)).
         sampling_eps (`float`, defaults to 1e-3): last forward time before the denoising step.
-        time_scale (`float`, defaults to 1000): the UNet receives t · time_scale.
+        time_scale (`float`, defaults to 1000): the UNet receives t · time_scale; in [1e-6, 1e9] (so that
+            the float32 model times stay finite and distinguishable).
         sampler (`str`, defaults to `"em"`): `"em"`, `"pf_euler"`, `"pf_heun"` or `"sscs"`.
         striding (`str`, defaults to `"uniform"`): `"uniform"` or `"quadratic"` time grid.
         sscs_score_time (`str`, defaults to `"start"`): SSCS evaluates the score on the half-stepped
@@ -152,7 +153,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             :meth:`step` converts the output to ε once (every sampler of the package gets it).
         input_preconditioning (`bool`, defaults to False): :meth:`scale_model_input` whitens the state,
             c_in(t) z with c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} per pixel (training uses the same function).
-        sigma_data (`float`, defaults to 0.5): σ_data of ``input_preconditioning``, the per-pixel std of the data (> 0).
+        sigma_data (`float`, defaults to 0.5): σ_data of ``input_preconditioning``, the per-pixel std of the data, in [1e-6, 1e6]
+            (c_in z stays finite in float32; a value outside is a units error).
 
     Swapping samplers: ``compatibles`` lists every scheduler class of this package that accepts this
     configuration (all share the ε-network and the shared arguments), and
@@ -403,7 +405,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
 
         ``num_inference_steps``: an int (NumPy integers accepted) in [2, ``MAX_INFERENCE_STEPS``] = [2, 100000].
         ``timesteps`` becomes a float32 tensor on ``device`` (see the module docstring). Classes whose tables come
-        from quadratures (gDDIM, conjugate) cost about ``_setup_seconds_per_step`` per step to set up: above
+        from quadratures (gDDIM, conjugate, splitting) cost about ``_setup_seconds_per_step`` per step to set up: above
         ``_SLOW_SETUP_STEPS`` steps a warning states the expected set-up time."""
         n = check_steps(num_inference_steps)
         if self._setup_seconds_per_step and n > self._SLOW_SETUP_STEPS:
