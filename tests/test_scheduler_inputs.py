@@ -279,3 +279,130 @@ def test_pipeline_scheduler_compatibles_and_swap_round_trip():
         assert torch.all(torch.isfinite(out.images))
     pipe.scheduler = PSLDScheduler.from_config(pipe.scheduler.config)
     assert pipe.scheduler.config.sampler == "pf_heun" and pipe.scheduler.config.striding == "quadratic"
+
+
+# ------------------------------------------------------------------ review fixes: bounds and refusals
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("kw,name", [(dict(time_scale=1e300), r"time_scale.*<= 1000000000"),
+                                     (dict(time_scale=1e-300), r"time_scale.*>= 1e-06"),
+                                     (dict(input_preconditioning=True, sigma_data=1e30), r"sigma_data.*<= 1000000"),
+                                     (dict(sigma_data=1e-30), r"sigma_data.*>= 1e-06")])
+def test_time_scale_and_sigma_data_are_bounded_in_the_constructor(cls, kw, name):
+    with pytest.raises(ValueError, match=name):
+        cls(**kw)
+
+
+def test_in_range_sigma_data_gives_a_finite_preconditioned_input():
+    for sd in (1e-6, 1e6):
+        s = PSLDScheduler(input_preconditioning=True, sigma_data=sd, time_scale=1e9)
+        s.set_timesteps(3)
+        assert torch.all(torch.isfinite(s.scale_model_input(torch.randn(1, 2, 2, 2), s.timesteps[0])))
+        assert torch.isfinite(s.model_time(1.0, 1)).all()
+
+
+@pytest.mark.parametrize("which", ["original_samples", "noise"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_add_noise_refuses_non_finite_inputs(which, value):
+    x0, noise = torch.zeros(2, 1, 2, 2), torch.zeros(2, 2, 2, 2)
+    bad = {"original_samples": x0, "noise": noise}
+    bad[which] = bad[which].clone()
+    bad[which][0, 0, 0, 0] = value
+    with pytest.raises(ValueError, match=which):
+        PSLDScheduler().add_noise(bad["original_samples"], bad["noise"], 0.5)
+
+
+@pytest.mark.parametrize("t", [torch.tensor([float("nan")]), torch.tensor([float("inf")]), torch.tensor([-0.5]),
+                               torch.tensor([0.5, float("nan")], dtype=torch.float64)])
+def test_model_time_refuses_non_finite_or_negative_tensors(t):
+    with pytest.raises(ValueError, match="`t`"):
+        PSLDScheduler().model_time(t, t.numel())
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 1.5, True, "2"])
+def test_model_time_refuses_a_bad_batch_size(bad):
+    with pytest.raises(ValueError, match="batch_size"):
+        PSLDScheduler().model_time(0.5, bad)
+
+
+def test_model_time_accepts_numpy_batch_sizes():
+    assert PSLDScheduler().model_time(0.5, np.int64(3)).shape == (3,)
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("bad", ["long", "none", "numpy"])
+def test_scale_model_input_refuses_non_float_samples(precondition, bad):
+    s = PSLDScheduler(input_preconditioning=precondition)
+    s.set_timesteps(3)
+    z = torch.zeros(1, 2, 2, 2)
+    sample = {"long": z.long(), "none": None, "numpy": z.numpy()}[bad]
+    with pytest.raises(TypeError, match="sample"):
+        s.scale_model_input(sample, s.timesteps[0])
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "sample"])
+@pytest.mark.parametrize("method,name", [("model_output_to_eps", "model_output"), ("eps_to_model_output", "eps")])
+def test_output_eps_conversions_refuse_none_integer_and_wrong_channels(ptype, method, name):
+    s = PSLDScheduler(prediction_type=ptype)
+    z = torch.zeros(2, 2, 2, 2)
+    good = z if (ptype == "epsilon" or name == "eps") else z[:, :1]
+    fn = getattr(s, method)
+    fn(good, z, 0.5)
+    with pytest.raises(TypeError, match=name):
+        fn(None, z, 0.5)
+    with pytest.raises(TypeError, match=name):
+        fn(good.long(), z, 0.5)
+    with pytest.raises(TypeError, match="sample"):
+        fn(good, None, 0.5)
+    wrong = torch.zeros(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=rf"`{name}` must .*shape \(2, {good.shape[1]}, 2, 2\)"):
+        fn(wrong, z, 0.5)
+
+
+@pytest.mark.parametrize("cls,kw", LOOPS, ids=LOOP_IDS)
+def test_empty_batch_is_refused_by_step(cls, kw):
+    s = cls(**kw)
+    s.set_timesteps(4)
+    z = torch.zeros(0, 2 if kw.get("diffusion") != "vp" else 1, 2, 2)
+    with pytest.raises(ValueError, match="`sample` has a batch of 0"):
+        s.step(z, s.timesteps[0], z)
+
+
+def test_empty_batch_is_refused_by_add_noise():
+    with pytest.raises(ValueError, match="`original_samples` has a batch of 0"):
+        PSLDScheduler().add_noise(torch.zeros(0, 1, 2, 2), torch.zeros(0, 2, 2, 2), 0.5)
+
+
+@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler])
+@pytest.mark.parametrize("bad", [10 ** 6, 65, 3, 8.0, True])
+def test_quadrature_nodes_are_bounded_in_the_constructor(cls, bad):
+    with pytest.raises(ValueError, match=r"quadrature_nodes.*\[4, 64\]"):
+        cls(quadrature_nodes=bad)
+
+
+@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler])
+def test_quadrature_nodes_accept_numpy_and_the_upper_bound(cls):
+    cls(quadrature_nodes=np.int64(64)).set_timesteps(3)
+
+
+@pytest.mark.parametrize("bad", [42, "abc", [1, 2]])
+def test_gddim_step_validates_the_generator(bad):
+    s = GDDIMMultistepScheduler()
+    s.set_timesteps(4)
+    z = torch.zeros(2, 2, 2, 2)
+    with pytest.raises(TypeError, match="generator"):
+        s.step(z, s.timesteps[0], z, generator=bad)
+
+
+@pytest.mark.parametrize("cls", [ConjugateScheduler, GDDIMMultistepScheduler, SplittingScheduler])
+def test_slow_set_timesteps_warns_with_the_expected_cost(cls, monkeypatch):
+    from diffusers_psld.schedulers import scheduling_psld
+
+    s = cls()
+    monkeypatch.setattr(cls, "_SLOW_SETUP_STEPS", 3)  # keep the test fast: the real threshold is 5000
+    seen = []
+    monkeypatch.setattr(scheduling_psld.logger, "warning", lambda msg, *a, **k: seen.append(msg))
+    s.set_timesteps(4)
+    assert len(seen) == 1 and "set_timesteps(4)" in seen[0] and "s (~1 ms per step" in seen[0]
+    seen.clear()
+    PSLDScheduler().set_timesteps(4)  # cheap tables: no warning
+    assert PSLDScheduler._SLOW_SETUP_STEPS == 5000 and not seen

@@ -48,8 +48,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import parameterization, sampling
 from ..sde import RecipeSDE, blocks, kernels
 from ..sde.recipe import HSMKernel
-from .validation import (check_float_tensor, check_generator, check_real, check_steps, plain_config_values,
-                         timestep_value)
+from .validation import (SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_finite, check_float_tensor,
+                         check_generator, check_real, check_steps, plain_config_values, timestep_value)
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -132,7 +132,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             `None` takes the preset's (8, 8 for PSLD; 0.1, 20 for VP).
         kappa (`float`, defaults to 0.04): κ, HSM initial momentum variance factor (m₀ ~ N(0, κM)).
         sampling_eps (`float`, defaults to 1e-3): last forward time before the denoising step.
-        time_scale (`float`, defaults to 1000): the UNet receives t · time_scale.
+        time_scale (`float`, defaults to 1000): the UNet receives t · time_scale; in [1e-6, 1e9] (so that
+            the float32 model times stay finite and distinguishable).
         sampler (`str`, defaults to `"em"`): `"em"`, `"pf_euler"`, `"pf_heun"` or `"sscs"`.
         striding (`str`, defaults to `"uniform"`): `"uniform"` or `"quadratic"` time grid.
         sscs_score_time (`str`, defaults to `"start"`): SSCS evaluates the score on the half-stepped
@@ -152,7 +153,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             :meth:`step` converts the output to ε once (every sampler of the package gets it).
         input_preconditioning (`bool`, defaults to False): :meth:`scale_model_input` whitens the state,
             c_in(t) z with c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} per pixel (training uses the same function).
-        sigma_data (`float`, defaults to 0.5): σ_data of ``input_preconditioning``, the per-pixel std of the data (> 0).
+        sigma_data (`float`, defaults to 0.5): σ_data of ``input_preconditioning``, the per-pixel std of the data, in [1e-6, 1e6]
+            (c_in z stays finite in float32; a value outside is a units error).
 
     Swapping samplers: ``compatibles`` lists every scheduler class of this package that accepts this
     configuration (all share the ε-network and the shared arguments), and
@@ -197,6 +199,9 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
     #: sampler names this class runs; a subclass that adds samplers sets its own tuple and overrides
     #: :meth:`_build_calls` (see ``scheduling_conjugate.py``, ``scheduling_splitting.py``)
     _samplers: Tuple[str, ...] = SAMPLERS
+    #: approximate ``set_timesteps`` cost per step (seconds) where it is large enough to warn about (0: cheap)
+    _setup_seconds_per_step: float = 0.0
+    _SLOW_SETUP_STEPS = 5000
 
     @register_to_config
     def __init__(
@@ -275,7 +280,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         eps = check_real(cfg.sampling_eps, "sampling_eps", 0.0, strict=True)
         if eps >= 1.0:
             raise ValueError(f"`sampling_eps` must be in (0, 1), got {cfg.sampling_eps!r}")
-        check_real(cfg.time_scale, "time_scale", 0.0, strict=True)
+        # t · time_scale and c_in must stay finite and meaningful in float32 (see TIME_SCALE_RANGE, SIGMA_DATA_RANGE)
+        check_real(cfg.time_scale, "time_scale", TIME_SCALE_RANGE[0], high=TIME_SCALE_RANGE[1])
         for name in ("gamma", "nu", "kappa", "m_inv", "beta_min", "beta_max"):
             if getattr(cfg, name) is not None:
                 check_real(getattr(cfg, name), name)
@@ -292,6 +298,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(cfg.input_preconditioning, bool):
             raise ValueError(f"`input_preconditioning` must be a bool, got {cfg.input_preconditioning!r}")
         parameterization.input_scaling(torch.ones(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), cfg.sigma_data)
+        check_real(cfg.sigma_data, "sigma_data", SIGMA_DATA_RANGE[0], high=SIGMA_DATA_RANGE[1])
         if cfg.project_eps and cfg.prediction_type == "epsilon":  # the consistent types need no check (identity)
             sampling.check_eps_projection(self.sde)
         self._prior_scale = torch.diag(self.sde.masses.sqrt())  # float64, CPU; cast once per draw
@@ -368,7 +375,14 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         the network sees one convention. ``ValueError`` if ``t`` has neither 1 nor ``batch_size`` entries.
         """
         scale = float(self.config.time_scale)
+        if batch_size is not None and (isinstance(batch_size, (bool, np.bool_))
+                                       or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"`batch_size` must be a positive int (or None), got {batch_size!r}")
         if isinstance(t, torch.Tensor):
+            if t.dtype == torch.bool or t.is_complex():
+                raise TypeError(f"`t` must hold real forward times, got a {t.dtype} tensor")
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(f"`t` must be finite forward times >= 0, got {t!r}")
             if t.dtype == torch.float64 or not torch.is_floating_point(t):
                 out = (t.detach().to("cpu").to(torch.float64) * scale).to(torch.float32)
                 device = t.device if device is None else device
@@ -390,8 +404,14 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """Build the time grid and the float64 step tables (CPU) for exactly ``num_inference_steps`` model calls.
 
         ``num_inference_steps``: an int (NumPy integers accepted) in [2, ``MAX_INFERENCE_STEPS``] = [2, 100000].
-        ``timesteps`` becomes a float32 tensor on ``device`` (see the module docstring)."""
+        ``timesteps`` becomes a float32 tensor on ``device`` (see the module docstring). Classes whose tables come
+        from quadratures (gDDIM, conjugate, splitting) cost about ``_setup_seconds_per_step`` per step to set up: above
+        ``_SLOW_SETUP_STEPS`` steps a warning states the expected set-up time."""
         n = check_steps(num_inference_steps)
+        if self._setup_seconds_per_step and n > self._SLOW_SETUP_STEPS:
+            logger.warning(f"{type(self).__name__}.set_timesteps({n}): building the step tables takes about "
+                           f"{n * self._setup_seconds_per_step:.0f} s (~{1e3 * self._setup_seconds_per_step:.0g} ms per "
+                           f"step, quadrature coefficients); every sampler here has converged by ~1000 steps")
         self._install_calls(self._build_calls(n), n, device)
 
     def _build_calls(self, n_calls: int) -> list:
@@ -536,6 +556,9 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """
         check_float_tensor(original_samples, "original_samples")
         check_float_tensor(noise, "noise")
+        check_batch(original_samples, "original_samples")
+        check_finite(original_samples, "original_samples")
+        check_finite(noise, "noise")
         k = self.num_components
         if noise.ndim < 2 or noise.shape[0] != original_samples.shape[0] or noise.shape[1] != k * original_samples.shape[1] \
                 or noise.shape[2:] != original_samples.shape[2:]:
@@ -656,14 +679,21 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
     def model_output_to_eps(self, model_output: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
         """ε ``[B, k*C, ...]`` from the network output (``prediction_type``) at state ``sample`` and forward
         time ``timestep`` (scalar or ``[B]``); identity for ``"epsilon"``. Differentiable; in ``sample``'s dtype
-        (float32 at least)."""
+        (float32 at least). ``TypeError`` for non-float inputs, ``ValueError`` for a wrong shape."""
+        check_float_tensor(model_output, "model_output")
+        check_float_tensor(sample, "sample")
+        self._check_output_shape(model_output, sample)
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         maps, _ = self._maps_at(timestep, work, sample.device)
         return maps.to_eps(model_output.to(work), sample.to(work))
 
     def eps_to_model_output(self, eps: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
         """The network output that gives ``eps`` (``prediction_type``; identity for ``"epsilon"``). For the
-        C-channel types an inconsistent ε is projected (the result lifts back to ``project_eps``'s ε')."""
+        C-channel types an inconsistent ε is projected (the result lifts back to ``project_eps``'s ε').
+        ``TypeError`` for non-float inputs, ``ValueError`` unless ``eps`` has ``sample``'s shape."""
+        check_float_tensor(eps, "eps")
+        check_float_tensor(sample, "sample")
+        self._check_output_shape(eps, sample, "eps", self.num_components)
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         maps, _ = self._maps_at(timestep, work, sample.device)
         return maps.from_eps(eps.to(work), sample.to(work))
@@ -673,7 +703,9 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         """What the network receives for state ``sample`` ``[B, k*C, ...]`` at forward time ``timestep``
         (scalar or ``[B]``): the state itself, or with ``input_preconditioning`` the whitened state
         c_in(t) z, c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} (float64 tables, product in ``sample``'s dtype).
-        Training (:func:`diffusers_psld.losses.hsm_loss`) calls the same function."""
+        Training (:func:`diffusers_psld.losses.hsm_loss`) calls the same function. ``TypeError`` unless ``sample``
+        is a floating-point tensor."""
+        check_float_tensor(sample, "sample")
         if not self.config.input_preconditioning:
             return sample
         if timestep is None:
@@ -821,16 +853,23 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
                      "scheduler configuration amplifies the state (an unstable step size or parameter) or the inputs are huge")
         raise FloatingPointError(f"{where}: {cause}")
 
-    def _check_step_inputs(self, model_output, timestep, sample, i):
+    def _check_output_shape(self, model_output, sample, name: str = "model_output", j: Optional[int] = None):
+        """``ValueError`` unless ``sample`` is ``[B, k*C, ...]`` and ``model_output`` (called ``name``) has ``j*C``
+        channels (default: the ``prediction_type``'s output components) and ``sample``'s other dimensions."""
         k = self.num_components
         if sample.ndim < 2 or sample.shape[1] % k != 0:
             raise ValueError(f"`sample` must have shape [B, {k}*C, ...] ({k} stacked components), got {tuple(sample.shape)}")
-        j = parameterization.output_components(self.config.prediction_type, k)
+        if j is None:
+            j = parameterization.output_components(self.config.prediction_type, k)
         expected_shape = (sample.shape[0], j * (sample.shape[1] // k), *sample.shape[2:])
         if tuple(model_output.shape) != expected_shape:
             what = (f"predict ε for all {sample.shape[1]} channels of the state" if j == k else
                     f"have C = {sample.shape[1] // k} channels for prediction_type={self.config.prediction_type!r}")
-            raise ValueError(f"`model_output` must {what}, i.e. have shape {expected_shape}; got {tuple(model_output.shape)}")
+            raise ValueError(f"`{name}` must {what}, i.e. have shape {expected_shape}; got {tuple(model_output.shape)}")
+
+    def _check_step_inputs(self, model_output, timestep, sample, i):
+        check_batch(sample, "sample")
+        self._check_output_shape(model_output, sample)
         t = timestep_value(timestep)
         expected = self._tables.eval_times[i]
         if abs(t - expected) > 1e-6 * max(1.0, expected):

@@ -17,8 +17,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["MAX_INFERENCE_STEPS", "check_real", "check_steps", "check_float_tensor", "check_generator",
-           "timestep_value", "plain_config_values"]
+__all__ = ["MAX_INFERENCE_STEPS", "MAX_QUADRATURE_NODES", "TIME_SCALE_RANGE", "SIGMA_DATA_RANGE", "check_real",
+           "check_steps", "check_float_tensor", "check_finite", "check_batch", "check_quadrature_nodes",
+           "check_generator", "timestep_value", "plain_config_values"]
 
 #: Upper bound of ``num_inference_steps``. ``scheduler.timesteps`` is float32 (devices without float64), whose
 #: resolution near t = 1 is 6e-8: at 1e5 uniform steps (spacing 1e-5) the entries stay distinct and the
@@ -26,6 +27,21 @@ __all__ = ["MAX_INFERENCE_STEPS", "check_real", "check_steps", "check_float_tens
 #: would be hours of model calls without any accuracy gain measured here (every sampler has converged to its
 #: limit by NFE 1000, see the README).
 MAX_INFERENCE_STEPS = 100_000
+
+#: Upper bound of ``quadrature_nodes`` (Gauss–Legendre per piece, pieces with u_hi/u_lo <= 2): the float64
+#: coefficients have converged to rounding by the defaults (16-24 nodes, see the samplers' accuracy tests); more
+#: nodes only cost set-up time (the node count is a factor of every ``set_timesteps``).
+MAX_QUADRATURE_NODES = 64
+
+#: Range of ``time_scale``: the UNet receives t · time_scale in float32 for t in [sampling_eps, 1]; below 1e-6 the
+#: whole schedule maps to < 1e-6 (the sinusoidal embedding cannot tell the times apart), above 1e9 the largest
+#: model time nears float32's exact-integer limit many times over and the embedding aliases (1000 is standard).
+TIME_SCALE_RANGE = (1e-6, 1e9)
+
+#: Range of ``sigma_data`` (the data's per-pixel std for ``input_preconditioning``): c_in = (Σ_t + σ_d² a aᵀ)^{-1/2}
+#: is computed in float64 and applied in float32; σ_d² must stay well inside float32 (1e±12) for c_in z to be
+#: finite and non-zero (σ_d = 1e30 gives NaN), and data scaled by more than 1e6 (or less than 1e-6) is a units error.
+SIGMA_DATA_RANGE = (1e-6, 1e6)
 
 
 def check_real(value, name: str, low: Optional[float] = None, strict: bool = False,
@@ -68,6 +84,29 @@ def check_float_tensor(x, name: str) -> torch.Tensor:
     if not torch.is_floating_point(x):
         raise TypeError(f"`{name}` must be a floating-point tensor (float16/bfloat16/float32/float64), got dtype {x.dtype}")
     return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``ValueError`` naming ``name`` if the tensor ``x`` has a NaN or infinite entry."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` has non-finite entries (NaN or inf); pass finite values")
+    return x
+
+
+def check_batch(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``ValueError`` naming ``name`` if the tensor ``x`` has no batch axis or a batch of 0."""
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"`{name}` has a batch of 0 (shape {tuple(x.shape)}); pass at least one sample")
+    return x
+
+
+def check_quadrature_nodes(q) -> int:
+    """``quadrature_nodes``: an int (NumPy integers accepted) in [4, ``MAX_QUADRATURE_NODES``]."""
+    if isinstance(q, (bool, np.bool_)) or not isinstance(q, (numbers.Integral, np.integer)) \
+            or not 4 <= int(q) <= MAX_QUADRATURE_NODES:
+        raise ValueError(f"`quadrature_nodes` must be an int in [4, {MAX_QUADRATURE_NODES}] (float64 Gauss–Legendre "
+                         f"has converged well before; more nodes only cost set-up time), got {q!r}")
+    return int(q)
 
 
 def check_generator(generator, batch_size: int):
