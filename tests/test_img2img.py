@@ -168,6 +168,11 @@ def test_cfg_with_class_conditional_unet():
     (dict(image=None), "image"), (dict(image=torch.rand(1, 1, 7, 7)), "image"), (dict(image=torch.rand(1, 1, 0, 8)), "image"),
     (dict(generator=42), "generator"), (dict(batch_size=0), "batch_size"), (dict(num_inference_steps=1), "num_inference_steps"),
     (dict(class_labels=0, guidance_scale=float("inf")), "guidance_scale"),
+    (dict(image=PIL.Image.fromarray(np.full((8, 8), 200.0, np.float32))), "image"),  # "F" beyond [0, 1]: not clipped
+    (dict(image=PIL.Image.fromarray(np.full((8, 8), 70000, np.int32))), "image"),  # "I" beyond 16 bit
+    (dict(image=PIL.Image.fromarray(np.full((8, 8, 4), 9, np.uint8))), "image"),  # RGBA: alpha not dropped silently
+    (dict(return_dict="no"), "return_dict"), (dict(return_momentum="yes"), "return_momentum"),
+    (dict(callback_on_step_end=3), "callback_on_step_end"), (dict(batch_size=10**9), "batch_size"),
 ])
 def test_bad_arguments(kwargs, name):
     pipe = PSLDImg2ImgPipeline(unet=tiny_unet(), scheduler=PSLDScheduler())

@@ -17,6 +17,8 @@ the filled-in pixels' sample mean and covariance match the closed-form condition
 errors (s.e. of a mean: sqrt(Σ_ii / n); of a covariance entry: sqrt((Σ_ii Σ_jj + Σ_ij²) / n)) for EM,
 PF-Heun (deterministic) and SSCS, where plain replacement is ~50 s.e. off.
 """
+import re
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -339,6 +341,48 @@ def test_bad_inpainting_inputs(pipe, kwargs, name):
     finally:
         h.remove()
     assert not calls
+
+
+def _pil(arr, mode=None):
+    return PIL.Image.fromarray(arr) if mode is None else PIL.Image.fromarray(arr).convert(mode)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name, match",
+    [
+        (dict(image=_pil(np.full((8, 8), 70000, np.int32))), "image", r"\[0, 65535\]"),  # mode "I" beyond 16 bit
+        (dict(image=_pil(np.full((8, 8), -1, np.int32))), "image", r"\[0, 65535\]"),
+        (dict(image=_pil(np.full((8, 8), 200.0, np.float32))), "image", r"\[0, 1\]"),  # mode "F"
+        (dict(image=_pil(np.full((8, 8), -3.0, np.float32))), "image", r"\[0, 1\]"),
+        (dict(image=_pil(np.full((8, 8, 4), 128, np.uint8))), "image", "alpha"),  # RGBA on a 1-channel model
+        (dict(image=_pil(np.full((8, 8), 128, np.uint8), "LA")), "image", "alpha"),
+        (dict(mask_image=_pil(np.full((8, 8), 2.0, np.float32))), "mask_image", r"\[0, 1\]"),
+        (dict(mask_image=_pil(np.full((8, 8), 70000, np.int32))), "mask_image", r"\[0, 65535\]"),
+        (dict(mask_image=_pil(np.full((8, 8, 4), 255, np.uint8))), "mask_image", "alpha"),
+    ],
+)
+def test_pil_images_beyond_8_bit_or_with_alpha_are_refused_not_clipped(pipe, kwargs, name, match):
+    args = dict(image=torch.rand(1, 1, 8, 8), mask_image=torch.ones(8, 8))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=f"`{name}`") as info:
+        pipe(batch_size=1, num_inference_steps=2, **args)
+    assert re.search(match, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "img, value",
+    [
+        (_pil(np.full((8, 8), 30000, np.uint16)), 30000 / 65535),  # "I;16"
+        (_pil(np.full((8, 8), 30000, np.int32)), 30000 / 65535),  # "I": read as 16-bit data
+        (_pil(np.full((8, 8), 0.25, np.float32)), 0.25),  # "F" in [0, 1]: as is
+        (_pil(np.full((8, 8), 64, np.uint8)), 64 / 255),  # 8-bit "L"
+    ],
+)
+def test_pil_images_are_read_by_bit_depth(pipe, img, value):
+    """Known pixels keep the image's value: 16-bit data is divided by 65535, not clipped to 1."""
+    mask16 = _pil(np.full((8, 8), 65535, np.uint16))  # all known, also a 16-bit mask
+    out = pipe(batch_size=1, num_inference_steps=2, image=img, mask_image=mask16, output_type="np")
+    np.testing.assert_allclose(out.images, value, atol=1e-6)
 
 
 def test_image_size_far_from_sample_size_warns(pipe, caplog):

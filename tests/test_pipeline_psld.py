@@ -2,6 +2,7 @@
 import doctest
 import json
 import os
+import re
 
 import numpy as np
 import PIL.Image
@@ -146,6 +147,38 @@ def test_callbacks(pipe):
         pipe(num_inference_steps=2, callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["noise_pred"])
 
 
+@pytest.mark.parametrize(
+    "ret, err, match",
+    [
+        (lambda tensors: 5, TypeError, "returned|return None or a dict"),
+        (lambda tensors: [tensors["sample"]], TypeError, "return None or a dict"),
+        (lambda tensors: {"sampel": tensors["sample"]}, ValueError, "sampel.*allowed"),
+        (lambda tensors: {"sample": tensors["sample"][:, :1]}, ValueError, r"shape \(1, 1, 8, 8\).*\(1, 2, 8, 8\)"),
+        (lambda tensors: {"sample": tensors["sample"].long()}, TypeError, "'sample'.*int64"),
+        (lambda tensors: {"latents": "x"}, TypeError, "'latents'.*str"),
+        (lambda tensors: {"sample": tensors["sample"] * float("nan")}, ValueError, "NaN"),
+        (lambda tensors: {"pred_original_sample": tensors["pred_original_sample"] + 1}, ValueError, "pred_original_sample"),
+        (lambda tensors: {"sample": tensors["sample"] + 1, "latents": tensors["sample"] - 1}, ValueError, "both"),
+    ],
+)
+def test_callback_return_values_are_checked(pipe, ret, err, match):
+    """A callback's garbage (wrong type, typo'd key, wrong shape / dtype) raises instead of being ignored."""
+    def cb(p, i, t, tensors):
+        return ret(tensors)
+
+    with pytest.raises(err, match="`callback_on_step_end`") as info:
+        pipe(num_inference_steps=2, output_type="pt", callback_on_step_end=cb,
+             callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"])
+    assert re.search(match, str(info.value)), str(info.value)
+
+
+def test_callback_may_return_none_or_its_inputs(pipe):
+    for ret in (lambda tensors: None, lambda tensors: tensors, lambda tensors: {}):
+        out = pipe(num_inference_steps=2, output_type="pt", callback_on_step_end=lambda p, i, t, ts: ret(ts),
+                   callback_on_step_end_tensor_inputs=["sample", "latents", "pred_original_sample"])
+        assert out.images.shape == (1, 1, 8, 8)
+
+
 def test_pipeline_callback_object(pipe):
     from diffusers.callbacks import PipelineCallback
 
@@ -239,6 +272,13 @@ def test_unet_dtype_is_resolved_once_per_call_not_per_step(pipe, monkeypatch):
         (dict(batch_size=-1), "batch_size"),
         (dict(batch_size=True), "batch_size"),
         (dict(num_inference_steps=np.float64(3.0)), "num_inference_steps"),
+        (dict(return_dict="no"), "return_dict"),
+        (dict(return_dict=0), "return_dict"),
+        (dict(return_momentum="yes"), "return_momentum"),
+        (dict(callback_on_step_end=5), "callback_on_step_end"),
+        (dict(callback_on_step_end="cb"), "callback_on_step_end"),
+        (dict(batch_size=10**9), "batch_size"),  # 512 GB of state: refused before allocating
+        (dict(batch_size=10**9, class_labels=0), "batch_size"),
     ],
 )
 def test_bad_arguments(pipe, kwargs, name):

@@ -70,13 +70,60 @@ def denoise(pipe, z: torch.Tensor, eps_fn: EpsFn, generator=None, begin_index: i
             z = after_step(z, call + 1)
         if callback is not None:
             tensors = {"latents": z, "sample": z, "pred_original_sample": out.pred_original_sample}
-            cb_out = callback(pipe, i, t, {name: tensors[name] for name in callback_tensor_inputs})
-            if cb_out:
-                for name in STATE_NAMES:
-                    if name in cb_out:
-                        z = cb_out.pop(name)
-                        break
+            passed = {name: tensors[name] for name in callback_tensor_inputs}
+            z = _callback_state(callback(pipe, i, t, passed), passed, z, callback,
+                                getattr(pipe, "_callback_tensor_inputs", STATE_NAMES))
     return z
+
+
+def _callback_state(cb_out, passed, z: torch.Tensor, callback, allowed) -> torch.Tensor:
+    """The state after ``callback_on_step_end`` returned ``cb_out``: a returned ``"latents"`` / ``"sample"``
+    (checked: a finite float tensor of ``z``'s shape on its device), else ``z``.
+
+    Raises:
+        TypeError: ``cb_out`` is not None or a dict; a returned state is not a float tensor.
+        ValueError: an unknown key (typos are not ignored), a returned state of the wrong shape / device or
+            non-finite, two different returned states, or a changed ``"pred_original_sample"`` (it cannot be
+            replaced).
+    """
+    cb_name = getattr(callback, "__name__", type(callback).__name__)
+    if cb_out is None:
+        return z
+    if not isinstance(cb_out, dict):
+        raise TypeError(
+            f"`callback_on_step_end` ({cb_name}) must return None or a dict of tensors, got {type(cb_out).__name__} {cb_out!r:.80}"
+        )
+    unknown = [key for key in cb_out if key not in allowed]
+    if unknown:
+        raise ValueError(
+            f"`callback_on_step_end` ({cb_name}) returned unknown key(s) {unknown}; allowed: {list(allowed)} "
+            f"(\"latents\" / \"sample\" replace the state)"
+        )
+    for key, val in cb_out.items():
+        if key not in STATE_NAMES and (key not in passed or val is not passed[key]):
+            raise ValueError(
+                f"`callback_on_step_end` ({cb_name}) returned a changed {key!r}; only {list(STATE_NAMES)} can be "
+                f"replaced (return {key!r} unchanged or leave it out)"
+            )
+    new = [(key, cb_out[key]) for key in STATE_NAMES if key in cb_out and cb_out[key] is not z]
+    if len(new) == 2 and new[0][1] is not new[1][1]:
+        raise ValueError(
+            f"`callback_on_step_end` ({cb_name}) returned both 'latents' and 'sample' as different tensors; return one"
+        )
+    if not new:
+        return z
+    key, val = new[0]
+    what = f"`callback_on_step_end` ({cb_name}) returned {key!r}"
+    if not isinstance(val, torch.Tensor) or val.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        desc = f"tensor of dtype {val.dtype}" if isinstance(val, torch.Tensor) else type(val).__name__
+        raise TypeError(f"{what} as {desc}; expected a float32 tensor of shape {tuple(z.shape)} (the state)")
+    if tuple(val.shape) != tuple(z.shape):
+        raise ValueError(f"{what} with shape {tuple(val.shape)}; expected the state's shape {tuple(z.shape)}")
+    if val.device != z.device:
+        raise ValueError(f"{what} on {val.device}; expected the state's device {z.device}")
+    if not bool(torch.isfinite(val).all()):
+        raise ValueError(f"{what} with NaN or inf values")
+    return val.to(torch.float32)
 
 
 def to_output(z: torch.Tensor, data_channels: int, output_type: str, return_momentum: bool, numpy_to_pil):

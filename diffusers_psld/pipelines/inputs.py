@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -21,6 +22,7 @@ logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 __all__ = [
     "OUTPUT_TYPES", "as_int", "as_real", "check_generator", "check_output_type", "check_guidance_scale",
     "downsample_factor", "check_spatial_size", "prepare_image", "prepare_mask", "prepare_labels", "check_latents",
+    "check_bool", "check_batch_memory", "pil_to_array",
 ]
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -47,6 +49,83 @@ def as_real(value, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite, got {value}")
     return value
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` must be a bool (Python or NumPy); ``"no"``, ``0`` or ``None`` are refused, not read as truthy/falsy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def available_memory(device) -> Optional[int]:
+    """Free bytes on ``device``: CUDA ``mem_get_info``; CPU: ``SC_AVPHYS_PAGES * SC_PAGE_SIZE`` (Linux);
+    None where unknown (the memory check is then skipped)."""
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            return int(torch.cuda.mem_get_info(dev)[0])
+        if dev.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_AVPHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+    return None
+
+
+def check_batch_memory(batch_size: int, channels: int, hw: Tuple[int, int], device) -> None:
+    """Refuse a ``batch_size`` whose float32 state ``[batch_size, channels, H, W]`` alone exceeds the free memory
+    of ``device`` (:func:`available_memory`; skipped where unknown), before anything of that size is allocated.
+    Sampling needs several such copies plus the network's activations, so passing this check is necessary, not
+    sufficient."""
+    need = int(batch_size) * int(channels) * int(hw[0]) * int(hw[1]) * 4
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"`batch_size`={batch_size} needs {need / 2**30:.3g} GiB for the sampling state alone "
+            f"([{batch_size}, {channels}, {hw[0]}, {hw[1]}] float32) but {torch.device(device)} has "
+            f"{free / 2**30:.3g} GiB free; sample in smaller batches"
+        )
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def pil_to_array(im: PIL.Image.Image, mode: str, name: str) -> np.ndarray:
+    """One PIL image → float32 ``[H, W]`` (``mode`` "L") or ``[H, W, C]`` ("RGB" / "RGBA") in [0, 1], by bit depth:
+
+    * 8-bit modes ("L", "RGB", "P", "1", ...): converted with PIL, divided by 255;
+    * 16-bit ("I;16", "I;16B", "I;16L", "I;16N"): divided by 65535;
+    * "I" (32-bit int; how PIL opens many 16-bit PNGs): read as 16-bit data -- values must lie in [0, 65535]
+      and are divided by 65535; other values are refused (ValueError), never clipped;
+    * "F" (float): values must lie in [0, 1], used as they are;
+    * an alpha channel (RGBA, LA, PA, or a palette / image with transparency) for a target without one is
+      refused (ValueError: drop or composite the alpha channel first) instead of being silently dropped.
+    """
+    has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    if has_alpha and mode != "RGBA":
+        raise ValueError(
+            f"`{name}` is a PIL image with an alpha channel (mode {im.mode!r}); this input takes mode {mode!r} without "
+            f"alpha, which would silently drop it: drop the alpha channel first, e.g. image.convert({mode!r}), or "
+            f"composite it onto a background"
+        )
+    if im.mode in _16BIT_MODES or im.mode in ("I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        lo, hi = (0.0, 65535.0) if im.mode != "F" else (0.0, 1.0)
+        if not np.isfinite(arr).all() or arr.min() < lo or arr.max() > hi:
+            what = "float ('F') values" if im.mode == "F" else f"mode {im.mode!r} (read as 16-bit) values"
+            raise ValueError(
+                f"`{name}`: PIL {what} must lie in [{lo:g}, {hi:g}], got range [{arr.min():.6g}, {arr.max():.6g}]"
+            )
+        if im.mode != "F":
+            arr = arr / 65535.0
+        arr = arr.astype(np.float32)
+        if mode == "RGB":
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        elif mode == "RGBA":
+            arr = np.concatenate([np.repeat(arr[..., None], 3, axis=-1), np.ones_like(arr)[..., None]], axis=-1)
+        return arr
+    return np.asarray(im.convert(mode), dtype=np.float32) / 255.0
 
 
 def check_generator(generator, batch_size: int):
@@ -111,7 +190,9 @@ def check_spatial_size(hw: Tuple[int, int], unet, name: str) -> None:
 
 def prepare_image(image, data_channels: int, batch_size: int, device, name: str = "image") -> torch.Tensor:
     """``image`` (PIL / list of PIL / NumPy ``[H,W]``, ``[H,W,C]``, ``[B,H,W,C]`` / tensor ``[C,H,W]``,
-    ``[B,C,H,W]``, values in [0, 1]; uint8 NumPy in [0, 255]) → float32 ``[batch_size, C, H, W]`` in [-1, 1]."""
+    ``[B,C,H,W]``, values in [0, 1]; uint8 NumPy in [0, 255]) → float32 ``[batch_size, C, H, W]`` in [-1, 1].
+    PIL images are read by bit depth (:func:`pil_to_array`: 16-bit / "I" / "F" modes are scaled or range-checked,
+    alpha is refused for a model without an alpha channel), never clipped."""
     C = data_channels
     if isinstance(image, PIL.Image.Image):
         image = [image]
@@ -121,7 +202,7 @@ def prepare_image(image, data_channels: int, batch_size: int, device, name: str 
             raise ValueError(f"`{name}` as PIL needs a 1/3/4-channel model; this model has C={C}; pass a tensor")
         if len({im.size for im in image}) > 1:
             raise ValueError(f"`{name}` images must all have the same size, got {[im.size for im in image]}")
-        image = np.stack([np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in image])
+        image = np.stack([pil_to_array(im, mode, name) for im in image])
         if image.ndim == 3:
             image = image[..., None]
     if isinstance(image, np.ndarray):
@@ -155,6 +236,7 @@ def prepare_image(image, data_channels: int, batch_size: int, device, name: str 
         raise ValueError(f"`{name}` values must lie in [0, 1], got range [{tensor.min().item():.4g}, {tensor.max().item():.4g}]")
     if tensor.shape[0] not in (1, batch_size):
         raise ValueError(f"`{name}` must hold 1 or batch_size={batch_size} images, got {tensor.shape[0]}")
+    check_batch_memory(batch_size, C, tuple(tensor.shape[-2:]), device)  # before the batch copy below
     return tensor.expand(batch_size, -1, -1, -1).to(device) * 2.0 - 1.0
 
 
@@ -163,7 +245,7 @@ def prepare_mask(mask_image, image: torch.Tensor, device) -> torch.Tensor:
     if isinstance(mask_image, PIL.Image.Image):
         mask_image = [mask_image]
     if isinstance(mask_image, (list, tuple)) and len(mask_image) and all(isinstance(m, PIL.Image.Image) for m in mask_image):
-        mask_image = np.stack([np.asarray(m.convert("L"), dtype=np.float32) / 255.0 for m in mask_image])
+        mask_image = np.stack([pil_to_array(m, "L", "mask_image") for m in mask_image])
     if isinstance(mask_image, np.ndarray):
         arr = mask_image.astype(np.float32) / 255.0 if mask_image.dtype == np.uint8 else mask_image
         if not np.issubdtype(arr.dtype, np.floating):

@@ -274,11 +274,18 @@ class PSLDPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ shared checks and ε
     def _check_common(self, batch_size, num_inference_steps, output_type, generator, return_momentum,
-                      callback_on_step_end, callback_on_step_end_tensor_inputs):
+                      callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict=True):
         """Validate the arguments both pipelines share; returns ``(batch_size, steps, generator, tensor_inputs)``."""
         batch_size = _inputs.as_int(batch_size, "batch_size", 1)
         steps = _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
         _inputs.check_output_type(output_type)
+        _inputs.check_bool(return_dict, "return_dict")
+        return_momentum = _inputs.check_bool(return_momentum, "return_momentum")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(
+                f"`callback_on_step_end` must be callable (fn(pipe, i, t, tensors) -> dict or None) or a PipelineCallback, "
+                f"got {type(callback_on_step_end).__name__} {callback_on_step_end!r}"
+            )
         generator = _inputs.check_generator(generator, batch_size)
         if return_momentum and self.num_components < 2:
             raise ValueError("`return_momentum=True` needs an augmented diffusion (PSLD/CLD); this scheduler is VP (no momentum)")
@@ -358,7 +365,10 @@ class PSLDPipeline(DiffusionPipeline):
         r"""Generate images.
 
         Args:
-            batch_size (`int`, defaults to 1): number of images (>= 1; NumPy integers accepted).
+            batch_size (`int`, defaults to 1): number of images (>= 1; NumPy integers accepted). Refused
+                (ValueError) before any allocation when the float32 state ``[batch_size, k*C, H, W]`` alone exceeds
+                the device's free memory (CPU: ``os.sysconf`` free pages on Linux; CUDA: ``mem_get_info``; the
+                check is skipped where that is unknown).
             generator (`torch.Generator` or a list of `batch_size` of them, *optional*): for reproducibility;
                 the same generator state gives identical outputs (anything else: TypeError).
             num_inference_steps (`int`, defaults to 100): exact number of UNet evaluations (>= 2),
@@ -367,14 +377,18 @@ class PSLDPipeline(DiffusionPipeline):
                 ``sampling_eps`` alone, skipping the whole reverse process.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (``[B, H, W, C]`` float32) or
                 `"pt"` (``[B, C, H, W]``); values in [0, 1].
-            return_dict (`bool`, defaults to True): return a :class:`PSLDPipelineOutput` instead of a tuple
+            return_dict (`bool`, defaults to True; bools only): return a :class:`PSLDPipelineOutput` instead of a tuple
                 ``(images,)`` / ``(images, momentum)``.
             callback_on_step_end (*optional*): ``fn(pipe, i, t, tensors) -> dict`` called after every step
                 with the requested tensors (`"latents"` or `"sample"`: the full ``[x ; m]`` state,
                 `"pred_original_sample"`: x̂₀); a returned `"latents"` / `"sample"` replaces the state. A
-                `PipelineCallback` also works.
+                `PipelineCallback` also works. Checked: a non-callable is a TypeError; the return value must be
+                None or a dict whose keys are among ``_callback_tensor_inputs`` (ValueError otherwise: typos are
+                not ignored); a returned state must be a finite float tensor of the state's shape on its device
+                (float32, or float16/bfloat16, cast to float32); `"pred_original_sample"` may only be returned
+                unchanged (the object that was passed).
             callback_on_step_end_tensor_inputs (`List[str]`): names from ``_callback_tensor_inputs``.
-            return_momentum (`bool`, defaults to False): also return the momentum half m (PSLD/CLD only).
+            return_momentum (`bool`, defaults to False; bools only): also return the momentum half m (PSLD/CLD only).
             class_labels (`int`, list or tensor, *optional*): target class(es) for classifier guidance
                 (needs ``classifier``) or classifier-free guidance (needs a class-conditional UNet).
             guidance_scale (`float`, *optional*): classifier guidance: weight of ∇ log p(y | z_t)
@@ -430,15 +444,13 @@ class PSLDPipeline(DiffusionPipeline):
         """
         batch_size, steps, generator, cb_inputs = self._check_common(
             batch_size, num_inference_steps, output_type, generator, return_momentum, callback_on_step_end,
-            callback_on_step_end_tensor_inputs)
+            callback_on_step_end_tensor_inputs, return_dict)
         if (image is None) != (mask_image is None):
             raise ValueError("`image` and `mask_image` must be given together for inpainting")
         inpaint_method = _inpainting.check_inpaint_args(inpaint_correction, inpaint_cg_iters, inpaint_cg_tol, inpaint_ridge)
         if inpaint_method != "replace" and image is None:
             raise ValueError(f"`inpaint_correction={inpaint_correction!r}` needs `image` and `mask_image` (inpainting)")
         device = self._execution_device
-        eps_fn, add_classifier_guidance = self._guided_eps_fn(
-            class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
         k, C = self.num_components, self.data_channels
         x_known = mask = None
         if image is not None:
@@ -451,6 +463,9 @@ class PSLDPipeline(DiffusionPipeline):
             hw = tuple(z.shape[-2:])
         else:
             hw = self._sample_hw() if x_known is None else tuple(x_known.shape[-2:])
+            _inputs.check_batch_memory(batch_size, k * C, hw, device)
+        eps_fn, add_classifier_guidance = self._guided_eps_fn(
+            class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
 
         self.scheduler.set_timesteps(steps, device=device)
         if latents is None:

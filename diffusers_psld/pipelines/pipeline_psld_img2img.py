@@ -132,15 +132,16 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
             batch_size = _images_in(image)
         batch_size, steps, generator, cb_inputs = self._check_common(
             batch_size, num_inference_steps, output_type, generator, return_momentum, callback_on_step_end,
-            callback_on_step_end_tensor_inputs)
+            callback_on_step_end_tensor_inputs, return_dict)
         _inputs.as_real(strength, "strength")
         device = self._execution_device
-        eps_fn, add_classifier_guidance = self._guided_eps_fn(
-            class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
         k, C = self.num_components, self.data_channels
         x0 = _inputs.prepare_image(image, C, batch_size, device)
         hw = tuple(x0.shape[-2:])
         _inputs.check_spatial_size(hw, self.unet, "image")
+        _inputs.check_batch_memory(batch_size, k * C, hw, device)
+        eps_fn, add_classifier_guidance = self._guided_eps_fn(
+            class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
 
         self.scheduler.set_timesteps(steps, device=device)
         begin = begin_index_for_strength(self.scheduler, strength)
