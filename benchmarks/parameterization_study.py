@@ -43,6 +43,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -197,8 +198,10 @@ def compute_fid_kid(fake: torch.Tensor, real: torch.Tensor, extractor, kid_subse
     fake, real = fidmod.to_uint8(fake), fidmod.to_uint8(real)
     fid, _, info = fidmod.build_metrics(extractor, splits=1)
     size = min(kid_subset_size, fake.shape[0], real.shape[0])
-    kid = KernelInceptionDistance(feature=fid.inception, subsets=kid_subsets, subset_size=size, normalize=False,
-                                  gamma=gamma, sync_on_compute=False)
+    with warnings.catch_warnings():  # KID always warns that it buffers every feature: by design (N <= a few 1000 here)
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        kid = KernelInceptionDistance(feature=fid.inception, subsets=kid_subsets, subset_size=size, normalize=False,
+                                      gamma=gamma, sync_on_compute=False)
     for x, is_real in ((real, True), (fake, False)):
         for i in range(0, x.shape[0], 256):
             fid.update(x[i:i + 256], real=is_real)
