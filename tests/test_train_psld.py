@@ -46,6 +46,8 @@ def test_tiny_run_produces_loadable_pipeline_card_and_grid(tmp_path):
     assert not list(out.glob(".tmp-*"))
     pipe = PSLDPipeline.from_pretrained(str(out))
     assert isinstance(pipe.scheduler, PSLDScheduler) and pipe.scheduler.config.sampler == "sscs"
+    assert pipe.scheduler.config.striding == "quadratic"  # the README's advice for k = 2 models is the saved default
+    assert json.load(open(out / "training_args.json"))["striding"] == "quadratic"
     assert pipe.unet.config.in_channels == 2 and pipe.unet.config.sample_size == 8
     imgs = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert imgs.shape[:3] == (2, 8, 8)
@@ -68,8 +70,10 @@ def test_cld_and_vp_runs(tmp_path, diffusion):
     if diffusion == "cld":
         assert pipe.scheduler.config.gamma == 0.0 and pipe.scheduler.config.nu == 4.0
         assert losses(out)[0]["loss_eps_m"] > 0
+        assert pipe.scheduler.config.striding == "quadratic"
     else:
         assert pipe.scheduler.config.diffusion == "vp" and pipe.scheduler.sde.beta_max == 20.0
+        assert pipe.scheduler.config.striding == "uniform"
 
 
 def test_class_conditional_run(tmp_path):
