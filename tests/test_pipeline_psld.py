@@ -443,3 +443,15 @@ def test_non_finite_scheduler_update_is_reported(pipe, monkeypatch):
     monkeypatch.setattr(p.scheduler, "step", bad_step)
     with pytest.raises(NonFiniteError, match=r"call 1/4 .*scheduler update"):
         p(num_inference_steps=4, output_type="pt")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux /proc/meminfo")
+def test_available_memory_counts_reclaimable_cache():
+    """The batch-size memory check uses MemAvailable, not free pages (near 0 on a machine full of page cache)."""
+    from diffusers_psld.pipelines.inputs import available_memory
+
+    with open("/proc/meminfo") as f:
+        info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+    got = available_memory("cpu")
+    assert abs(got - info["MemAvailable"]) < 256 * 2**20  # read moments apart
+    assert got >= info["MemFree"] - 256 * 2**20

@@ -345,19 +345,9 @@ def load_data(args):
 def digits_memory(resolution: int):
     """(bytes the in-memory digits set needs at ``resolution``: 1797 float32 images plus the stacking copy,
     bytes of memory available now or None when unknown)."""
-    need = 2 * 1797 * resolution * resolution * 4
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache, unlike free pages
-            avail = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")), None)
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover
-            avail = None
-    return need, avail
+    from diffusers_psld.pipelines.inputs import available_memory  # MemAvailable (counts reclaimable page cache)
+
+    return 2 * 1797 * resolution * resolution * 4, available_memory("cpu")
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int):

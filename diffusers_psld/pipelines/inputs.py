@@ -58,14 +58,23 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
-def available_memory(device) -> Optional[int]:
-    """Free bytes on ``device``: CUDA ``mem_get_info``; CPU: ``SC_AVPHYS_PAGES * SC_PAGE_SIZE`` (Linux);
-    None where unknown (the memory check is then skipped)."""
+def available_memory(device="cpu") -> Optional[int]:
+    """Bytes that can still be allocated on ``device``: CUDA ``mem_get_info``; CPU: Linux ``MemAvailable``
+    (``/proc/meminfo``: free pages plus reclaimable page cache; plain free pages, ``SC_AVPHYS_PAGES``, can be
+    near 0 on a healthy machine whose memory holds cache), else ``SC_AVPHYS_PAGES * SC_PAGE_SIZE``; None where
+    unknown (callers then skip their memory check)."""
     dev = torch.device(device)
     try:
         if dev.type == "cuda":
             return int(torch.cuda.mem_get_info(dev)[0])
         if dev.type == "cpu":
+            try:
+                with open("/proc/meminfo") as f:
+                    for line in f:
+                        if line.startswith("MemAvailable:"):
+                            return int(line.split()[1]) * 1024
+            except OSError:
+                pass
             return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_AVPHYS_PAGES"))
     except (AttributeError, ValueError, OSError, RuntimeError):
         return None
