@@ -57,7 +57,8 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(out)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (checkpoint manifests, shard provenance, converter records)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -74,7 +75,7 @@ def file_manifest(directory: str) -> Dict[str, dict]:
             rel = os.path.relpath(p, directory).replace(os.sep, "/")
             if rel in (MANIFEST, MANIFEST + ".tmp"):
                 continue
-            files[rel] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+            files[rel] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
     return files
 
 
@@ -182,7 +183,7 @@ def verify(path: str, required: Iterable[str] = ()) -> Optional[str]:
         size = os.path.getsize(p)
         if size != meta.get("size"):
             return f"{p} has {size:,} bytes, the manifest says {meta.get('size'):,} (truncated or overwritten)"
-        if _sha256(p) != meta.get("sha256"):
+        if sha256_file(p) != meta.get("sha256"):
             return f"{p} is corrupted (its SHA-256 differs from the manifest)"
     return None
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import re
@@ -55,6 +54,8 @@ from typing import Any, Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from diffusers_psld.checkpoints import sha256_file  # noqa: E402
 
 DATASET_PRESET = {"cifar10": "ncsnpp-cifar10", "celeba64": "ncsnpp-celeba64", "afhqv2": "ncsnpp-afhqv2-128"}
 # the paper's SDE of each released model (psld_reference.md §2.5); --gamma/--nu/--config/--official_script win
@@ -133,12 +134,6 @@ def load_checkpoint(path: str) -> dict:
                                  f"(first attempt: {str(first).splitlines()[0]})")
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- settings
@@ -416,7 +411,7 @@ def main(argv=None) -> dict:
         except ValueError as e:
             _err("--override", f"unsupported official clf_fn settings: {e}")
         classifier = convert_network(cckpt["state_dict"], "clf_fn.", classifier)
-        clf_info = {"file": os.path.basename(args.classifier_checkpoint), "sha256": sha256(args.classifier_checkpoint),
+        clf_info = {"file": os.path.basename(args.classifier_checkpoint), "sha256": sha256_file(args.classifier_checkpoint),
                     "epoch": cckpt.get("epoch"), "global_step": cckpt.get("global_step"), "clf_fn": clf_cfg}
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -424,7 +419,7 @@ def main(argv=None) -> dict:
                                                                                        safe_serialization=True)
     n_params = sum(p.numel() for p in unet.parameters())
     info = {"source": "mandt-lab/PSLD official checkpoint (PyTorch Lightning)",
-            "checkpoint": {"file": os.path.basename(args.checkpoint), "sha256": sha256(args.checkpoint),
+            "checkpoint": {"file": os.path.basename(args.checkpoint), "sha256": sha256_file(args.checkpoint),
                            "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"),
                            "pytorch_lightning_version": ckpt.get("pytorch-lightning_version"),
                            "weights": f"{args.weights} ({prefix}*)"},

@@ -141,7 +141,7 @@ def weights_sha256(model_dir: str) -> Dict[str, str]:
     Raises:
         ValueError: ``model_dir`` is not a directory or its components hold no weight file.
     """
-    import hashlib
+    from ..checkpoints import sha256_file
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"`model_dir` must be a directory, got {model_dir!r}")
@@ -157,11 +157,7 @@ def weights_sha256(model_dir: str) -> Dict[str, str]:
             for name in sorted(files):
                 if name.endswith((".safetensors", ".bin")):
                     path = os.path.join(root, name)
-                    h = hashlib.sha256()
-                    with open(path, "rb") as f:
-                        for block in iter(lambda: f.read(1 << 20), b""):
-                            h.update(block)
-                    out[os.path.relpath(path, model_dir).replace(os.sep, "/")] = h.hexdigest()
+                    out[os.path.relpath(path, model_dir).replace(os.sep, "/")] = sha256_file(path)
     if not out:
         raise ValueError(f"`model_dir` {model_dir!r} holds no weight file (*.safetensors / *.bin) in {components}")
     return dict(sorted(out.items()))
