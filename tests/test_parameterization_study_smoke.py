@@ -22,9 +22,9 @@ def test_study_trains_evaluates_resumes_and_reports(tmp_path):
     common = ["--work_dir", str(tmp_path / "w"), "--models", "psld_eps", "psld_suff_pc", "--feature_extractor",
               str(tmp_path / "fx"), "--model_preset", "tiny", "--resolution", "8", "--train_steps", "2",
               "--train_batch_size", "8", "--checkpointing_steps", "1", "--grid_size", "2", "--grid_nfe", "2",
-              "--num_samples", "8", "--shard_size", "4", "--plan", "em-qs,gddim3:3;gddim3:3@1000",
+              "--num_samples", "8", "--shard_size", "4", "--plan", "em-qs,gddim3:3;gddim3:3@1000|psld_suff_pc",
               "--kid_subsets", "3", "--kid_subset_size", "4", "--floor_repeats", "2"]
-    assert ps.main(common) == 2 + 6  # 2 trainings, 2 models × (2 samplers + 1 second-seed cell)
+    assert ps.main(common) == 2 + 5  # 2 trainings, 2 models × 2 samplers, 1 second-seed cell (psld_suff_pc only)
     sched = PSLDScheduler.from_pretrained(tmp_path / "w" / "models" / "psld_suff_pc" / "scheduler")
     assert sched.config.prediction_type == "sufficient_epsilon" and sched.config.input_preconditioning
     assert abs(sched.config.sigma_data - ps.data_std(8)) < 1e-4
@@ -36,10 +36,11 @@ def test_study_trains_evaluates_resumes_and_reports(tmp_path):
     out = tmp_path / "out"
     payload = ps.main(common + ["--report", "--pilot", "smoke", "--out_json", str(out / "p.json"),
                                 "--out_md", str(out / "p.md"), "--out_png", str(out / "p.png")])
-    assert len(payload["results"]) == 6 and payload["floor"]["repeats"] == 2
+    assert len(payload["results"]) == 5 and payload["floor"]["repeats"] == 2
     md = (out / "p.md").read_text()
     for text in ("PILOT", "## gddim3", "## em-qs", "Second sampling seed", "Real-data floor", "Goal checks",
-                 "--prediction_type sufficient_epsilon --input_preconditioning"):
+                 "--prediction_type sufficient_epsilon --input_preconditioning",
+                 "gddim3 at NFE 3 (sampling seed 1000) on psld_suff_pc"):
         assert text in md, text
     assert (out / "p.png").stat().st_size > 1000
 
@@ -51,7 +52,7 @@ def test_goal_checks_use_the_seed_spread():
         return {"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, "fid": fid}
 
     base = [r("psld_suff", "gddim3", 20, 0, 5.0), r("vp", "em-qs", 20, 0, 7.0), r("psld_suff", "pf-heun-us", 100, 0, 6.3),
-            r("psld_suff", "gddim3", 250, 0, 5.6)]
+            r("psld_suff", "gddim3", 250, 0, 5.6), r("psld_suff", "gddim3", 50, 0, 9.0)]
     quiet = base + [r("psld_suff", "gddim3", 20, 1000, 5.3), r("vp", "em-qs", 20, 1000, 6.8)]
     noisy = base + [r("psld_suff", "gddim3", 20, 1000, 6.2), r("vp", "em-qs", 20, 1000, 6.8)]
     text = "\n".join(ps.goals(quiet, ["vp", "psld_suff"], 0))
@@ -65,5 +66,15 @@ def test_model_flags_and_validation():
     assert "--prediction_type" in ps.model_flags("psld_suff", 0.7)
     with pytest.raises(ValueError, match="unknown model"):
         ps.model_flags("psld_v", 0.7)
+    tiers = ps.parse_study_plan("gddim3,pf-heun-us:20;pf-heun-us:100,250|psld_suff,psld_eps;gddim3:10@1000|vp")
+    assert tiers[0] == {"samplers": ["gddim3", "pf-heun-us"], "nfes": [20], "seed": None, "models": None}
+    assert tiers[1]["nfes"] == [100, 250] and tiers[1]["models"] == ["psld_suff", "psld_eps"]
+    assert tiers[2]["seed"] == 1000 and tiers[2]["models"] == ["vp"]
+    for bad, msg in (("gddim3", "expected 'samplers:nfes"), ("foo:20", "unknown sampler"),
+                     ("gddim3:20|psld_v", "unknown model"), ("gddim3:x", "tier 'gddim3:x'")):
+        with pytest.raises(ValueError, match=msg):
+            ps.parse_study_plan(bad)
+    with pytest.raises(SystemExit):
+        ps.parse_args(["--plan", "gddim3:20|psld_v", "--sigma_data", "0.7"])
     args = ps.parse_args(["--precond_base", "psld_sample", "--sigma_data", "0.7"])
     assert args.models[-1] == "psld_sample_pc" and "psld_suff_pc" not in args.models
