@@ -385,6 +385,12 @@ def goals(results: List[dict], models: List[str], seed0: int) -> List[str]:
     return lines + [""]
 
 
+def _samplers_in(results: List[dict]) -> List[str]:
+    """The samplers that have results: the study's own (:data:`SAMPLERS`) first, then any other a plan added."""
+    have = {r["sampler"] for r in results}
+    return [s for s in SAMPLERS if s in have] + sorted(have - set(SAMPLERS))
+
+
 def markdown(p: dict, args) -> str:
     results, models, seed0 = p["results"], p["models"], p["main_seed"]
     lines = ["# Parameterization study: PSLD output types vs VP on digits (issue #14 §3)", ""]
@@ -398,7 +404,21 @@ def markdown(p: dict, args) -> str:
         lines += [f"**Real-data floor at N = {fl['num_samples']}** ({fl['what']}, {fl['repeats']} draws): FID "
                   f"{fl['fid']['mean']:.2f} ± {fl['fid']['std']:.2f}, KID×10³ {1e3 * fl['kid_mean']['mean']:.2f} ± "
                   f"{1e3 * fl['kid_mean']['std']:.2f}.", ""]
-    for s in SAMPLERS:
+    main = [r for r in results if r["seed"] == seed0]
+    all_nfes = sorted({r["nfe"] for r in main})
+    if all_nfes:
+        lines += ["## Best sampler per model", "", "Lowest FID over the samplers run for that model at that NFE (main "
+                  "seed; sampler in brackets).", "", "| model | " + " | ".join(f"NFE {n}" for n in all_nfes) + " |",
+                  "|---|" + "---:|" * len(all_nfes)]
+        for m in models:
+            cells = []
+            for n in all_nfes:
+                rs = [r for r in main if r["model"] == m and r["nfe"] == n]
+                b = min(rs, key=lambda r: r["fid"]) if rs else None
+                cells.append("—" if b is None else f"{b['fid']:.2f} ({b['sampler']})")
+            lines.append(f"| {model_label(m)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for s in _samplers_in(results):
         nfes = sorted({r["nfe"] for r in results if r["sampler"] == s and r["seed"] == seed0})
         if not nfes:
             continue
@@ -443,7 +463,7 @@ def plot(p: dict, path: str):
     import matplotlib.pyplot as plt
 
     results = [r for r in p["results"] if r["seed"] == p["main_seed"]]
-    samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in results)]
+    samplers = _samplers_in(results)
     if not samplers:
         return
     fig, axes = plt.subplots(2, len(samplers), figsize=(3.8 * len(samplers), 6.4), squeeze=False)

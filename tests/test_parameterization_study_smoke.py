@@ -22,9 +22,10 @@ def test_study_trains_evaluates_resumes_and_reports(tmp_path):
     common = ["--work_dir", str(tmp_path / "w"), "--models", "psld_eps", "psld_suff_pc", "--feature_extractor",
               str(tmp_path / "fx"), "--model_preset", "tiny", "--resolution", "8", "--train_steps", "2",
               "--train_batch_size", "8", "--checkpointing_steps", "1", "--grid_size", "2", "--grid_nfe", "2",
-              "--num_samples", "8", "--shard_size", "4", "--plan", "em-qs,gddim3:3;gddim3:3@1000|psld_suff_pc",
+              "--num_samples", "8", "--shard_size", "4",
+              "--plan", "em-qs,gddim3:3;gddim3:3@1000|psld_suff_pc;pf-heun-qs:2|psld_eps",
               "--kid_subsets", "3", "--kid_subset_size", "4", "--floor_repeats", "2"]
-    assert ps.main(common) == 2 + 5  # 2 trainings, 2 models × 2 samplers, 1 second-seed cell (psld_suff_pc only)
+    assert ps.main(common) == 2 + 6  # 2 trainings, 2 models × 2 samplers, 1 second-seed cell, 1 pf-heun-qs cell
     sched = PSLDScheduler.from_pretrained(tmp_path / "w" / "models" / "psld_suff_pc" / "scheduler")
     assert sched.config.prediction_type == "sufficient_epsilon" and sched.config.input_preconditioning
     assert abs(sched.config.sigma_data - ps.data_std(8)) < 1e-4
@@ -36,9 +37,10 @@ def test_study_trains_evaluates_resumes_and_reports(tmp_path):
     out = tmp_path / "out"
     payload = ps.main(common + ["--report", "--pilot", "smoke", "--out_json", str(out / "p.json"),
                                 "--out_md", str(out / "p.md"), "--out_png", str(out / "p.png")])
-    assert len(payload["results"]) == 5 and payload["floor"]["repeats"] == 2
+    assert len(payload["results"]) == 6 and payload["floor"]["repeats"] == 2
     md = (out / "p.md").read_text()
-    for text in ("PILOT", "## gddim3", "## em-qs", "Second sampling seed", "Real-data floor", "Goal checks",
+    for text in ("PILOT", "## Best sampler per model", "## gddim3", "## pf-heun-qs", "## em-qs", "Second sampling seed",
+                 "Real-data floor", "Goal checks",
                  "--prediction_type sufficient_epsilon --input_preconditioning",
                  "gddim3 at NFE 3 (sampling seed 1000) on psld_suff_pc"):
         assert text in md, text
