@@ -354,17 +354,25 @@ def _seed_stats(fids: List[float]) -> str:
     return f"{float(t.mean()):.2f} ± {float(t.std()):.2f} ({len(fids)} seeds)"
 
 
-def _verdict(psld: List[float], vp: List[float]) -> str:
-    """Welch's t-test of two cells' FIDs over sampling seeds (lower FID is better)."""
+def _verdict(psld: Dict[int, float], vp: Dict[int, float]) -> str:
+    """Test of two cells' FIDs over sampling seeds (``{seed: fid}``; lower FID is better): paired t-test over the
+    seeds both cells ran (a seed fixes the prior draws and the noise of every model of the study), Welch's t-test
+    when fewer than two seeds are shared."""
     if len(psld) < 2 or len(vp) < 2:
         return "not decidable (a cell has one seed)"
-    from scipy.stats import ttest_ind
+    from scipy.stats import ttest_ind, ttest_rel
 
-    d = sum(vp) / len(vp) - sum(psld) / len(psld)
-    pval = float(ttest_ind(psld, vp, equal_var=False).pvalue)
+    common = sorted(set(psld) & set(vp))
+    if len(common) >= 2:
+        a, b = [psld[s] for s in common], [vp[s] for s in common]
+        pval, test = float(ttest_rel(a, b).pvalue), f"paired over {len(common)} seeds"
+    else:
+        a, b = list(psld.values()), list(vp.values())
+        pval, test = float(ttest_ind(a, b, equal_var=False).pvalue), "Welch"
+    d = sum(b) / len(b) - sum(a) / len(a)
     if pval < 0.05:
-        return f"Δ = {d:+.2f}, p = {pval:.3f}: {'PSLD' if d > 0 else 'VP'} better beyond seed noise"
-    return f"Δ = {d:+.2f}, p = {pval:.2f}: within seed noise"
+        return f"Δ = {d:+.2f}, p = {pval:.3f} ({test}): {'PSLD' if d > 0 else 'VP'} better beyond seed noise"
+    return f"Δ = {d:+.2f}, p = {pval:.2f} ({test}): within seed noise"
 
 
 def goals(results: List[dict], models: List[str], seed0: int) -> List[str]:
@@ -384,20 +392,21 @@ def goals(results: List[dict], models: List[str], seed0: int) -> List[str]:
     if not lines[-1].startswith("- "):
         lines.append("- (no model has both cells yet)")
     lines += ["", "**Best PSLD vs best VP at NFE 10 and 20** (for each, the (model, sampler) cell with the lowest mean "
-              "FID over the sampling seeds it was run with; Welch's t-test over those seeds: a claim holds *beyond "
-              "seed noise* when p < 0.05 and each cell has >= 2 seeds):", ""]
+              "FID over the sampling seeds it was run with; a t-test over those seeds, paired where both ran the same "
+              "seeds (a seed fixes the prior draws and noise of every model): a claim holds *beyond seed noise* when "
+              "p < 0.05 and each cell has >= 2 seeds):", ""]
     for nfe in (10, 20):
         def best(pred):
             cells = {}
             for r in results:
                 if r["nfe"] == nfe and pred(r["model"]):
-                    cells.setdefault((r["model"], r["sampler"]), []).append(r["fid"])
-            return min(cells.items(), key=lambda kv: sum(kv[1]) / len(kv[1])) if cells else None
+                    cells.setdefault((r["model"], r["sampler"]), {})[r["seed"]] = r["fid"]
+            return min(cells.items(), key=lambda kv: sum(kv[1].values()) / len(kv[1])) if cells else None
         p, v = best(lambda m: m.startswith("psld")), best(lambda m: m == "vp")
         if not (p and v):
             continue
-        lines.append(f"- NFE {nfe}: PSLD {_seed_stats(p[1])} ({model_label(p[0][0])}, {p[0][1]}) vs VP "
-                     f"{_seed_stats(v[1])} ({v[0][1]}); {_verdict(p[1], v[1])}")
+        lines.append(f"- NFE {nfe}: PSLD {_seed_stats(list(p[1].values()))} ({model_label(p[0][0])}, {p[0][1]}) vs "
+                     f"VP {_seed_stats(list(v[1].values()))} ({v[0][1]}); {_verdict(p[1], v[1])}")
     if not lines[-1].startswith("- "):
         lines.append("- (needs PSLD and VP cells at NFE 10/20)")
     return lines + [""]

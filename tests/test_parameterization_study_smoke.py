@@ -60,6 +60,10 @@ def test_goal_checks_use_the_seed_spread():
     noisy = base + [r("psld_suff", "gddim3", 20, 1000, 6.6), r("vp", "em-qs", 20, 1000, 6.8)]
     text = "\n".join(ps.goals(quiet, ["vp", "psld_suff"], 0))
     assert "NFE 20: PSLD 5.13 ± 0.15 (3 seeds)" in text and "PSLD better beyond seed noise" in text
+    assert "(paired over 3 seeds)" in text
+    disjoint = base + [r("psld_suff", "gddim3", 20, 1000, 5.3), r("psld_suff", "gddim3", 20, 2000, 5.1),
+                       r("vp", "em-qs", 20, 3000, 6.8), r("vp", "em-qs", 20, 4000, 7.1)]
+    assert "(Welch)" in "\n".join(ps.goals(disjoint, ["vp", "psld_suff"], 0))
     assert "(Δ +0.70: met)" in text  # PF-Heun NFE 100 vs gDDIM at its highest NFE (250, not 50)
     assert "within seed noise" in "\n".join(ps.goals(noisy, ["vp", "psld_suff"], 0))
     one_seed = "\n".join(ps.goals(base, ["vp", "psld_suff"], 0))
