@@ -470,7 +470,9 @@ def markdown(p: dict, args) -> str:
         lines.append("")
     lines += goals(results, models, seed0)
     if p.get("training"):
-        lines += ["## Training (same budget for every model)", "", "| model | command | wall s |", "|---|---|---:|"]
+        lines += ["## Training (same budget for every model)", "", "wall s = the last training session only (a run resumed "
+                  "from a checkpoint counts only its last part; machine shared with other jobs).", "",
+                  "| model | command | wall s |", "|---|---|---:|"]
         for m in models:
             t = p["training"].get(m)
             if t:
