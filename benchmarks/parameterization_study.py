@@ -354,10 +354,10 @@ def _seed_stats(fids: List[float]) -> str:
     return f"{float(t.mean()):.2f} ± {float(t.std()):.2f} ({len(fids)} seeds)"
 
 
-def _verdict(psld: Dict[int, float], vp: Dict[int, float]) -> str:
+def _verdict(psld: Dict[int, float], vp: Dict[int, float], names: tuple = ("PSLD", "VP")) -> str:
     """Test of two cells' FIDs over sampling seeds (``{seed: fid}``; lower FID is better): paired t-test over the
     seeds both cells ran (a seed fixes the prior draws and the noise of every model of the study), Welch's t-test
-    when fewer than two seeds are shared."""
+    when fewer than two seeds are shared. ``names``: what to call the two cells in the verdict."""
     if len(psld) < 2 or len(vp) < 2:
         return "not decidable (a cell has one seed)"
     from scipy.stats import ttest_ind, ttest_rel
@@ -371,7 +371,7 @@ def _verdict(psld: Dict[int, float], vp: Dict[int, float]) -> str:
         pval, test = float(ttest_ind(a, b, equal_var=False).pvalue), "Welch"
     d = sum(b) / len(b) - sum(a) / len(a)
     if pval < 0.05:
-        return f"Δ = {d:+.2f}, p = {pval:.3f} ({test}): {'PSLD' if d > 0 else 'VP'} better beyond seed noise"
+        return f"Δ = {d:+.2f}, p = {pval:.3f} ({test}): {names[0] if d > 0 else names[1]} better beyond seed noise"
     return f"Δ = {d:+.2f}, p = {pval:.2f} ({test}): within seed noise"
 
 
@@ -409,6 +409,22 @@ def goals(results: List[dict], models: List[str], seed0: int) -> List[str]:
                      f"VP {_seed_stats(list(v[1].values()))} ({v[0][1]}); {_verdict(p[1], v[1])}")
     if not lines[-1].startswith("- "):
         lines.append("- (needs PSLD and VP cells at NFE 10/20)")
+    lines += ["", "**Every repeated cell vs the best one at its NFE** (cells run with >= 2 sampling seeds; same test; "
+              "which differences between models and samplers are real):", ""]
+    for nfe in sorted({r["nfe"] for r in results}):
+        cells = {}
+        for r in results:
+            if r["nfe"] == nfe:
+                cells.setdefault((r["model"], r["sampler"]), {})[r["seed"]] = r["fid"]
+        rep = {k: v for k, v in cells.items() if len(v) >= 2}
+        if len(rep) < 2:
+            continue
+        ranked = sorted(rep.items(), key=lambda kv: sum(kv[1].values()) / len(kv[1]))
+        (bm, bs), bf = ranked[0]
+        lines.append(f"- NFE {nfe}: best {model_label(bm)}, {bs}: {_seed_stats(list(bf.values()))}")
+        for (m, smp), f in ranked[1:]:
+            v = _verdict(bf, f, ("the best cell", "this cell"))
+            lines.append(f"  - {model_label(m)}, {smp}: {_seed_stats(list(f.values()))}; {v}")
     return lines + [""]
 
 
