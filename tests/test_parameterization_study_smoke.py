@@ -66,7 +66,7 @@ def test_goal_checks_use_the_seed_spread():
     assert "(Welch)" in "\n".join(ps.goals(disjoint, ["vp", "psld_suff"], 0))
     assert "Every repeated cell vs the best one" in text
     assert "  - VP-SDE, ε, em-qs: 6.97 ± 0.15 (3 seeds); Δ = +1.83" in text and "the best cell better beyond seed noise" in text
-    assert "(Δ +0.70: met)" in text  # PF-Heun NFE 100 vs gDDIM at its highest NFE (250, not 50)
+    assert "pf-heun-us: 6.30 vs 5.60 at NFE 250 (Δ +0.70: met)" in text  # vs gDDIM at its highest NFE (250, not 50)
     assert "within seed noise" in "\n".join(ps.goals(noisy, ["vp", "psld_suff"], 0))
     one_seed = "\n".join(ps.goals(base, ["vp", "psld_suff"], 0))
     assert "not decidable" in one_seed
