@@ -70,10 +70,10 @@ DEFAULT_MODELS = ["vp", "cld", "psld_eps", "psld_suff", "psld_sample", "psld_suf
 # the §3 samplers; PF-Heun uses the raw model output (no projection)
 SAMPLERS = ["gddim3", "sscs-qs", "em-qs", "pf-heun-us"]
 SECOND_SEED = 1000
+REFERENCE_NFE = 250  # the converged reference of the default plan
 DEFAULT_PLAN = (f"gddim3,sscs-qs,em-qs,pf-heun-us:20;gddim3,sscs-qs,em-qs,pf-heun-us:10;"
                 f"gddim3,sscs-qs,em-qs,pf-heun-us:50;gddim3,sscs-qs,em-qs,pf-heun-us:100;"
-                f"gddim3,sscs-qs,em-qs,pf-heun-us:10,20@{SECOND_SEED};gddim3,pf-heun-us:250")
-REFERENCE_NFE = 250
+                f"gddim3,sscs-qs,em-qs,pf-heun-us:10,20@{SECOND_SEED};gddim3,pf-heun-us:{REFERENCE_NFE}")
 
 
 def model_flags(name: str, sigma_data: float) -> List[str]:
