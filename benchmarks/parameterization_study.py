@@ -519,12 +519,13 @@ def plot(p: dict, path: str):
     for col, s in enumerate(samplers):
         for row, (key, label) in enumerate((("fid", "offline FID"), ("kid_mean", "offline KID"))):
             ax = axes[row, col]
-            for m in p["models"]:
+            for i, m in enumerate(p["models"]):
                 pts = sorted((r["nfe"], r[key], r.get("kid_std", 0.0) if key == "kid_mean" else 0.0)
                              for r in results if r["sampler"] == s and r["model"] == m)
                 if pts:
                     x, y, e = zip(*pts)
-                    ax.errorbar(x, y, yerr=e, fmt="o-", ms=3, label=model_label(m), capsize=2)
+                    ax.errorbar(x, y, yerr=e, fmt="o-", ms=3, label=model_label(m), capsize=2,
+                                color=f"C{i % 10}")  # one colour per model in every panel
             fl = (p.get("floor") or {}).get(key)
             if fl and fl["mean"] - fl["std"] > 0:
                 ax.axhspan(fl["mean"] - fl["std"], fl["mean"] + fl["std"], color="k", alpha=0.12)
@@ -540,10 +541,14 @@ def plot(p: dict, path: str):
             ax.set_xlabel("NFE")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3, which="both")
-    axes[0, 0].legend(fontsize=6)
+    handles = {}
+    for ax in axes.flat:  # one legend for the figure: every model that appears in any panel
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=7)
     fig.suptitle(f"digits, N={p['num_samples']}: metric vs NFE per model (grey band / dashed: real-data floor ± std)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
