@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -354,6 +353,19 @@ def _seed_stats(fids: List[float]) -> str:
     return f"{float(t.mean()):.2f} ± {float(t.std()):.2f} ({len(fids)} seeds)"
 
 
+def _cells_at(results: List[dict], nfe: int, pred=lambda m: True) -> Dict[tuple, Dict[int, float]]:
+    """``{(model, sampler): {seed: fid}}`` of the results at one NFE (models filtered by ``pred``)."""
+    cells: Dict[tuple, Dict[int, float]] = {}
+    for r in results:
+        if r["nfe"] == nfe and pred(r["model"]):
+            cells.setdefault((r["model"], r["sampler"]), {})[r["seed"]] = r["fid"]
+    return cells
+
+
+def _mean(fids: Dict[int, float]) -> float:
+    return sum(fids.values()) / len(fids)
+
+
 def _verdict(psld: Dict[int, float], vp: Dict[int, float], names: tuple = ("PSLD", "VP")) -> str:
     """Test of two cells' FIDs over sampling seeds (``{seed: fid}``; lower FID is better): paired t-test over the
     seeds both cells ran (a seed fixes the prior draws and the noise of every model of the study), Welch's t-test
@@ -376,7 +388,7 @@ def _verdict(psld: Dict[int, float], vp: Dict[int, float], names: tuple = ("PSLD
 
 
 def goals(results: List[dict], models: List[str], seed0: int) -> List[str]:
-    """The issue's goal checks, computed from the results (with the seed spread as the noise estimate)."""
+    """The issue's goal checks, computed from the results (t-tests over sampling seeds as the noise test)."""
     by = {(r["model"], r["sampler"], r["nfe"], r["seed"]): r for r in results}
     lines = ["## Goal checks (computed)", ""]
     lines += ["**Raw PF-ODE vs gDDIM** (PF-Heun NFE 100 with the raw model output vs gDDIM at its highest NFE run "
@@ -398,11 +410,8 @@ def goals(results: List[dict], models: List[str], seed0: int) -> List[str]:
               "p < 0.05 and each cell has >= 2 seeds):", ""]
     for nfe in (10, 20):
         def best(pred):
-            cells = {}
-            for r in results:
-                if r["nfe"] == nfe and pred(r["model"]):
-                    cells.setdefault((r["model"], r["sampler"]), {})[r["seed"]] = r["fid"]
-            return min(cells.items(), key=lambda kv: sum(kv[1].values()) / len(kv[1])) if cells else None
+            cells = _cells_at(results, nfe, pred)
+            return min(cells.items(), key=lambda kv: _mean(kv[1])) if cells else None
         p, v = best(lambda m: m.startswith("psld")), best(lambda m: m == "vp")
         if not (p and v):
             continue
@@ -413,14 +422,10 @@ def goals(results: List[dict], models: List[str], seed0: int) -> List[str]:
     lines += ["", "**Every repeated cell vs the best one at its NFE** (cells run with >= 2 sampling seeds; same test; "
               "which differences between models and samplers are real):", ""]
     for nfe in sorted({r["nfe"] for r in results}):
-        cells = {}
-        for r in results:
-            if r["nfe"] == nfe:
-                cells.setdefault((r["model"], r["sampler"]), {})[r["seed"]] = r["fid"]
-        rep = {k: v for k, v in cells.items() if len(v) >= 2}
+        rep = {k: v for k, v in _cells_at(results, nfe).items() if len(v) >= 2}
         if len(rep) < 2:
             continue
-        ranked = sorted(rep.items(), key=lambda kv: sum(kv[1].values()) / len(kv[1]))
+        ranked = sorted(rep.items(), key=lambda kv: _mean(kv[1]))
         (bm, bs), bf = ranked[0]
         lines.append(f"- NFE {nfe}: best {model_label(bm)}, {bs}: {_seed_stats(list(bf.values()))}")
         for (m, smp), f in ranked[1:]:
@@ -598,7 +603,8 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--shard_size", type=int, default=250)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="base sampling seeds (first = main tables)")
-    p.add_argument("--plan", default=DEFAULT_PLAN, help="'samplers:nfes[@seed][|model,...];...' priority tiers (see parse_study_plan)")
+    p.add_argument("--plan", default=DEFAULT_PLAN,
+                   help="'samplers:nfes[@seed][|model,...];...' priority tiers (see parse_study_plan)")
     p.add_argument("--kid_subsets", type=int, default=100)
     p.add_argument("--kid_subset_size", type=int, default=1000)
     p.add_argument("--floor_repeats", type=int, default=5)
