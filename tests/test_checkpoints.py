@@ -151,6 +151,46 @@ def test_damaged_newest_checkpoint_names_file_and_last_loadable(trained, tmp_pat
     assert res["global_step"] == 3
 
 
+def _refinalize(ck: Path):
+    """Rewrite the manifest of ``ck`` over its present files: a checkpoint whose files all verify."""
+    manifest = json.loads((ck / ckpt.MANIFEST).read_text())
+    manifest["files"] = ckpt.file_manifest(str(ck))
+    (ck / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_load_error_of_a_verified_checkpoint_is_not_called_damage(trained, tmp_path):
+    """A checkpoint whose files match its manifest but that cannot be loaded (here: a UNet config from another
+    network, as a hand edit or an incompatible version leaves it) is reported as a load error, not as damage,
+    and no other checkpoint is advertised as "the last loadable"."""
+    out = _copy(trained, tmp_path)
+    ck = out / "checkpoint-4"
+    cfg = json.loads((ck / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [c * 2 for c in cfg["block_out_channels"]]
+    (ck / "unet" / "config.json").write_text(json.dumps(cfg))
+    _refinalize(ck)
+    assert ckpt.verify(str(ck)) is None
+    with pytest.raises(ValueError) as info:
+        run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    msg = str(info.value)
+    assert msg.startswith("`--resume_from_checkpoint`") and "checkpoint-4" in msg, msg
+    assert "damaged" not in msg and "last loadable" not in msg, msg
+    assert "match its manifest" in msg and "expected shape" in msg, msg  # what happened, in the loader's words
+
+
+def test_load_error_of_an_unverifiable_checkpoint_says_it_could_not_be_verified(trained, tmp_path):
+    out = _copy(trained, tmp_path)
+    ck = out / "checkpoint-4"
+    _truncate(ck / "optimizer.bin")
+    manifest = json.loads((ck / ckpt.MANIFEST).read_text())
+    del manifest["files"]  # written before manifests listed their files
+    (ck / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError) as info:
+        run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    msg = str(info.value)
+    assert "checkpoint-4 could not be loaded" in msg and "lists no file hashes" in msg, msg
+    assert "--resume_from_checkpoint checkpoint-2" in msg, msg  # an earlier one may load
+
+
 # ----------------------------------------------------------------------------- changed settings on resume
 def test_changed_diffusion_settings_are_refused_with_the_differences(trained, tmp_path):
     out = _copy(trained, tmp_path)
