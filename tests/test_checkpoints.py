@@ -168,6 +168,10 @@ def test_load_error_of_a_verified_checkpoint_is_not_called_damage(trained, tmp_p
     cfg["block_out_channels"] = [c * 2 for c in cfg["block_out_channels"]]
     (ck / "unet" / "config.json").write_text(json.dumps(cfg))
     _refinalize(ck)
+    manifest = json.loads((ck / ckpt.MANIFEST).read_text())
+    assert manifest["versions"]["torch"] == torch.__version__  # the writer's versions are recorded
+    manifest["versions"]["diffusers"] = "0.0.1"  # as if an older diffusers had written it
+    (ck / ckpt.MANIFEST).write_text(json.dumps(manifest))
     assert ckpt.verify(str(ck)) is None
     with pytest.raises(ValueError) as info:
         run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
@@ -175,6 +179,7 @@ def test_load_error_of_a_verified_checkpoint_is_not_called_damage(trained, tmp_p
     assert msg.startswith("`--resume_from_checkpoint`") and "checkpoint-4" in msg, msg
     assert "damaged" not in msg and "last loadable" not in msg, msg
     assert "match its manifest" in msg and "expected shape" in msg, msg  # what happened, in the loader's words
+    assert "other library versions (diffusers 0.0.1 → " in msg, msg
 
 
 def test_load_error_of_an_unverifiable_checkpoint_says_it_could_not_be_verified(trained, tmp_path):
