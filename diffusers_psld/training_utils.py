@@ -101,7 +101,8 @@ def register_state_hooks(accelerator, ema=None):
             load_ema(ema, os.path.join(input_dir, "unet_ema"))
             ema.to(accelerator.device)
         while models:
-            m = models.pop()
+            # the prepared model: DistributedDataParallel (several processes) or compiled wraps the UNet
+            m = accelerator.unwrap_model(models.pop())
             loaded = type(m).from_pretrained(input_dir, subfolder="unet")
             m.register_to_config(**loaded.config)
             m.load_state_dict(loaded.state_dict())
