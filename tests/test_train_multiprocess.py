@@ -120,3 +120,13 @@ def test_ddp_two_processes(tmp_path):
     ck = sorted(p.name for p in (out / "checkpoint-2").iterdir())
     assert "random_states_0.pkl" in ck and "random_states_1.pkl" in ck  # accelerate's per-rank RNG files
     assert len(losses(out)) == 3
+
+
+@pytest.mark.slow
+def test_push_to_hub_check_stops_every_rank_before_training(tmp_path):
+    """Offline (the real client refuses before any request): the main rank's check reaches the other rank;
+    both stop with the one-line error, nothing is trained, nothing hangs."""
+    out = tmp_path / "push"
+    text = launch(tmp_path, out, "--max_train_steps", 2, "--push_to_hub", "--hub_token", "hf_fake", expect_rc=1)
+    assert text.count("error: `--push_to_hub`: could not create the Hub repo 'push' (OfflineModeIsEnabled") == 2, text[-3000:]
+    assert not (out / "train_log.jsonl").exists()

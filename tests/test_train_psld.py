@@ -264,38 +264,122 @@ def test_num_threads_is_applied_and_recorded(tmp_path):
     assert json.loads((tmp_path / "th" / "training_args.json").read_text())["num_threads"] == 1
 
 
+class _HubStub:
+    """Records every Hub call (no network); ``fail`` names the call that raises as the network would."""
+
+    def __init__(self, out, fail=None):
+        self.calls, self.out, self.fail = [], Path(out), fail
+        stub = self
+
+        class Api:
+            def __init__(self, token=None):
+                stub.calls.append(("init", token))
+
+            def create_repo(self, **kw):
+                stub.calls.append(("create_repo", kw, (stub.out / "train_log.jsonl").exists()))
+                if stub.fail == "create_repo":
+                    raise ConnectionError("[Errno -2] Name or service not known")
+                return type("U", (), {"repo_id": "me/" + kw["repo_id"]})()
+
+            def upload_folder(self, **kw):
+                stub.calls.append(("upload_folder", kw, sorted(p.relative_to(kw["folder_path"]).as_posix()
+                                                               for p in Path(kw["folder_path"]).rglob("*") if p.is_file())))
+                if stub.fail == "upload_folder":
+                    raise ConnectionError("[Errno -2] Name or service not known")
+
+        self.Api = Api
+
+
 def test_push_to_hub_with_stub_never_leaks_token(tmp_path, monkeypatch, capsys):
     from diffusers_psld import hub
 
-    calls = []
-
-    class Api:
-        def __init__(self, token=None):
-            calls.append(("init", token))
-
-        def create_repo(self, **kw):
-            calls.append(("create_repo", kw))
-            return type("U", (), {"repo_id": "me/" + kw["repo_id"]})()
-
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", kw, sorted(p.relative_to(kw["folder_path"]).as_posix()
-                                                        for p in Path(kw["folder_path"]).rglob("*") if p.is_file())))
-
-    monkeypatch.setattr(hub, "HfApi", Api)
     out = tmp_path / "push"
+    stub = _HubStub(out)
+    monkeypatch.setattr(hub, "HfApi", stub.Api)
     secret = "hf_SECRET_do_not_print_42"
     run(out, "--max_train_steps", 2, "--checkpointing_steps", 1, "--save_images_steps", 100, "--push_to_hub",
         "--hub_model_id", "psld-tiny", "--hub_token", secret, "--report_to", "tensorboard")
-    assert [c[0] for c in calls] == ["init", "create_repo", "upload_folder"] and calls[0][1] == secret
-    up = calls[2][1]
+    assert [c[0] for c in stub.calls] == ["init", "create_repo", "init", "upload_folder"]
+    assert stub.calls[0][1] == stub.calls[2][1] == secret
+    assert stub.calls[1][2] is False  # the repo was created before the first training step
+    up = stub.calls[3][1]
     assert up["repo_id"] == "me/psld-tiny" and "checkpoint-*" in up["ignore_patterns"]
-    files = calls[2][2]
+    files = stub.calls[3][2]
     assert {"README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors"} <= set(files)
+    assert "me/psld-tiny" in (out / "README.md").read_text()  # the card names the repo as the Hub does
     text = capsys.readouterr()
     assert secret not in text.out + text.err
     for p in out.rglob("*"):
         if p.is_file():
             assert secret.encode() not in p.read_bytes(), p
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
+
+@pytest.mark.parametrize("case", ["no_token", "offline", "refused"])
+def test_push_to_hub_fails_before_training_with_one_line(tmp_path, monkeypatch, capsys, case):
+    """No token, offline mode (the real client: it refuses before any request) or a Hub that cannot be reached:
+    one `error: --push_to_hub` line, exit code 2, nothing trained."""
+    from diffusers_psld import hub
+
+    out = tmp_path / "push"
+    extra = ["--hub_token", "hf_fake"]
+    if case == "no_token":
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(hub, "get_token", lambda: None)
+        extra = []
+    elif case == "refused":
+        monkeypatch.setattr(hub, "HfApi", _HubStub(out, fail="create_repo").Api)
+    else:
+        assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: the real HfApi refuses to go online
+    try:
+        rc = train_psld.cli([*TINY, "--output_dir", str(out), "--max_train_steps", "2", "--push_to_hub", *extra])
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    line = _error_line(capsys)
+    assert rc == 2 and line.startswith("error: `--push_to_hub`: ") and line.endswith("nothing was trained"), line
+    want = {"no_token": "no Hub token: pass one (--hub_token), set HF_TOKEN, or log in with `hf auth login`",
+            "offline": "could not create the Hub repo 'push' (OfflineModeIsEnabled: ",
+            "refused": "could not create the Hub repo 'push' (ConnectionError: [Errno -2] Name or service not known)"}
+    assert want[case] in line, line
+    assert not (out / "train_log.jsonl").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_failed_upload_says_the_local_files_are_complete_and_how_to_push(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from diffusers_psld import hub
+    from diffusers_psld.pipelines import PSLDPipeline
+
+    out = tmp_path / "push"
+    monkeypatch.setattr(hub, "HfApi", _HubStub(out, fail="upload_folder").Api)
+    try:
+        rc = train_psld.cli([*TINY, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
+                             "--push_to_hub", "--hub_token", "hf_fake"])
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    line = _error_line(capsys)
+    assert rc == 1 and line.startswith("error: `--push_to_hub`: uploading "), line
+    assert "(ConnectionError: [Errno -2] Name or service not known)" in line, line
+    assert f"The local files in {out} are complete; push them later with: hf upload me/push {out} . " in line, line
+    PSLDPipeline.from_pretrained(str(out))  # complete indeed
+    # the command uploads exactly what the training run would have uploaded
+    cmd = shlex.split(line.split("push them later with: ")[1])
+    assert cmd[:5] == ["hf", "upload", "me/push", str(out), "."]
+    excludes = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--exclude"]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert any(f.startswith("checkpoint-") for f in files)
+    assert list(filter_repo_objects(files, ignore_patterns=excludes)) == \
+        list(filter_repo_objects(files, ignore_patterns=hub.UPLOAD_IGNORE))
 
 
 def _env():

@@ -531,6 +531,7 @@ class Training:
     resume_path: Optional[str]
     batches_per_epoch: int
     log_path: str
+    hub_repo_id: Optional[str] = None
 
     @property
     def world(self) -> int:
@@ -587,6 +588,7 @@ def setup(args) -> Training:
             print(f"removed leftovers of an interrupted run: {', '.join(stale)}", flush=True)
     accelerator.wait_for_everyone()
     resume_path = resolve_resume(args)  # verified, settings compared (ValueError naming the flag otherwise)
+    hub_repo_id = create_hub_repo(args, accelerator)  # --push_to_hub: token and repo checked before training
     ds, channels = load_data(args)
     world, rank = accelerator.num_processes, accelerator.process_index
     if len(ds) < args.train_batch_size * world:
@@ -619,7 +621,35 @@ def setup(args) -> Training:
     return Training(args=args, accelerator=accelerator, scheduler=scheduler, ds=ds, channels=channels, unet=unet,
                     ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, n_params=n_params,
                     public_args=public_settings(args), resume_path=resume_path, batches_per_epoch=batches_per_epoch,
-                    log_path=os.path.join(args.output_dir, "train_log.jsonl"))
+                    log_path=os.path.join(args.output_dir, "train_log.jsonl"), hub_repo_id=hub_repo_id)
+
+
+def create_hub_repo(args, accelerator) -> Optional[str]:
+    """``--push_to_hub``: check the token and create the Hub repo (an existing one is fine) before anything
+    is trained, as diffusers' training examples do; returns the repo id the Hub reports (None without
+    ``--push_to_hub``). The main process asks the Hub; every process gets the outcome.
+
+    Raises:
+        ValueError: ``error: `--push_to_hub`: ...`` naming the cause (no token, offline, refused).
+    """
+    if not args.push_to_hub:
+        return None
+    from diffusers_psld import hub
+
+    outcome = [None, None]  # repo id, error message
+    if accelerator.is_main_process:
+        repo_id = args.hub_model_id or Path(args.output_dir).name
+        try:
+            outcome = [hub.create_repo(repo_id, token=args.hub_token, private=args.hub_private_repo), None]
+        except hub.HubError as err:
+            outcome = [None, f"`--push_to_hub`: {err}; nothing was trained"]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    if outcome[1]:
+        raise ValueError(outcome[1])
+    return outcome[0]
 
 
 def announce(t: Training):
@@ -859,15 +889,19 @@ def export(t: Training, global_step: int, last_losses: list, wall: float):
     plot_loss(t.log_path, os.path.join(args.output_dir, "loss_curve.png"))
     fields = card_fields(args, t.public_args, t.n_params, t.world, global_step, last_losses, wall, t.channels,
                          t.scheduler.num_components, t.ema)
+    if t.hub_repo_id is not None:
+        fields["repo_or_path"] = t.hub_repo_id  # as the Hub names it ('user/name')
     hub.write_model_card(args.output_dir, fields)
-    if args.push_to_hub:
-        repo_id = args.hub_model_id or Path(args.output_dir).name
-        token = args.hub_token or os.environ.get("HF_TOKEN")
-        rid = hub.push_folder(args.output_dir, repo_id, token=token, private=args.hub_private_repo,
-                              commit_message=f"PSLD {args.diffusion} on {args.dataset_label}, step {global_step}")
-        print(f"pushed {args.output_dir} to the Hub repo {rid}", flush=True)
     print(f"done: {global_step} steps in {wall:.1f} s; pipeline, samples.png and README.md in {args.output_dir}",
           flush=True)
+    if t.hub_repo_id is not None:
+        try:
+            hub.upload_folder(args.output_dir, t.hub_repo_id, token=args.hub_token,
+                              commit_message=f"PSLD {args.diffusion} on {args.dataset_label}, step {global_step}")
+        except hub.HubError as err:
+            raise hub.HubError(f"`--push_to_hub`: {err}. The local files in {args.output_dir} are complete; push them "
+                               f"later with: {hub.push_command(args.output_dir, t.hub_repo_id)}") from err
+        print(f"pushed {args.output_dir} to the Hub repo {t.hub_repo_id}", flush=True)
 
 
 def save_pipeline(unet, scheduler, output_dir: str):
@@ -938,14 +972,22 @@ def main(argv=None):
     return {"global_step": global_step, "output_dir": args.output_dir, "wall_s": wall}
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: :func:`main`, with the errors a user can act on printed as one ``error: ...`` line
+    (bad input: exit code 2; a checkpoint that could not be written or a failed Hub upload: exit code 1)."""
+    from diffusers_psld.checkpoints import CheckpointError
+    from diffusers_psld.hub import HubError
+
     try:
-        main()
-    except ValueError as err:  # bad input: one clear line, exit code 2
+        main(argv)
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as err:  # a checkpoint could not be written (disk full, I/O): one clear line, exit code 1
-        if type(err).__name__ != "CheckpointError":
-            raise
+        return 2
+    except (CheckpointError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
