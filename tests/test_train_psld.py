@@ -425,3 +425,52 @@ def test_sigkill_during_training_leaves_loadable_checkpoint(tmp_path):
                        cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert [r["loss"] for r in losses(out)] == [r["loss"] for r in losses(ref)]  # bit-exact
+
+
+def test_classifier_recipe_points_at_what_the_quickstart_writes():
+    """train_classifier.py's documented recipe: its --pipeline is the directory its train_psld.py line writes."""
+    import shlex
+
+    from _scripts import load_script
+
+    clf = load_script("training/train_classifier.py", "train_classifier_recipe")
+    lines = [ln.strip() for ln in clf.__doc__.splitlines() if ln.strip().startswith("python training/")]
+    train_line = next(ln for ln in lines if "train_psld.py" in ln)
+    clf_line = next(ln for ln in lines if "train_classifier.py" in ln)
+    args = train_psld.parse_args(shlex.split(train_line)[2:])
+    clf_args = shlex.split(clf_line)
+    assert clf_args[clf_args.index("--pipeline") + 1] == args.output_dir
+
+
+def test_short_folder_run_scales_the_grid_says_the_warmup_is_longer_and_keeps_a_fixed_ema(tmp_path, capsys):
+    """A 2-step image-folder run with the folder defaults (the paper's 5000-step warm-up, fixed EMA 0.9999):
+    the start banner says the learning rate never reaches its value, the final grid is scaled to the run
+    (2 steps × 8 images × 3 = 48 network evaluations → 24 images at 2 steps each) with a line before it,
+    and the logged EMA decay is the fixed 0.9999 that training/README.md states."""
+    from diffusers_psld.pipelines import PSLDPipeline
+
+    out = tmp_path / "folder"
+    train_psld.main(["--model_preset", "tiny", "--resolution", "8", "--train_batch_size", "8", "--num_inference_steps", "2",
+                     "--report_to", "none", "--train_data_dir", _folder(tmp_path, n=8), "--cache_dir", str(tmp_path / "c"),
+                     "--max_train_steps", "2", "--output_dir", str(out)])
+    text = capsys.readouterr().out
+    assert ("note: the learning-rate warm-up (5000 steps) is longer than this run (2 steps): the learning rate rises "
+            "from 0 to only 8e-08 (0.04 % of 0.0002)") in text, text
+    assert "sample grid: 24 images × 2 steps, not 64" in text, text
+    assert "drawing the final sample grid: 24 images × 2 steps" in text, text
+    assert json.loads((out / "training_args.json").read_text())["eval_batch_size"] == 24
+    import PIL.Image
+
+    assert PIL.Image.open(out / "samples.png").size == PIL.Image.open(out / "samples" / "step-0000002.png").size
+    log = losses(out)
+    assert [r["ema_decay"] for r in log] == [0.0, 0.9999]  # diffusers starts the average at the step-1 weights
+    assert [r["lr"] for r in log] == [0.0, 2e-4 / 5000]
+    PSLDPipeline.from_pretrained(str(out))
+
+
+def test_digits_ema_warmup_decay_is_logged_as_documented(tmp_path):
+    """The digits default: diffusers' EMA warm-up 1 - (1 + step)^(-2/3) (the README's statement)."""
+    out = tmp_path / "ema"
+    run(out, "--max_train_steps", 3, "--checkpointing_steps", 100, "--save_images_steps", 100)
+    got = [r["ema_decay"] for r in losses(out)]
+    assert got[0] == 0.0 and got[1:] == pytest.approx([1 - 2 ** (-2 / 3), 1 - 3 ** (-2 / 3)], rel=1e-12)

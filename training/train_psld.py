@@ -53,6 +53,7 @@ PAPER_DEFAULTS = dict(learning_rate=2e-4, lr_warmup_steps=5000, ema_warmup=False
                       train_batch_size=16, checkpointing_steps=5000, save_images_steps=5000,
                       checkpoints_total_limit=None)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+GRID_IMAGES, MIN_GRID_IMAGES = 64, 4  # the sample grid: default size, and the smallest a short run scales it to
 # A larger image than this has never been a diffusion training resolution here; the data pre-resize of
 # --resolution 100000 was killed by the OOM killer at 24 GiB. Bounded before any data is touched.
 MAX_RESOLUTION = 1024
@@ -149,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training_args.json. Diffusion and network settings cannot be changed.")
     g.add_argument("--save_images_steps", type=int, default=None, help="sample grid (EMA weights) every N steps")
     g.add_argument("--num_inference_steps", type=int, default=100, help="network evaluations per sample")
-    g.add_argument("--eval_batch_size", type=int, default=64, help="images in the sample grid")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help=f"images in the sample grid (default {GRID_IMAGES}; fewer, at least {MIN_GRID_IMAGES}, when the run "
+                        f"is so short that drawing them would take longer than training: see sample_grid_size)")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN / cached login); never logged")
@@ -241,8 +244,10 @@ def resolve_and_validate(args) -> argparse.Namespace:
     if args.diffusion == "vp" and args.sampler == "sscs":
         _err("--sampler", "sscs needs momentum (psld/cld)")
     # optimisation
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        _err("--eval_batch_size", f"must be >= 1, got {args.eval_batch_size}")
     for flag, v, lo in (("--train_batch_size", args.train_batch_size, 1), ("--gradient_accumulation_steps", args.gradient_accumulation_steps, 1),
-                        ("--num_inference_steps", args.num_inference_steps, 2), ("--eval_batch_size", args.eval_batch_size, 1),
+                        ("--num_inference_steps", args.num_inference_steps, 2),
                         ("--dataloader_num_workers", args.dataloader_num_workers, 0), ("--lr_warmup_steps", args.lr_warmup_steps, 0),
                         ("--checkpointing_steps", args.checkpointing_steps, 1), ("--save_images_steps", args.save_images_steps, 1)):
         if v < lo:
@@ -388,7 +393,7 @@ def public_settings(args) -> dict:
     values, the Hub token redacted)."""
     from diffusers_psld import hub
 
-    raw = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "defaults_used"}
+    raw = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("defaults_used", "notes")}
     return json.loads(json.dumps(hub.redact(raw), default=str))
 
 
@@ -560,6 +565,36 @@ def choose_logger(args) -> str:
     return args.report_to
 
 
+def sample_grid_size(args, world: int) -> Optional[str]:
+    """Default ``--eval_batch_size``: :data:`GRID_IMAGES` images, unless drawing them would cost more network
+    evaluations than the whole training run (``max_train_steps × global batch × 3``, a backward pass costing
+    about two forward passes): then as many as that budget allows at ``--num_inference_steps``, at least
+    :data:`MIN_GRID_IMAGES`. The inference steps are never reduced (they decide what the samples look like).
+    A 4-step run on an image folder otherwise drew a 64-image, 100-step grid for 137 s after 4 training steps.
+    Returns a note for the start banner when the grid was scaled (None otherwise or when the flag is given)."""
+    if args.eval_batch_size is not None:
+        return None
+    budget = args.max_train_steps * args.train_batch_size * world * args.gradient_accumulation_steps * 3
+    args.eval_batch_size = int(min(GRID_IMAGES, max(MIN_GRID_IMAGES, budget // args.num_inference_steps)))
+    if args.eval_batch_size == GRID_IMAGES:
+        return None
+    return (f"sample grid: {args.eval_batch_size} images × {args.num_inference_steps} steps, not {GRID_IMAGES}, so that "
+            f"drawing it costs no more than this short run's training (--eval_batch_size sets it)")
+
+
+def warmup_note(args) -> Optional[str]:
+    """A note for the start banner when the linear LR warm-up is longer than the run: the learning rate then
+    never reaches ``--learning_rate`` (the folder/Hub default warm-up is the paper's 5000 steps). The warm-up
+    is not scaled to ``--max_train_steps``: that would change the LR schedule of a run that is later resumed
+    with a larger ``--max_train_steps``, and resuming must continue the same run exactly."""
+    if args.lr_warmup_steps <= args.max_train_steps:
+        return None
+    frac = args.max_train_steps / args.lr_warmup_steps
+    return (f"note: the learning-rate warm-up ({args.lr_warmup_steps} steps) is longer than this run "
+            f"({args.max_train_steps} steps): the learning rate rises from 0 to only {args.learning_rate * frac:.3g} "
+            f"({100 * frac:.2g} % of {args.learning_rate:g}) by the end; for a short run pass a smaller --lr_warmup_steps")
+
+
 def setup(args) -> Training:
     """Accelerator, output directory, the checkpoint to resume from (verified, settings compared), data,
     network, EMA, optimizer and LR schedule, prepared by Accelerate with the checkpoint hooks registered.
@@ -597,6 +632,7 @@ def setup(args) -> Training:
     batches_per_epoch = len(psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0))
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    args.notes = [n for n in (warmup_note(args), sample_grid_size(args, world)) if n]
     set_seed(args.seed)  # model initialisation identical on every rank
 
     num_class_embeds = ds.num_classes + 1 if args.class_conditional else None
@@ -607,8 +643,11 @@ def setup(args) -> Training:
     n_params = sum(p.numel() for p in unet.parameters())
     ema = None
     if args.use_ema:
+        # without warm-up the decay is fixed (min_decay = decay), as the paper's code (a constant τ = 0.9999);
+        # EMAModel's own default would ramp it as min(decay, (1 + step) / (10 + step)) over ~90k steps
         ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
-                       power=2 / 3, model_cls=type(unet), model_config=unet.config)
+                       power=2 / 3, min_decay=0.0 if args.ema_warmup else args.ema_decay, model_cls=type(unet),
+                       model_config=unet.config)
     register_state_hooks(accelerator, ema)
 
     optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -663,6 +702,8 @@ def announce(t: Training):
         if args.defaults_used:
             why = "offline digits defaults (short CPU run)" if args.offline_digits else "paper defaults"
             print(f"{why}: " + ", ".join(f"{k}={v}" for k, v in args.defaults_used.items()), flush=True)
+        for note in args.notes:
+            print(note, flush=True)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
             json.dump(t.public_args, f, indent=1, default=str)
     if args.report_to != "none":
@@ -880,6 +921,7 @@ def export(t: Training, global_step: int, last_losses: list, wall: float):
     from diffusers_psld.training_utils import plot_loss
 
     args = t.args
+    print(f"drawing the final sample grid: {args.eval_batch_size} images × {args.num_inference_steps} steps", flush=True)
     img = save_samples(t, global_step, progress=True)
     img.save(os.path.join(args.output_dir, "samples.png"))
     model = t.accelerator.unwrap_model(t.unet)
