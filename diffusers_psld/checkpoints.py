@@ -17,20 +17,24 @@ leaves either a complete checkpoint under its valid name or a hidden directory t
 * :func:`describe_write_failure` — the error text for a failed write ("disk full" when it is).
 * :func:`compare_settings` — differences between the settings stored with a checkpoint and now.
 * :func:`library_versions` — the versions of the libraries that write a checkpoint (stored in its manifest).
+* :func:`staged_directory` — write a directory's new entries into a temporary directory first, move them in
+  only when every file was written (``PSLDPipeline.save_pretrained``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import tempfile
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 __all__ = ["CHECKPOINT_RE", "MANIFEST", "CheckpointError", "save_state", "list_checkpoints", "file_manifest", "finalize", "prune",
            "remove_stale", "verify", "last_intact", "read_manifest", "is_disk_full", "describe_write_failure",
-           "compare_settings", "dir_size", "library_versions"]
+           "compare_settings", "dir_size", "library_versions", "staged_directory"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "training_state.json"
@@ -320,3 +324,44 @@ def library_versions() -> Dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+@contextlib.contextmanager
+def staged_directory(target: "os.PathLike[str] | str") -> Iterator[str]:
+    """Context manager: yields a temporary directory ``<target>/.tmp-save-*`` to write into; when the block
+    ends without an error, each entry written there replaces the entry of the same name in ``target`` (a file
+    with ``os.replace``; a directory is renamed to a hidden trash name first and deleted after the new one is in
+    place), ``model_index.json`` last; other entries of ``target`` (checkpoints, logs, a model card) stay.
+
+    When the block raises (a tensor that safetensors refuses, a full disk), the temporary directory is
+    removed and ``target`` is left as it was (not even created). A saved directory therefore never holds a
+    half-written component next to a ``model_index.json``.
+    """
+    target = os.fspath(target)
+    created = not os.path.isdir(target)
+    os.makedirs(target, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=target)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(target)  # only if nothing else appeared in it meanwhile
+        raise
+    try:
+        for name in sorted(os.listdir(tmp), key=lambda n: (n == "model_index.json", n)):
+            new, old = os.path.join(tmp, name), os.path.join(target, name)
+            if os.path.lexists(old) and (os.path.isdir(new) or os.path.isdir(old)):
+                trash = os.path.join(target, f".trash-{name}-{os.getpid()}")
+                os.replace(old, trash)
+                os.replace(new, old)
+                if os.path.isdir(trash) and not os.path.islink(trash):
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.remove(trash)
+            else:
+                os.replace(new, old)
+        _fsync_dir(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -268,3 +268,74 @@ def test_ema_folder_of_diffusers_save_pretrained_still_loads(tmp_path, capfd):
     assert again.state_dict().keys() == ema.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(again.shadow_params, ema.shadow_params))
     assert again.optimization_step == 1 and again.decay == 0.99
+
+
+# ----------------------------------------------------------------------------- pipeline saves are staged
+def _tiny_pipeline(tie=False):
+    from diffusers_psld import PSLDPipeline, PSLDScheduler
+    from diffusers_psld.models.unet_presets import build_unet
+
+    unet = build_unet("tiny", 1, 2, 8)
+    if tie:  # two same-shaped convolutions share one weight: safetensors refuses to save shared tensors
+        unet.down_blocks[0].resnets[0].conv2.weight = unet.down_blocks[0].resnets[0].conv1.weight
+    return PSLDPipeline(unet=unet, scheduler=PSLDScheduler())
+
+
+def test_a_failed_pipeline_save_leaves_the_directory_as_it_was(tmp_path):
+    """Tied weights: the save used to leave a directory holding only unet/config.json."""
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="share memory"):
+        _tiny_pipeline(tie=True).save_pretrained(str(fresh), safe_serialization=True)
+    assert not fresh.exists()
+    # over an earlier, complete save with other files beside it (a training output directory)
+    out = tmp_path / "run"
+    _tiny_pipeline().save_pretrained(str(out), safe_serialization=True)
+    (out / "README.md").write_text("card")
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="share memory"):
+        _tiny_pipeline(tie=True).save_pretrained(str(out), safe_serialization=True)
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_pipeline_save_replaces_its_components_and_keeps_other_files(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusers_psld import PSLDPipeline
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "x.bin").write_bytes(b"x")
+    (out / "unet").mkdir()
+    (out / "unet" / "stale.bin").write_bytes(b"old")  # a file of an older save: replaced with the whole folder
+    first, second = _tiny_pipeline(), _tiny_pipeline()
+    with torch.no_grad():
+        for p in second.unet.parameters():
+            p.add_(1.0)
+    first.save_pretrained(str(out), safe_serialization=True)
+    second.save_pretrained(str(out), safe_serialization=True)
+    assert (out / "checkpoint-2" / "x.bin").read_bytes() == b"x" and not (out / "unet" / "stale.bin").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in second.unet.state_dict().items())
+    PSLDPipeline.from_pretrained(str(out))
+
+
+def test_a_staged_push_keeps_diffusers_default_repo_id(tmp_path, monkeypatch):
+    import diffusers.pipelines.pipeline_utils as pu
+    import huggingface_hub
+
+    from diffusers_psld import PSLDPipeline
+
+    seen = {}
+
+    def fake_create_repo(repo_id, **kw):
+        seen["repo_id"] = repo_id
+        return type("Repo", (), {"repo_id": "someuser/" + repo_id})()
+
+    monkeypatch.setattr(pu, "create_repo", fake_create_repo)
+    monkeypatch.setattr(pu, "load_or_create_model_card", lambda *a, **k: huggingface_hub.ModelCard("---\n---\n"))
+    monkeypatch.setattr(PSLDPipeline, "_upload_folder", lambda self, folder, repo_id, **kw: seen.update(up=repo_id))
+    _tiny_pipeline().save_pretrained(str(tmp_path / "psld-tiny"), push_to_hub=True, token="hf_fake")
+    assert seen == {"repo_id": "psld-tiny", "up": "someuser/psld-tiny"}
+    assert (tmp_path / "psld-tiny" / "model_index.json").exists()

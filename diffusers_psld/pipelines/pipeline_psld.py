@@ -36,6 +36,7 @@ from diffusers.utils import logging
 
 # Component modules must be imported so that diffusers' loader finds them in ``sys.modules``.
 from .. import inpainting as _inpainting
+from ..checkpoints import staged_directory as _staged_directory
 from ..models import classifier as _classifier_module  # noqa: F401
 from ..models.classifier import TimeDependentClassifier
 from ..models.ncsnpp import NCSNppModel
@@ -211,6 +212,15 @@ class PSLDPipeline(DiffusionPipeline):
         if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
             config["_class_name"] = _remote_code.class_name_of(config)
         return out
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+        """diffusers' ``save_pretrained`` into a temporary directory whose entries replace those of
+        ``save_directory`` only once every file is written (:func:`~diffusers_psld.checkpoints.staged_directory`):
+        a failure, e.g. tied weights that safetensors refuses, leaves ``save_directory`` as it was."""
+        if kwargs.get("push_to_hub") and "repo_id" not in kwargs:  # diffusers' default: the directory's name
+            kwargs["repo_id"] = os.path.basename(os.path.normpath(os.fspath(save_directory)))
+        with _staged_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
 
     def save_config(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs):
         """Write ``model_index.json`` naming ``["pipeline_psld", "<Class>"]`` and the ``pipeline_psld.py`` file
