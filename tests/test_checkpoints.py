@@ -14,6 +14,7 @@ import torch
 from _scripts import load_script
 
 from diffusers_psld import checkpoints as ckpt
+from diffusers_psld import training_utils
 
 train_psld = load_script("training/train_psld.py", "train_psld_ckpt_tests")
 
@@ -255,16 +256,16 @@ def test_ema_folder_of_diffusers_save_pretrained_still_loads(tmp_path, capfd):
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_psld.load_ema(new, str(tmp_path / "legacy"))
+        training_utils.load_ema(new, str(tmp_path / "legacy"))
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]
     assert "will be ignored" not in capfd.readouterr().err
     assert new.optimization_step == ema.optimization_step == 1 and new.decay == 0.99 and new.use_ema_warmup
     assert all(torch.equal(a, b) for a, b in zip(new.shadow_params, ema.shadow_params))
     # and the new layout round-trips
-    train_psld.save_ema(ema, str(tmp_path / "new"))
+    training_utils.save_ema(ema, str(tmp_path / "new"))
     assert "decay" not in json.loads((tmp_path / "new" / "config.json").read_text())
     again = EMAModel(build_unet("tiny", 1, 2, 8).parameters(), model_cls=UNet2DModel, model_config=unet.config)
-    train_psld.load_ema(again, str(tmp_path / "new"))
+    training_utils.load_ema(again, str(tmp_path / "new"))
     assert again.state_dict().keys() == ema.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(again.shadow_params, ema.shadow_params))
     assert again.optimization_step == 1 and again.decay == 0.99

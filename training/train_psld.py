@@ -9,7 +9,7 @@ Diffusers-layout pipeline (``model_index.json``, ``unet/``, ``scheduler/``), ``s
     accelerate launch training/train_psld.py --dataset_name cifar10 --model_preset cifar10 ...
 
 Defaults: the paper's recipe (Adam 2e-4, betas (0.9, 0.999), linear warm-up from 0 over 5000 steps then
-constant, grad-norm clip 1.0, EMA 0.9999, t ~ U(1e-5, 1), fp32) for Hub / image-folder data. For the
+constant, grad-norm clip 1.0, a fixed EMA decay 0.9999, t ~ U(1e-5, 1), fp32) for Hub / image-folder data. For the
 offline digits run, where only a few thousand steps fit into minutes on a CPU, the defaults become
 lr 1e-3, warm-up 100 steps and EMA with the diffusers warm-up (decay 1 - (1 + step)^(-2/3), capped
 at ``--ema_decay``), because a fixed 0.9999 EMA would still be ~90 % the random initialisation after
@@ -24,6 +24,14 @@ pruned by an atomic rename to ``.trash-…`` before deletion (:mod:`diffusers_ps
 run always leaves complete checkpoints only; ``--resume_from_checkpoint latest`` verifies the
 checkpoint, refuses changed diffusion/network settings, and continues with exactly the loss
 trajectory of an uninterrupted run.
+
+Layout (as diffusers' ``train_unconditional.py``: ``parse_args`` then ``main``): :func:`main` reads
+``parse_args`` → :func:`setup` (accelerator, data, network, EMA, optimizer, the checkpoint to resume from, the
+Hub repo) → :func:`announce` → :func:`load_checkpoint` → :func:`train` (one optimizer step:
+:func:`train_step`; checkpoints: :func:`diffusers_psld.checkpoints.save_state`) → :func:`export` (sample grid,
+pipeline, loss curve, model card, upload). The pieces that do not depend on this command line (EMA folders,
+the Accelerate state hooks, the per-step generator, the sample grid, the loss plot) are in
+:mod:`diffusers_psld.training_utils`, the crash-safe checkpoint files in :mod:`diffusers_psld.checkpoints`.
 
 CPU threads: ``--num_threads`` (default: the usable cores minus one, at least 1; on the 2-core
 reference machine 1 thread) — torch's default of one thread per core collapses to seconds per step
@@ -362,21 +370,6 @@ def digits_memory(resolution: int):
     return 2 * 1797 * resolution * resolution * 4, available_memory("cpu")
 
 
-
-
-# Helpers that live in the package (diffusers_psld.training_utils, .checkpoints), under their old names here.
-_MOVED = {"step_generator": "training_utils", "sample_images": "training_utils", "make_grid": "training_utils",
-          "save_ema": "training_utils", "load_ema": "training_utils", "EMA_STATE": "training_utils",
-          "plot_loss": "training_utils", "_rewrite_log": "training_utils"}
-
-
-def __getattr__(name):  # imported on first use: `--help` and flag errors stay fast
-    if name in _MOVED:
-        import importlib
-
-        mod = importlib.import_module(f"diffusers_psld.{_MOVED[name]}")
-        return getattr(mod, "rewrite_log" if name == "_rewrite_log" else name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def list_checkpoints(output_dir: str):
