@@ -3,7 +3,7 @@ r"""Model cards and Hub uploads for trained PSLD pipelines: the single place tha
 * :func:`render_model_card` fills ``model_cards/psld_model_card.md`` (Hub metadata: ``library_name:
   diffusers``, ``pipeline_tag: unconditional-image-generation``, tags, datasets, license).
 * :func:`push_folder` = ``HfApi.create_repo(exist_ok=True)`` + ``HfApi.upload_folder``. Tests replace
-  :data:`HfApi` in this module with a recording stub. The token is passed through, never logged.
+  ``HfApi`` in this module with a recording stub. The token is passed through, never logged.
 * :func:`redact` masks secrets (``hub_token``) in argument dicts before they are logged or stored.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEFAULT_TEMPLATE = next((p for p in (_HERE / "model_cards" / "psld_model_card.md
                                      _HERE.parent / "model_cards" / "psld_model_card.md") if p.exists()),
                         _HERE.parent / "model_cards" / "psld_model_card.md")
 
-#: never uploaded: training checkpoints, temp dirs, logs
+#: Patterns never uploaded (training checkpoints, temp dirs, logs).
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", "logs/**", "*.tmp", ".trash-*", ".trash-*/**"]
 
 _SECRET_KEYS = ("hub_token", "token", "hf_token")

@@ -64,7 +64,7 @@ Numerics and cost
   ``pᵀ(C + λI)p ≤ 0`` (``truncated``); if that happens at the very first direction, or the correction
   is not finite, the sample gets no correction at this call (plain replacement; ``dropped``, logged as
   a warning by the pipeline). The correction never produces a NaN. For the exact ε of a Gaussian, C is
-  SPD and CG converges (in at most |K| iterations in exact arithmetic), so none of this triggers.
+  SPD and CG converges (in at most ``|K|`` iterations in exact arithmetic), so none of this triggers.
 * On the trained digits PSLD model (Γ = 0.01, 1500 steps; 10 digits × 4 samples, half the image
   hidden) the correction stays stable (finite, no pixel beyond ±1.5) and lowers the squared error of
   the filled-in pixels to the true digit from 0.29 to 0.19 (SSCS, 50 NFE) and 0.34 to 0.21 (EM, 100

@@ -22,6 +22,7 @@ __all__ = ["FILE_STEM", "SOURCE", "install", "class_name_of"]
 #: stem of the file written next to ``model_index.json``
 FILE_STEM = "pipeline_psld"
 
+#: the text of the file (identical to the repository's ``pipelines/pipeline_psld.py``)
 SOURCE = '''"""Hub custom-pipeline entry point for diffusers-psld checkpoints (written by ``save_pretrained``).
 
 ``model_index.json`` names this file (``"_class_name": ["pipeline_psld", "<Class>"]``), so the generic loader
