@@ -17,11 +17,10 @@ t0=$SECONDS
 
 # --- 1. sdist + wheel
 pip install -q build twine
-rm -rf dist
-python -m build -o dist . >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
-python -m twine check --strict dist/*
-wheel=$(ls dist/diffusers_psld-*.whl)
-echo "CI: built $(ls dist | tr '\n' ' ')($((SECONDS - t0)) s)"
+python -m build -o "$work/dist" . >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
+python -m twine check --strict "$work"/dist/*
+wheel=$(ls "$work"/dist/diffusers_psld-*.whl)
+echo "CI: built $(ls "$work/dist" | tr '\n' ' ')($((SECONDS - t0)) s)"
 
 # --- 2. the wheel in a fresh environment (CPU torch first, as the README says)
 python3 -m venv "$work/venv"
