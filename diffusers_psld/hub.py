@@ -9,7 +9,7 @@ r"""Model cards and Hub uploads for trained PSLD pipelines: the single place tha
   directory later (``hf upload``, same exclusions).
 * :func:`redact` masks secrets (``hub_token``) in argument dicts before they are logged or stored.
 
-Every Hub call goes through :data:`HfApi` and :func:`get_token` of this module: tests replace those two
+Every Hub call goes through the names ``HfApi`` and ``get_token`` of this module: tests replace those two
 names with stubs (no network). The token is passed through, never logged.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ DEFAULT_TEMPLATE = next((p for p in (_HERE / "model_cards" / "psld_model_card.md
                                      _HERE.parent / "model_cards" / "psld_model_card.md") if p.exists()),
                         _HERE.parent / "model_cards" / "psld_model_card.md")
 
-#: never uploaded: training checkpoints, temp dirs, logs (``fnmatch`` patterns: ``*`` also matches ``/``)
+#: Patterns never uploaded (training checkpoints, temp dirs, logs; ``fnmatch``: ``*`` also matches ``/``).
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", "logs/**", "*.tmp", ".trash-*", ".trash-*/**"]
 #: the same exclusions as ``hf upload --exclude`` options (:func:`push_command`)
 _CLI_EXCLUDE = ["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "*.tmp"]

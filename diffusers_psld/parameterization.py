@@ -161,7 +161,7 @@ def loss_weight(maps: OutputMaps, eps_mask: torch.Tensor) -> torch.Tensor:
     ``"sufficient_epsilon"``) such that ``λ(t)·mean_C (f - f*)²`` equals the paper's ε-loss (the mean over
     the ``eps_mask`` components) of the lifted output ``ε = eps_z z + eps_f f`` exactly:
 
-        λ(t) = Σ_{i ∈ mask} (eps_f)_i² / |mask|.
+        ``λ(t) = Σ_{i ∈ mask} (eps_f)_i² / |mask|``.
 
     ``"sufficient_epsilon"``: ``‖mask⊙u‖²/|mask|`` (1/2 for PSLD, 1 for VP, ``u_m(t)²`` for CLD);
     ``"sample"``: ``‖mask⊙w‖²/|mask|``, the SNR weight that makes x̂₀ regression ε-equivalent.

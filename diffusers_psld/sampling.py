@@ -11,7 +11,7 @@ deterministic steps). Heun's two-stage step is written with :func:`pf_drift` pie
 
 * :func:`em_step` — Euler–Maruyama on the reverse SDE (PSLD paper Eq. 11).
 * :func:`pf_euler_step` — Euler on the probability-flow ODE (drift ``f - ½ G Gᵀ s``).
-* :func:`sscs_step` — modified SSCS (paper Eq. 12): exact linear half-step ``A``, Euler step of
+* :func:`sscs_linear` and :func:`sscs_score_step` — modified SSCS (paper Eq. 12): exact linear half-step ``A``, Euler step of
   the score part ``S``, exact half-step ``A``. Splitting the reverse drift as
   ``-βFz + 2βD s = β(Q - D)A z + 2βD(s + Az)`` shows that the linear part is the recipe SDE with
   ``Q → -Q`` (paper Eq. 12's ``A``), whose kernel the recipe already computes exactly and whose

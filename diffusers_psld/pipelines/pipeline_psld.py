@@ -1,13 +1,13 @@
 r"""``PSLDPipeline``: unconditional, class-guided, classifier-free-guided and inpainting sampling.
 
 The module path ``diffusers_psld.pipelines.pipeline_psld`` is imported by the ``pipeline_psld.py`` file that
-:meth:`PSLDPipeline.save_pretrained` writes next to ``model_index.json`` (the generic loader, see
+``PSLDPipeline.save_pretrained`` writes next to ``model_index.json`` (the generic loader, see
 :mod:`.remote_code`), so keep it stable.
 
 Where each concern lives:
 
 * argument checks and image / mask / label / ``latents`` preparation: :mod:`.inputs`;
-* the ε handed to the scheduler, composed from the UNet (:meth:`PSLDPipeline._unet_eps`, the one place where
+* the ε handed to the scheduler, composed from the UNet (``PSLDPipeline._unet_eps``, the one place where
   the network output becomes ε), classifier-free guidance, classifier guidance (PSLD Eq. 13-14) and the Tweedie
   inpainting correction: :mod:`.guidance`;
 * the denoising loop, shared with :class:`~.pipeline_psld_img2img.PSLDImg2ImgPipeline`: :mod:`.denoising`;

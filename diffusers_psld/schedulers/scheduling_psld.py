@@ -230,7 +230,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Diffusers' ``from_config``, so that ``NewScheduler.from_config(pipe.scheduler.config)`` swaps between
         this package's schedulers. The shared settings (diffusion, Γ, ν, β, ε, striding, ...) carry over; the
-        ``sampler`` is chosen by :func:`choose_sampler`: an explicit ``sampler=`` keyword always wins (and is
+        ``sampler`` is chosen by ``choose_sampler``: an explicit ``sampler=`` keyword always wins (and is
         validated); otherwise the sampler this class ran when the config last passed through it (hidden key
         ``_sampler_by_class``), else the config's own one if this class runs it, else this class's default."""
         if isinstance(config, dict) and "sampler" not in kwargs:
@@ -313,7 +313,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def num_components(self) -> int:
-        """k: 1 for VP, 2 for PSLD/CLD. The state has ``k * C`` channels."""
+        """The number of components k, 1 for VP and 2 for PSLD/CLD. The state has ``k * C`` channels."""
         return self.sde.k
 
     @property

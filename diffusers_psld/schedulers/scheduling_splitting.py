@@ -15,25 +15,25 @@ probability-flow ODE, 1 for the reverse SDE), in recipe form ``-β F = β (D + Q
 Sub-flows (each one an affine map of (z, ε, ξ) with k×k float64 coefficients):
 
 * deterministic: **A** = the whole x-row (m frozen), **B** = the whole m-row (x frozen), w = ½;
-* stochastic:    **O** = x self-term + x score (weight w_x) + x noise λ_s √(2βD_xx h) ξ;
-                 **B** = whole m-row with score weight 1 and noise √(2βD_mm h) ξ;
-                 **A** = x transport -(β/2)M⁻¹ m only.
+* stochastic: **O** = x self-term + x score (weight w_x) + x noise λ_s √(2βD_xx h) ξ;
+  **B** = whole m-row with score weight 1 and noise √(2βD_mm h) ξ;
+  **A** = x transport -(β/2)M⁻¹ m only.
   λ_s (``lambda_s``) scales the x-space noise. With ``lambda_s_mode="marginal"`` (default) the x score
   weight is w_x = ½(1 + λ_s²) so the O-flow keeps the marginals for any λ_s (λ_s = 1: reverse SDE in
   x; λ_s = 0: probability flow in x); ``"scale"`` keeps w_x = 1 and only scales the noise.
 
 Schemes (``sampler``): sequences of (sub-flow, fraction of h)
 
-=============  ===================================  ===================================
-name           sequence                             model calls per step
-=============  ===================================  ===================================
-nse / rse      A(h) B(h)                            2 / 1
-nvv / rvv      B(h/2) A(h) B(h/2)                   3 / 1
-noba / roba    O(h) B(h) A(h)                       2 / 1
-nbaoab/rbaoab  B(h/2) A(h/2) O(h) A(h/2) B(h/2)     3 / 1
-cse, cvv       A(h) B(h) / B(h/2) A(h) B(h/2), conj 1
-coba           O(h) B(h) A(h), O and B conjugate    1
-=============  ===================================  ===================================
+=============  =====================================  ====================
+name           sequence                               model calls per step
+=============  =====================================  ====================
+nse / rse      A(h) B(h)                              2 / 1
+nvv / rvv      B(h/2) A(h) B(h/2)                     3 / 1
+noba / roba    O(h) B(h) A(h)                         2 / 1
+nbaoab/rbaoab  B(h/2) A(h/2) O(h) A(h/2) B(h/2)       3 / 1
+cse, cvv       A(h) B(h) / B(h/2) A(h) B(h/2), conj   1
+coba           O(h) B(h) A(h), O and B conjugate      1
+=============  =====================================  ====================
 
 * **Naive** (n…): a fresh model evaluation before every score-using sub-flow, at the current
   (partially updated) state; its time is the clock of the A sub-flow (time advances with position

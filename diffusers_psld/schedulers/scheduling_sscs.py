@@ -5,7 +5,7 @@ Each reverse step of size h is ``A(h/2) ∘ S(h) ∘ A(h/2)``: the linear part `
 with one model evaluation. How it fits the Diffusers contract:
 
 * the trailing half-step of step i and the leading half-step of step i + 1 are merged into one exact
-  transition (composition of exact Gaussian transitions), drawn inside :meth:`step`, which has the
+  transition (composition of exact Gaussian transitions), drawn inside :meth:`PSLDScheduler.step`, which has the
   user's ``generator``; ``prev_sample`` is therefore the half-stepped state that the next model call
   needs, and ``timesteps[i]`` is the time at which that call evaluates the score;
 * the leading half-step of the first step is exact without simulation: the linear part keeps the
