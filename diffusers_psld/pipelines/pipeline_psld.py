@@ -178,6 +178,7 @@ class PSLDPipeline(DiffusionPipeline):
         :meth:`diffusers.DiffusionPipeline.from_pretrained` (e.g. ``torch_dtype``, ``classifier=None``).
 
         Raises:
+            ValueError: an empty ``pretrained_model_name_or_path``.
             FileNotFoundError: a local path (absolute, ``./…``, ``~…``, or deeper than ``namespace/name``) that
                 is not a directory; or a ``namespace/name`` that is neither a local directory nor fetchable from
                 the Hub (the message names both readings and the Hub error).
@@ -185,6 +186,8 @@ class PSLDPipeline(DiffusionPipeline):
                 ``use_safetensors=False`` is passed (then loaded with ``torch.load(weights_only=True)``).
         """
         path = str(pretrained_model_name_or_path)
+        if not path.strip():
+            raise ValueError(f"`pretrained_model_name_or_path` must be a pipeline directory or a Hub repo id, got {path!r}")
         if not os.path.isdir(path):
             if _looks_like_local_path(path):
                 raise FileNotFoundError(f"`pretrained_model_name_or_path`: the directory {path!r} does not exist"
@@ -209,8 +212,10 @@ class PSLDPipeline(DiffusionPipeline):
         so loading through this class never executes the directory's ``pipeline_psld.py``."""
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
-        if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
-            config["_class_name"] = _remote_code.class_name_of(config)
+        if isinstance(config, dict):
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            where = os.path.join(where, cls.config_name) if where is not None and os.path.isdir(where) else where
+            config["_class_name"] = _remote_code.class_name_of(config, None if where is None else str(where))
         return out
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
