@@ -19,7 +19,6 @@ whatever the UNet's dtype (cast at the network boundary). Only x is returned, ma
 m on request. Inpainting's ``mask_image`` is 1 (white) where the pixel is **known / kept** -- the RePaint
 convention, the *opposite* of Stable-Diffusion inpainting.
 """
-from __future__ import annotations
 
 import glob
 import json

@@ -16,7 +16,6 @@ grid). NFE = ``num_inference_steps - begin`` (≈ ``strength · num_inference_st
 t = 1 equals the prior up to a remainder of order e⁻⁸ for the default β), so it *is* unconditional sampling,
 path by path with the same generator.
 """
-from __future__ import annotations
 
 import math
 from typing import Any, Callable, Dict, List, Optional, Union

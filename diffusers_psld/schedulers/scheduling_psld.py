@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple, Union
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -48,8 +49,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import parameterization, sampling
 from ..sde import RecipeSDE, blocks, kernels
 from ..sde.recipe import HSMKernel
-from .validation import (SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_finite, check_float_tensor,
-                         check_generator, check_real, check_steps, plain_config_values, timestep_value)
+from .validation import (SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_finite, check_float_dtype,
+                         check_float_tensor, check_generator, check_state_shape, check_real, check_steps, plain_config_values, timestep_value)
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -93,6 +94,25 @@ def time_grid(n: int, eps: float, striding: str) -> torch.Tensor:
 SAMPLER_MEMORY_KEY = "_sampler_by_class"
 
 
+def check_config_sampler(config, source: Optional[str] = None, default_class: Optional[str] = None) -> None:
+    """Refuse a config whose ``sampler`` its own class (``_class_name``, else ``default_class``) cannot run.
+
+    A *valid* sampler of another class is fine (:func:`choose_sampler` swaps it for the target's default); a
+    misspelt, differently-cased or non-string value is a ``ValueError`` naming ``source`` (the file, when known),
+    the key and the valid values. A class name outside this package accepts any sampler of the package."""
+    if "sampler" not in config:
+        return
+    from . import schedulers_by_name  # late import: the package imports this module
+
+    classes = schedulers_by_name()
+    value = config["sampler"]
+    owner = classes.get(config.get("_class_name") or default_class)
+    valid = owner._samplers if owner is not None else tuple(dict.fromkeys(n for c in classes.values() for n in c._samplers))
+    if not (isinstance(value, str) and value in valid):
+        raise ValueError(f"{source or 'scheduler config'}: `sampler` {value!r} is not a sampler of "
+                         f"{owner.__name__ if owner is not None else 'diffusers_psld'}; valid values: {list(valid)}")
+
+
 def choose_sampler(cls, config) -> dict:
     """The config ``cls.from_config`` should use (a copy) so that swapping classes never loses a sampler.
 
@@ -102,6 +122,7 @@ def choose_sampler(cls, config) -> dict:
     default stays a default: Diffusers' ``_use_default_values`` rule), else ``cls``'s default (key dropped).
     """
     config = dict(config)
+    check_config_sampler(config, default_class=cls.__name__)
     src = config.get("_class_name", cls.__name__)
     memory = dict(config.get(SAMPLER_MEMORY_KEY) or {})
     if isinstance(src, str) and src != cls.__name__ and "sampler" in config:  # crossing classes: remember
@@ -236,6 +257,18 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(config, dict) and "sampler" not in kwargs:
             config = choose_sampler(cls, config)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        """Diffusers' ``load_config``; a ``sampler`` its class cannot run is refused here, naming the file
+        (:func:`check_config_sampler`)."""
+        out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        where = str(pretrained_model_name_or_path)
+        if not os.path.isfile(where):  # a directory or a Hub id
+            where = os.path.join(where, kwargs.get("subfolder") or "", cls.config_name)
+        check_config_sampler(config, source=where, default_class=cls.__name__)
+        return out
 
     @classmethod
     def _get_compatibles(cls):
@@ -535,9 +568,11 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         ``shape`` is ``[B, k*C, ...]``; ``generator`` is None, a ``torch.Generator`` or a list of B of them
         (``TypeError`` otherwise). With the SSCS sampler this is also exact for the state the first step
         expects (the SSCS linear part keeps the prior invariant, so its leading half-step needs no simulation).
+        Raises ``ValueError`` for a shape with a non-positive or non-int size and ``TypeError`` for a ``dtype``
+        that is not a floating-point ``torch.dtype``.
         """
-        shape = tuple(shape)
-        blocks._check(torch.empty(shape[:2] + (0,)), self.num_components, "shape")
+        shape = check_state_shape(shape, self.num_components)
+        dtype = check_float_dtype(dtype)
         generator = check_generator(generator, shape[0])
         noise = randn_tensor(shape, generator=generator, device=torch.device(device) if device else None, dtype=dtype)
         return blocks.apply(self._prior_scale, noise)
