@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from diffusers_psld import PSLDImg2ImgPipeline, PSLDPipeline, PSLDScheduler, SSCSScheduler
+from diffusers_psld import PSLDImg2ImgPipeline, PSLDPipeline, PSLDScheduler, SSCSScheduler, training_record
 from diffusers_psld.models.classifier import TimeDependentClassifier
 from diffusers_psld.pipelines import remote_code
 
@@ -143,6 +143,8 @@ def test_generic_loader_on_a_freshly_trained_dir(tmp_path):
     assert (out / "pipeline_psld.py").exists()
     loaded = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(loaded) is PSLDPipeline and isinstance(loaded.scheduler, PSLDScheduler)
+    # the training script's pipeline save records what the network was trained for (no training-side code)
+    assert training_record.record_in(loaded.unet) == training_record.record_of(loaded.scheduler)
     loaded.set_progress_bar_config(disable=True)
     assert loaded(batch_size=1, num_inference_steps=2, output_type="np").images.shape[:3] == (1, 8, 8)
 

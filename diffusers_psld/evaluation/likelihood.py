@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import training_record
 from ..sampling import check_eps_projection
 from ..sde import RecipeSDE, blocks
 
@@ -103,8 +104,10 @@ def eps_model_score_fn(unet, scheduler, project_eps: Optional[bool] = None) -> S
     ``scheduler.model_output_to_eps`` and the score is ``scheduler.eps_to_score(ε, t) = -L_t^{-T} ε``.
     ``project_eps`` (default: the scheduler's ``config.project_eps``) first replaces ε by the consistent
     ε' (:meth:`PSLDScheduler.consistent_eps`), so the likelihood is that of the ODE the projected samplers
-    integrate.
+    integrate. ``ValueError`` if the scheduler contradicts the network's training record
+    (:mod:`diffusers_psld.training_record`).
     """
+    training_record.check(unet, scheduler)  # the recipe / prediction_type the network records, if any
     if project_eps is None:
         project_eps = bool(getattr(scheduler.config, "project_eps", False))
     if not isinstance(project_eps, bool):

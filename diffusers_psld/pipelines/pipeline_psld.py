@@ -35,6 +35,7 @@ from diffusers.utils import logging
 
 # Component modules must be imported so that diffusers' loader finds them in ``sys.modules``.
 from .. import inpainting as _inpainting
+from .. import training_record as _training_record
 from ..checkpoints import staged_directory as _staged_directory
 from ..models import classifier as _classifier_module  # noqa: F401
 from ..models.classifier import TimeDependentClassifier
@@ -143,6 +144,12 @@ class PSLDPipeline(DiffusionPipeline):
     components from a Hub id) and loads safetensors weights only. Saved directories carry ``pipeline_psld.py``
     and ``"_class_name": ["pipeline_psld", "<Class>"]`` (:mod:`.remote_code`), so the generic
     ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` works too.
+
+    Training record: :meth:`save_pretrained` stores the recipe, ``time_scale`` and ``prediction_type`` /
+    ``input_preconditioning`` / ``sigma_data`` the network samples with in its config (``_psld_training``,
+    :mod:`diffusers_psld.training_record`); construction, loading and every call refuse (ValueError naming both
+    values) a scheduler that contradicts it, also after ``pipe.scheduler`` is replaced. Sampler, striding,
+    ``sampling_eps`` and step count stay free; directories saved without a record load unchecked.
     """
 
     model_cpu_offload_seq = "classifier->unet"
@@ -159,6 +166,7 @@ class PSLDPipeline(DiffusionPipeline):
             raise ValueError(f"`scheduler` must be a diffusers_psld scheduler (PSLDScheduler/SSCSScheduler), got {type(scheduler).__name__}")
         # in_channels = k*C, out_channels = k*C ("epsilon") or C ("sample" / "sufficient_epsilon"): ValueError otherwise
         scheduler.check_unet(unet)
+        _training_record.check(unet, scheduler)  # the recipe / prediction_type the UNet records, if any
         if classifier is not None and classifier.config.in_channels != unet.config.in_channels:
             raise ValueError(
                 f"`classifier` must take the full state ({unet.config.in_channels} channels), got "
@@ -220,7 +228,12 @@ class PSLDPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
         """diffusers' ``save_pretrained`` into a temporary directory whose entries replace those of
         ``save_directory`` only once every file is written (:func:`~diffusers_psld.checkpoints.staged_directory`):
-        a failure, e.g. tied weights that safetensors refuses, leaves ``save_directory`` as it was."""
+        a failure, e.g. tied weights that safetensors refuses, leaves ``save_directory`` as it was.
+
+        A UNet without a training record first gets the scheduler's (:func:`diffusers_psld.training_record.stamp`:
+        ``_psld_training`` in ``unet/config.json``), so the saved network carries the recipe and
+        ``prediction_type`` it samples with; ``ValueError`` if the current scheduler contradicts an existing record."""
+        _training_record.stamp(self.unet, self.scheduler)
         if kwargs.get("push_to_hub") and "repo_id" not in kwargs:  # diffusers' default: the directory's name
             kwargs["repo_id"] = os.path.basename(os.path.normpath(os.fspath(save_directory)))
         with _staged_directory(save_directory) as staging:
@@ -290,6 +303,7 @@ class PSLDPipeline(DiffusionPipeline):
     def _check_common(self, batch_size, num_inference_steps, output_type, generator, return_momentum,
                       callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict=True):
         """Validate the arguments both pipelines share; returns ``(batch_size, steps, generator, tensor_inputs)``."""
+        _training_record.check(self.unet, self.scheduler)  # `pipe.scheduler` may have been replaced since __init__
         batch_size = _inputs.as_int(batch_size, "batch_size", 1)
         steps = _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
         _inputs.check_output_type(output_type)
