@@ -318,3 +318,21 @@ def test_bare_layout_missing_or_unknown_component_is_named(tmp_path):
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "Transformer2DModel"}')
     with pytest.raises(ValueError, match=r"`_class_name` must be one of \['NCSNppModel', 'UNet2DModel'\]"):
         fm.pipeline_sample_fn(str(tmp_path))
+
+
+@pytest.mark.parametrize("replacement, what", [(np.zeros((4, 2, 2, 1), np.uint8), r"\[4, 2, 2, 1\] uint8"),
+                                               (np.zeros((4, 4, 4, 3), np.uint8), r"\[4, 4, 4, 3\] uint8"),
+                                               (np.zeros((4, 4, 4, 1), np.float32), r"\[4, 4, 4, 1\] float32")])
+def test_a_shard_of_another_image_format_is_named(tmp_path, replacement, what):
+    """An 8×8 shard among 16×16 ones (here 2×2 among 4×4): a ShardMismatchError naming the shard, not NumPy's
+    concatenate error."""
+    d = str(tmp_path / "s")
+    fp = {"weights_sha256": {"unet/w.safetensors": "aa"}}
+    fm.generate_shards(_Counter(), d, 12, 4, base_seed=0, fingerprint=fp)
+    path = fm.shard_path(d, 1)
+    with np.load(path) as z:
+        kept = {k: z[k] for k in z.files}
+    np.savez(path, **{**kept, "images": replacement})  # same provenance, other images
+    with pytest.raises(fm.ShardMismatchError, match=rf"shard 1 \(.*shard_00001.npz\) holds images of shape {what}, "
+                                                     r"expected \[4, 4, 4, 1\] uint8 like shard 0"):
+        fm.load_shards(d, 12, 4, fingerprint=fp, base_seed=0)

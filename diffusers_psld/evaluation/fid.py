@@ -313,7 +313,8 @@ def load_shards(directory: str, num_samples: int, shard_size: int, fingerprint: 
     """Read all shards of a run: ``{"images": uint8 [N, C, H, W], "seconds": total generation seconds}``.
 
     With ``fingerprint`` and ``base_seed``, every shard's provenance must match (as in
-    :func:`generate_shards`), otherwise :class:`ShardMismatchError`.
+    :func:`generate_shards`), otherwise :class:`ShardMismatchError`. Every shard must hold uint8 ``[n, H, W, C]``
+    images (C = 1 or 3) of the first shard's size, otherwise :class:`ShardMismatchError` naming the shard.
     """
     sizes = shard_plan(num_samples, shard_size)
     imgs, secs = [], 0.0
@@ -329,8 +330,18 @@ def load_shards(directory: str, num_samples: int, shard_size: int, fingerprint: 
             if diffs:
                 raise ShardMismatchError(f"shard {i} ({path}) was generated with other settings: " + "; ".join(diffs[:20]))
         with np.load(path, allow_pickle=False) as f:
-            imgs.append(f["images"])
+            images = f["images"]
             secs += float(f["seconds"])
+        # every shard must hold uint8 [n, H, W, C] images of the first shard's size (one image format per run)
+        first = imgs[0].shape[1:] if imgs else None
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3) \
+                or (first is not None and images.shape[1:] != first):
+            want = f"[{size}, {first[0]}, {first[1]}, {first[2]}] uint8 like shard 0" if first is not None else \
+                f"uint8 [{size}, H, W, C] with C = 1 or 3"
+            raise ShardMismatchError(
+                f"shard {i} ({path}) holds images of shape {list(images.shape)} {images.dtype}, expected {want}: the "
+                "folder mixes runs of different image formats; use a new output directory or delete the shard")
+        imgs.append(images)
     arr = np.concatenate(imgs)
     return {"images": torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), "seconds": secs}
 
