@@ -157,6 +157,9 @@ class PSLDPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "sample", "pred_original_sample"]
     #: diagnostics of the last call with ``inpaint_correction="tweedie"`` (one ``TweedieInfo`` per model call), else None
     inpaint_info = None
+    #: largest ``image`` / ``latents`` size per side, as a multiple of the UNet's ``sample_size`` (ValueError beyond;
+    #: ``None``: unbounded). A step's cost grows faster than the pixel count (attention); see ``inputs.MAX_SIZE_FACTOR``
+    max_size_factor: Optional[float] = _inputs.MAX_SIZE_FACTOR
 
     def __init__(self, unet: Union[UNet2DModel, NCSNppModel], scheduler: PSLDScheduler,
                  classifier: Optional[Union[TimeDependentClassifier, NCSNppClassifier]] = None):
@@ -427,7 +430,8 @@ class PSLDPipeline(DiffusionPipeline):
                 class-conditional, else `"classifier"`.
             image (PIL / NumPy ``[B,H,W,C]`` / tensor ``[B,C,H,W]`` in [0, 1], *optional*): known image for
                 inpainting (1 or `batch_size` images; its size sets the output size and must be divisible by
-                the UNet's downsampling factor; sizes beyond 4x / below 1/4 of ``sample_size`` log a warning).
+                the UNet's downsampling factor; sizes beyond 4x / below 1/4 of ``sample_size`` log a warning, beyond
+                ``pipe.max_size_factor`` (8x per side by default) are refused: set it to None to lift the bound).
             mask_image (PIL "L" / NumPy / tensor in [0, 1], *optional*): **1 = keep (known), 0 = generate**
                 (opposite of Stable-Diffusion inpainting); binarised at 0.5; shape ``[H, W]``, ``[B, H, W]``
                 or ``[B, 1, H, W]``.
@@ -483,11 +487,11 @@ class PSLDPipeline(DiffusionPipeline):
         x_known = mask = None
         if image is not None:
             x_known = _inputs.prepare_image(image, C, batch_size, device)
-            _inputs.check_spatial_size(tuple(x_known.shape[-2:]), self.unet, "image")
+            _inputs.check_spatial_size(tuple(x_known.shape[-2:]), self.unet, "image", self.max_size_factor)
             mask = _inputs.prepare_mask(mask_image, x_known, device)
         if latents is not None:
             z = _inputs.check_latents(latents, batch_size, k * C, device, None if x_known is None else x_known.shape[-2:])
-            _inputs.check_spatial_size(tuple(z.shape[-2:]), self.unet, "latents")
+            _inputs.check_spatial_size(tuple(z.shape[-2:]), self.unet, "latents", self.max_size_factor)
             hw = tuple(z.shape[-2:])
         else:
             hw = self._sample_hw() if x_known is None else tuple(x_known.shape[-2:])

@@ -137,7 +137,7 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         k, C = self.num_components, self.data_channels
         x0 = _inputs.prepare_image(image, C, batch_size, device)
         hw = tuple(x0.shape[-2:])
-        _inputs.check_spatial_size(hw, self.unet, "image")
+        _inputs.check_spatial_size(hw, self.unet, "image", self.max_size_factor)
         _inputs.check_batch_memory(batch_size, k * C, hw, device)
         eps_fn, add_classifier_guidance = self._guided_eps_fn(
             class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
