@@ -30,6 +30,7 @@ FILE_STEM = "pipeline_psld"
 #: the package's pipeline classes the file resolves; the first is its one module member (``custom_pipeline=``)
 PIPELINE_CLASSES = ("PSLDPipeline", "PSLDImg2ImgPipeline")
 
+#: the text of the file (identical to the repository's ``pipelines/pipeline_psld.py``)
 SOURCE = '''"""Hub custom-pipeline entry point for diffusers-psld checkpoints (written by ``save_pretrained``).
 
 ``model_index.json`` names this file (``"_class_name": ["pipeline_psld", "<Class>"]``), so the generic loader

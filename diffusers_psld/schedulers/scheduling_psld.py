@@ -261,7 +261,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def load_config(cls, pretrained_model_name_or_path=None, *args, **kwargs):
         """Diffusers' ``load_config``; a ``sampler`` its class cannot run is refused here, naming the file
-        (:func:`check_config_sampler`)."""
+        (``check_config_sampler``)."""
         out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
         where = str(pretrained_model_name_or_path)
