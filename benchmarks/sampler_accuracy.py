@@ -52,7 +52,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: E402
 
 from diffusers_psld.ode import probability_flow_sample  # noqa: E402
-from diffusers_psld.schedulers.scheduling_conjugate import ConjugateScheduler  # noqa: E402
+from diffusers_psld.sde import blocks  # noqa: E402
+from diffusers_psld.schedulers.scheduling_conjugate import ConjugateScheduler, gddim_transition  # noqa: E402
 from diffusers_psld.schedulers.scheduling_gddim import GDDIMMultistepScheduler  # noqa: E402
 from diffusers_psld.schedulers.scheduling_psld import PSLDScheduler  # noqa: E402
 from diffusers_psld.schedulers.scheduling_splitting import SplittingScheduler  # noqa: E402
@@ -172,6 +173,9 @@ def run_psld_scheduler(sched, data, nfe, n, seed):
     sde = sched.sde
     g = torch.Generator().manual_seed(seed)
     z = sched.sample_prior((n, 2 * data.d), generator=g, dtype=torch.float64)
+    t0 = float(sched.exact_timesteps[0])
+    if t0 < 1.0:  # a schedule that starts below t = 1: the data-free flow Ψ(t0, 1) of the prior draw
+        z = blocks.apply(gddim_transition(sde, [t0], [1.0])[0], z)
     calls = 0
     for t in sched.timesteps:
         kern = sde.hsm_kernel(float(t))

@@ -215,6 +215,14 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         disable_corrector (`list` of `int`, *optional*): call indices i whose result is not corrected (as
             Diffusers' UniPC `disable_corrector`; e.g. `[0, 1, 2]` under strong guidance). Ignored unless
             `corrector="unic"`.
+        analytic_first_step (`bool`, defaults to False): for a schedule whose first time t_0 is below 1 (a σ_max
+            below σ(1)), the first step from the prior at t = 1 to t_0 is taken without a model evaluation at t = 1
+            (AMED's "analytical first step", Zhou et al. 2024, in data-prediction form): the state handed to the
+            first call must be the data-free flow Ψ(t_0, 1) z_1 of a prior draw z_1 (law N(0, Ψ A⁻¹ Ψᵀ) ≈
+            N(0, Σ_{t_0}), the kernel marginal of x₀ = 0), and that call adds (a_{t_0} - Ψ(t_0, 1) a_1) x̂₀(t_0):
+            the step's x̂₀ node is t_0, the first evaluation (exact for point-mass data, tested). Saves the
+            evaluation at t = 1, where x̂₀ is nearly the data mean. Only for a loop that starts at call 0; no
+            effect when t_0 = 1.
     """
 
     @register_to_config
@@ -244,6 +252,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         quadrature_nodes: int = 16,
         corrector: Literal["none", "unic"] = "none",
         disable_corrector: Optional[List[int]] = None,
+        analytic_first_step: bool = False,
     ):
         self._setup()
 
@@ -264,6 +273,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             raise ValueError(f"`disable_corrector` must be a list of call indices (ints >= 0) or None, got {dc!r}")
         if cfg.interpolation not in INTERPOLATIONS:
             raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}")
+        if not isinstance(cfg.analytic_first_step, bool):
+            raise ValueError(f"`analytic_first_step` must be a bool, got {cfg.analytic_first_step!r}")
         if not isinstance(cfg.lower_order_final, bool):
             raise ValueError(f"`lower_order_final` must be a bool, got {cfg.lower_order_final!r}")
         if cfg.time_spacing not in TIME_SPACINGS:
@@ -276,6 +287,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         super()._setup()
         self._history: List[torch.Tensor] = []
         self._corrected_from = None  # (call index, state it started from) for the corrector
+        self._afs = None  # analytic first step weight (set by set_timesteps)
 
     def _grid(self, n: int) -> torch.Tensor:
         cfg = self.config
@@ -306,6 +318,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         self._psi, self._W = torch.cat([psi, psi0]), torch.cat([W, W0])
         self._Wc = Wc  # [n - 1, order + 1, k] (None without corrector): corrects the state step i produced
         self._orders_used = orders + [1]
+        self._afs = self._analytic_first_step_weight(ts)
         # for warm-ups from a begin index
         self._grid_times, self._full = ts, (self._W, self._Wc, list(self._orders_used))
         # the step tables hold the first-order (gDDIM) affine map z' = P z + R ε (used for x̂₀, guidance's L_t)
@@ -315,6 +328,16 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         w0 = self._W[:, 0, :, None] * wv[:, None, :]  # W_{i,0} wᵀ  [n, k, k]
         P, R = self._psi + w0, -w0 @ kern.chol
         return [_Calls([_AFFINE] * n, times[:-1].tolist(), P, R, None, (times[:-1] - times[1:]).tolist())]
+
+    def _analytic_first_step_weight(self, ts):
+        """``c = a_{t_0} - Ψ(t_0, 1) a_1`` (float64 k-vector) for ``analytic_first_step`` when the grid starts at
+        t_0 < 1, else None: the first-order step 1 → t_0 whose x̂₀ node is t_0 adds ``c x̂₀(t_0)`` to the data-free
+        flow Ψ(t_0, 1) z_1 of the prior draw."""
+        t0 = float(ts[0])
+        if not self.config.analytic_first_step or t0 >= 1.0:
+            return None
+        a = self.sde.hsm_kernel(torch.tensor([t0, 1.0], dtype=torch.float64)).mean_coef
+        return a[0] - gddim_transition(self.sde, [t0], [1.0])[0] @ a[1]
 
     def _weights(self, ts, orders):
         """Ψ, predictor weights W ``[n, max(3, order), k]`` and (``corrector="unic"``) corrector weights Wc
@@ -399,6 +422,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         p = self._orders_used[i]
         if len(self._history) < p:  # not reachable through step(): the warm-up lowers the order
             raise RuntimeError(f"call {i} needs {p} past x̂₀ values, the loop has {len(self._history)}")
+        if i == 0 and self._afs is not None and self._run_start == 0:  # analytic first step 1 -> t_0
+            z = z + torch.cat([float(c) * x0 for c in self._afs], dim=1).to(work)
         if self._corrects(i):  # UniC: redo step i - 1 with x̂₀ at its end point among the nodes
             z = self._combine(psi[i - 1], self._corrected_from[1], Wc[i - 1], self._orders_used[i - 1] + 1)
         if self.config.corrector == "unic":
