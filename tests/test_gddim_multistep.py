@@ -69,13 +69,23 @@ def test_step_exact_for_polynomial_x0_vs_ode_solve(name, interp, corr):
             assert np.abs(pred - sol.y[:, -1]).max() > 1e-6
 
 
-def _point_mass_error(n, **kw):
+def _start_below_one(sched, t0):
+    """Private grid hook (until the public ``timesteps=`` API): the default power grid squeezed onto [eps, t0]."""
+    eps = sched.config.sampling_eps
+    sched._grid = lambda m: eps + (t0 - eps) * (spacing_grid(sched.sde, m, eps, "power", 2.5) - eps) / (1 - eps)
+
+
+def _point_mass_error(n, t0=1.0, **kw):
     sched = GDDIMMultistepScheduler(**kw)
     sde = sched.sde
+    if t0 < 1:
+        _start_below_one(sched, t0)
     sched.set_timesteps(n)
     c = 0.7
     z = torch.tensor([[0.3], [-0.4]], dtype=torch.float64)[None]
     z_start = z[0, :, 0].clone()
+    if t0 < 1:  # the state handed to the first call: the data-free flow of the prior draw
+        z = (gddim_transition(sde, [t0], [1.0])[0] @ z_start)[None, :, None]
     for t in sched.exact_timesteps:  # float64 times: the kernel below must be the scheduler's
         k = sde.hsm_kernel(float(t))
         eps = torch.linalg.solve(k.chol, z[0, :, 0] - k.mean_coef * c)
@@ -92,6 +102,55 @@ def test_exact_on_point_mass_data(order, corrector):
         assert _point_mass_error(n, solver_order=order, corrector=corrector) < 1e-10, n
     assert _point_mass_error(6, solver_order=order, interpolation="logsnr", time_spacing="logsnr",
                              corrector=corrector) < 1e-10
+    for n in (2, 5):  # analytic first step from t = 1 to t_0 = 0.3 (no evaluation at t = 1)
+        assert _point_mass_error(n, t0=0.3, solver_order=order, corrector=corrector, analytic_first_step=True) < 1e-10
+    assert _point_mass_error(5, t0=0.3, solver_order=order, corrector=corrector) > 1e-3  # without it: off
+
+
+def test_analytic_first_step_local_error():
+    """Gaussian data, exact ε: the state after the first call of a run that starts at t_0 = 1 - h (the analytic
+    step 1 → t_0 with x̂₀ at t_0, then a first-order step to t_0 - h/2) has local error O(h²) or better; the
+    data-free start without it misses the mean a_{t_0} E[x₀]. With t_0 = 1 the option changes nothing."""
+    mu, s0sq = 0.7, 0.25
+
+    def first_call_error(h, afs):
+        s = GDDIMMultistepScheduler(solver_order=1, analytic_first_step=afs)
+        sde = s.sde
+        t0 = 1.0 - h
+        s._grid = lambda m: torch.cat([torch.tensor([t0], dtype=torch.float64),
+                                       (t0 - 0.5 * h) * spacing_grid(sde, m - 1, 1e-3, "power", 2.0)[:-1],
+                                       torch.tensor([1e-3], dtype=torch.float64)])
+        s.set_timesteps(6)
+        ts = s.exact_timesteps
+
+        def marginal(t):
+            kern = sde.hsm_kernel(float(t))
+            return kern.mean_coef * mu, torch.outer(kern.mean_coef, kern.mean_coef) * s0sq + kern.cov, kern
+
+        m1, c1, _ = marginal(1.0)
+        z = torch.cat([m1[None], torch.linalg.cholesky(c1).T], 0)[..., None]
+        z = torch.einsum("ij,bjn->bin", gddim_transition(sde, [ts[0].item()], [1.0])[0], z)  # data-free flow
+        m, c, kern = marginal(ts[0])
+        shift = torch.zeros(3, 2, dtype=torch.float64)
+        shift[0] = m
+        eps = (z[..., 0] - shift) @ torch.linalg.solve(c, kern.chol)
+        z = s.step(eps[..., None], ts[0], z).prev_sample
+        me, ce, _ = marginal(ts[1])
+        return max((z[0, :, 0] - me).abs().max().item(), (z[1:, :, 0].T @ z[1:, :, 0] - ce).abs().max().item())
+
+    e = [first_call_error(h, True) for h in (0.2, 0.1, 0.05)]
+    assert all(np.log2(e[i] / e[i + 1]) > 1.8 for i in range(2)), e
+    assert all(x < 0.05 * first_call_error(h, False) for x, h in zip(e, (0.2, 0.1, 0.05)))
+    z0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = []
+    for afs in (False, True):
+        s = GDDIMMultistepScheduler(analytic_first_step=afs)
+        s.set_timesteps(6)
+        z = z0
+        for t in s.timesteps:
+            z = s.step(0.1 * z + 0.05 * torch.sin(3 * z), t, z).prev_sample
+        outs.append(z)
+    assert s._afs is None and torch.equal(outs[0], outs[1])
 
 
 def _law_error(sched, n, mu=0.7, s0sq=0.25):
@@ -290,7 +349,8 @@ def test_nfe_reproducible_and_begin_index():
                                      (dict(corrector="unipc"), "corrector"), (dict(corrector=True), "corrector"),
                                      (dict(disable_corrector=3), "disable_corrector"),
                                      (dict(disable_corrector=[-1]), "disable_corrector"),
-                                     (dict(disable_corrector=[True]), "disable_corrector")])
+                                     (dict(disable_corrector=[True]), "disable_corrector"),
+                                     (dict(analytic_first_step="yes"), "analytic_first_step")])
 def test_validation(kw, name):
     with pytest.raises(ValueError, match=name):
         GDDIMMultistepScheduler(**kw)
