@@ -76,3 +76,39 @@ def test_cli_subset_run_writes_table_goal_check_and_plot(tmp_path):
     md = (tmp_path / "sampler_accuracy_t.md").read_text()
     assert "fresh sampling seeds" in md and "| Gaussian mixture | 6 | gDDIM multistep 3M (defaults) |" in md
     assert (tmp_path / "sampler_accuracy_t.png").stat().st_size > 1000
+
+
+def test_low_nfe_sweep_schedules_and_cells(tmp_path):
+    """The sweep's time grids (power in t, log-SNR uniform, EDM ρ in σ; start at σ_max below t = 1), a cell with the
+    analytic first step through the driver, UniPC on a σ list, and the band lookup of the selected configuration."""
+    import json
+
+    import numpy as np
+
+    import low_nfe_sweep as lns
+
+    sde = PSLDScheduler().sde
+    t0 = float(lns.time_of_sigma(sde, 10.0)[0])
+    assert abs(lns.sigma_of(sde, t0)[0] - 10.0) < 1e-9
+    for grid in lns.GRIDS:
+        ts = lns.schedule(sde, 6, 0.02, grid, t0).numpy()
+        assert len(ts) == 7 and ts[0] == t0 and ts[-1] == 0.02 and np.all(np.diff(ts) < 0)
+    ls = np.log(lns.sigma_of(sde, lns.schedule(sde, 6, 0.02, "logsnr").numpy()))
+    np.testing.assert_allclose(np.diff(ls), np.full(6, (ls[-1] - ls[0]) / 6), rtol=1e-8)
+    r = lns.sigma_of(sde, lns.schedule(sde, 6, 0.02, "edm7").numpy()) ** (1 / 7)
+    np.testing.assert_allclose(np.diff(r), np.full(6, (r[-1] - r[0]) / 6), rtol=1e-8)
+    rm, *_ = _tiny(d=4)
+    ref = rm.sample(200, seed=1)
+    cfg = dict(solver_order=3, corrector="unic", grid="power1.5", t_min=0.05, start="sigma10")
+    sched = lns.make_scheduler(cfg)
+    assert sched.config.analytic_first_step and sched.config.sampling_eps == 0.05
+    x = sa.run_psld_scheduler(sched, rm, 5, 200, seed=2)
+    assert abs(lns.sigma_of(sched.sde, float(sched.exact_timesteps[0]))[0] - 10.0) < 1e-8
+    assert torch.all(torch.isfinite(x)) and sa.frechet(x, ref) < 1.0
+    x = lns.run_vp_sigmas(lambda: sa.UniPCMultistepScheduler(), rm, [10.0, 3.0, 1.0, 0.3, 0.1], 200, 2)
+    assert torch.all(torch.isfinite(x)) and sa.frechet(x, ref) < 1.0
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"selected": {"5": {**cfg, "key": "a"}, "10": {**cfg, "t_min": 0.02, "key": "b"}}}))
+    assert sa.low_nfe_config(4, str(path))["t_min"] == 0.05 and sa.low_nfe_config(8, str(path))["t_min"] == 0.05
+    assert sa.low_nfe_config(50, str(path)) == {**cfg, "t_min": 0.02}
+    assert sa.low_nfe_config(5, str(tmp_path / "missing.json")) is None
