@@ -61,6 +61,7 @@ STARTS = {"prior": None, "sigma30": 30.0, "sigma10": 10.0}
 FACTORS = {"solver_order": (2, 3, 4), "corrector": ("none", "unic"), "grid": tuple(GRIDS), "t_min": (1e-3, 0.02, 0.05),
            "start": tuple(STARTS)}
 GOAL_SEEDS = (1000, 1001, 1002, 1003, 1004)
+SELECTED = "PSLD gDDIM, selected configuration"
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -107,17 +108,21 @@ def make_scheduler(cfg: dict) -> GDDIMMultistepScheduler:
     """A PSLD gDDIM scheduler for a sweep cell; the grid (and a start below t = 1) through the private ``_grid``."""
     cfg = dict(cfg)
     grid, t_min, start = cfg.pop("grid"), cfg.pop("t_min"), cfg.pop("start")
+    afs = cfg.pop("analytic_first_step", True)  # False: the same data-free start without the analytic first step
     cfg.setdefault("lower_order_final", False)
-    sched = GDDIMMultistepScheduler(sampling_eps=t_min, analytic_first_step=STARTS[start] is not None, **cfg)
+    sched = GDDIMMultistepScheduler(sampling_eps=t_min, analytic_first_step=afs and STARTS[start] is not None, **cfg)
     t0 = 1.0 if STARTS[start] is None else float(time_of_sigma(sched.sde, STARTS[start])[0])
     sched._grid = lambda m: schedule(sched.sde, m, t_min, grid, t0)  # private hook until `timesteps=` lands
     return sched
 
 
 # ---------------------------------------------------------------------------------------------- VP on a σ schedule
-def run_vp_sigmas(make, data, sigmas, n, seed):
+def run_vp_sigmas(make, data, sigmas, n, seed, analytic_first_step=False):
     """A Diffusers VP multistep scheduler on the σ list ``sigmas`` (descending, then the jump to σ = 0), driven by the
-    exact VP ε at each σ (ᾱ = 1/(1 + σ²)); the state starts data-free, N(0, σ_max²/(1 + σ_max²))."""
+    exact VP ε at each σ (ᾱ = 1/(1 + σ²)); the state starts data-free, N(0, σ_max²/(1 + σ_max²)). With
+    ``analytic_first_step`` the first call adds α_0 x̂₀ to the state (the data term the data-free start lacks, as
+    ``GDDIMMultistepScheduler(analytic_first_step=True)`` does; VP's a_1 ≈ 0 at σ = ∞) and hands the scheduler
+    the ε with the same x̂₀ at the shifted state, ε' = x/σ_0 (VP σ of the state, √(1 - ᾱ))."""
     sched = make()
     N = len(sigmas)
     sched.set_timesteps(N)
@@ -129,6 +134,10 @@ def run_vp_sigmas(make, data, sigmas, n, seed):
     for i, t in enumerate(sched.timesteps):
         abar = torch.tensor(1.0 / (1.0 + float(sigmas[i]) ** 2), dtype=torch.float64)
         eps = data.eps(x, abar.sqrt().reshape(1), (1 - abar).reshape(1, 1), (1 - abar).sqrt().reshape(1, 1))
+        if i == 0 and analytic_first_step:
+            x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+            eps = x / (1 - abar).sqrt()
+            x = x + abar.sqrt() * x0
         x = sched.step(eps, t, x).prev_sample
     return x
 
@@ -209,13 +218,22 @@ def goal_check(digits, nfes, selected, n, log):
         sched = make_scheduler(cfg)
         sched.set_timesteps(nfe)
         sig = sigma_of(sched.sde, sched.exact_timesteps.numpy())  # the NFE evaluation σ's (last: σ_min)
-        makers = {f"PSLD gDDIM {key(cfg)}": lambda sd: sa.run_psld_scheduler(make_scheduler(cfg), digits, nfe, n, sd)}
+        makers = {SELECTED: lambda sd: sa.run_psld_scheduler(make_scheduler(cfg), digits, nfe, n, sd),
+                  "PSLD gDDIM, the same without the analytic first step (data-free start at σ_max)":
+                      lambda sd: sa.run_psld_scheduler(make_scheduler({**cfg, "analytic_first_step": False}), digits,
+                                                       nfe, n, sd),
+                  "PSLD gDDIM 3M, package defaults": lambda sd: sa.run_psld_scheduler(GDDIMMultistepScheduler(),
+                                                                                      digits, nfe, n, sd),
+                  "PSLD gDDIM 3M + UniC, other settings default": lambda sd: sa.run_psld_scheduler(
+                      GDDIMMultistepScheduler(corrector="unic"), digits, nfe, n, sd)}
         for vname, make in (("UniPC", sa.VP_SCHEDULERS["UniPC"]), ("DPM-Solver++ 2M", sa.VP_SCHEDULERS["DPM-Solver++ 2M"])):
             best = min(("linspace", "trailing"),
                        key=lambda sp: sa.frechet(sa.run_vp(make(sp), digits, nfe, n, 7), ref))
             makers[f"VP {vname} (stock schedule, {best})"] = (lambda m, sp: lambda sd: sa.run_vp(m(sp), digits, nfe, n, sd))(make, best)
         makers["VP UniPC on the PSLD row's σ schedule"] = lambda sd: run_vp_sigmas(
             lambda: UniPCMultistepScheduler(), digits, sig, n, sd)
+        makers["VP UniPC on the PSLD row's σ schedule, with the analytic first step"] = lambda sd: run_vp_sigmas(
+            lambda: UniPCMultistepScheduler(), digits, sig, n, sd, analytic_first_step=True)
         makers["VP DPM-Solver++ 2M on the PSLD row's σ schedule"] = lambda sd: run_vp_sigmas(
             lambda: DPMSolverMultistepScheduler(solver_order=2), digits, sig, n, sd)
         makers["noise floor (true vs true)"] = lambda sd: digits.sample(n, seed=sd)
@@ -252,23 +270,24 @@ def write_report(path, command, machine, wall, nfes, res, extra, selected, goals
     if goals:
         md.append("\n### Goal check: digits KDE, 5 fresh sampling seeds, FD mean ± s.d.\n")
         names = list(next(iter(goals.values()))["rows"])
-        md.append("| row | " + " | ".join(f"NFE {nfe}" for nfe in goals) + " |\n|---|" + "---|" * len(goals))
-        for nm in names:
-            label = "PSLD gDDIM, selected configuration" if nm.startswith("PSLD") else nm
-            cells = []
-            for nfe, g in goals.items():
-                r = g["rows"].get(nm) or next(v for kk, v in g["rows"].items() if kk.startswith("PSLD") and nm.startswith("PSLD"))
-                cells.append(f"{np.mean(r['fd']):.3g} ± {np.std(r['fd'], ddof=1):.2g}")
-            md.append(f"| {label} | " + " | ".join(cells) + " |")
+        for metric, label in (("fd", "FD"), ("sw", "sliced W2")):
+            md.append(f"\n{label}, mean ± s.d. over the 5 seeds:\n")
+            md.append("| row | " + " | ".join(f"NFE {nfe}" for nfe in goals) + " |\n|---|" + "---|" * len(goals))
+            for nm in names:
+                cells = [f"{np.mean(g['rows'][nm][metric]):.3g} ± {np.std(g['rows'][nm][metric], ddof=1):.2g}"
+                         for g in goals.values()]
+                md.append(f"| {nm} | " + " | ".join(cells) + " |")
         md.append("")
         for nfe, g in goals.items():
-            rows = g["rows"]
-            psld = np.array(next(v["fd"] for kk, v in rows.items() if kk.startswith("PSLD")))
-            floor = np.array(rows["noise floor (true vs true)"]["fd"])
-            uni = np.array(next(v["fd"] for kk, v in rows.items() if kk.startswith("VP UniPC (stock")))
+            rows = {nm: np.mean(v["fd"]) for nm, v in g["rows"].items()}
+            floor = rows["noise floor (true vs true)"]
+            uni = next(v for kk, v in rows.items() if kk.startswith("VP UniPC (stock"))
+            same = rows["VP UniPC on the PSLD row's σ schedule, with the analytic first step"]
             md.append(f"* NFE {nfe} (`{g['selected']}`; σ: {', '.join(f'{s:.3g}' for s in g['sigmas'])}): PSLD "
-                      f"{psld.mean():.3g} = {psld.mean() / floor.mean():.2f} × floor ({floor.mean():.3g}); "
-                      f"{psld.mean() / uni.mean():.2f} × Diffusers' UniPC ({uni.mean():.3g}).")
+                      f"{rows[SELECTED]:.3g} = {rows[SELECTED] / floor:.2f} × floor ({floor:.3g}); "
+                      f"{rows[SELECTED] / uni:.2f} × Diffusers' UniPC on its stock schedule ({uni:.3g}); "
+                      f"{rows[SELECTED] / same:.2f} × UniPC on the same σ schedule with the analytic first step "
+                      f"({same:.3g}).")
     for dname in ("digits", "mixture"):
         md.append(f"\n## {dname}: effect of each factor (best FD over all other factors; full factorial cells)\n")
         md.append(factor_table(res[dname], nfes, configs))
@@ -299,6 +318,8 @@ def main(argv=None):
     p.add_argument("--nfes", default="5,8,10,20")
     p.add_argument("--top", type=int, default=5, help="cells per NFE re-run with lower_order_final / logsnr")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--goal_only", action="store_true",
+                   help="keep the cells and the selection of the saved JSON; re-run only the goal check")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     nfes = [int(x) for x in args.nfes.split(",")]
@@ -312,6 +333,24 @@ def main(argv=None):
         lines.append(msg)
 
     mixture, digits = sa.make_mixture(), sa.make_digits_kde()
+    suffix = "_quick" if args.quick else ""
+    path = os.path.join(args.out, f"low_nfe_sweep{suffix}")
+    if args.goal_only:
+        with open(path + ".json") as f:
+            saved = json.load(f)
+        nfes = [int(x) for x in saved["selected"]]
+        res = {d: {int(k): {kk: tuple(v) for kk, v in r.items()} for k, r in c.items()} for d, c in saved["cells"].items()}
+        extra = {d: {int(k): {kk: tuple(v) for kk, v in r.items()} for k, r in c.items()} for d, c in saved["refined"].items()}
+        selected = {int(k): {kk: v for kk, v in c.items() if kk != "key"} for k, c in saved["selected"].items()}
+        goals = goal_check(digits, nfes, selected, n_dig, log)
+        wall = saved["wall_s"] + time.time() - t_start
+        write_report(path, saved["command"] + "; goal check re-run with --goal_only", machine(), wall, nfes, res, extra,
+                     selected, goals, configs, n_mix, n_dig)
+        saved.update(goal={str(nfe): g for nfe, g in goals.items()}, wall_s=wall, log=saved["log"] + lines,
+                     command=saved["command"] + "; then --goal_only")
+        with open(path + ".json", "w") as f:
+            json.dump(saved, f, indent=1)
+        return
     sets = {"mixture": (mixture, mixture.sample(n_mix, seed=303), n_mix, 404),
             "digits": (digits, digits.sample(n_dig, seed=101), n_dig, 7)}
     res, extra = {}, {}
@@ -333,8 +372,6 @@ def main(argv=None):
         selected[nfe] = parse_key(k, configs)
         log(f"selected at NFE {nfe}: {k}")
     goals = goal_check(digits, nfes, selected, n_dig, log) if not args.quick else {}
-    suffix = "_quick" if args.quick else ""
-    path = os.path.join(args.out, f"low_nfe_sweep{suffix}")
     cmd = "OMP_NUM_THREADS=1 nice -n 5 python benchmarks/low_nfe_sweep.py" + (
         " " + shlex.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     wall = time.time() - t_start
