@@ -82,7 +82,7 @@ def _point_mass_error(n, t0=1.0, **kw):
         _start_below_one(sched, t0)
     sched.set_timesteps(n)
     c = 0.7
-    z = torch.tensor([[0.3], [-0.4]], dtype=torch.float64)[None]
+    z = torch.tensor([[0.3], [-0.4]], dtype=torch.float64)[None, : sde.k]
     z_start = z[0, :, 0].clone()
     if t0 < 1:  # the state handed to the first call: the data-free flow of the prior draw
         z = (gddim_transition(sde, [t0], [1.0])[0] @ z_start)[None, :, None]
@@ -90,7 +90,7 @@ def _point_mass_error(n, t0=1.0, **kw):
         k = sde.hsm_kernel(float(t))
         eps = torch.linalg.solve(k.chol, z[0, :, 0] - k.mean_coef * c)
         z = sched.step(eps[None, :, None], t, z).prev_sample
-    exact = torch.tensor([c, 0.0], dtype=torch.float64) + gddim_transition(sde, [0.0], [1.0])[0] @ (
+    exact = sde.hsm_kernel(0.0).mean_coef * c + gddim_transition(sde, [0.0], [1.0])[0] @ (
         z_start - sde.hsm_kernel(1.0).mean_coef * c)
     return (z[0, :, 0] - exact).abs().max().item()
 
@@ -105,6 +105,10 @@ def test_exact_on_point_mass_data(order, corrector):
     for n in (2, 5):  # analytic first step from t = 1 to t_0 = 0.3 (no evaluation at t = 1)
         assert _point_mass_error(n, t0=0.3, solver_order=order, corrector=corrector, analytic_first_step=True) < 1e-10
     assert _point_mass_error(5, t0=0.3, solver_order=order, corrector=corrector) > 1e-3  # without it: off
+    for n in (2, 5):  # VP (k = 1)
+        assert _point_mass_error(n, diffusion="vp", solver_order=order, corrector=corrector) < 1e-10
+        assert _point_mass_error(n, t0=0.4, diffusion="vp", solver_order=order, corrector=corrector,
+                                 analytic_first_step=True) < 1e-10
 
 
 def test_analytic_first_step_local_error():
