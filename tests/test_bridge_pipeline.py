@@ -204,6 +204,12 @@ def test_save_load_round_trip_samples_identically(tmp_path, vp_pipe):
     a = vp_pipe(generator=torch.Generator().manual_seed(1), **kw).images
     b = loaded(generator=torch.Generator().manual_seed(1), **kw).images
     assert np.array_equal(a, b)
+    # the evaluation tooling (training/evaluate.py) samples the saved directory with a swapped scheduler
+    from diffusers_psld.evaluation.fid import pipeline_sample_fn
+
+    sample_fn, info = pipeline_sample_fn(str(tmp_path), scheduler="gddim", num_inference_steps=4)
+    assert info["data_channels"] == 3 and info["resolution"] == [16, 16]
+    assert sample_fn(2, torch.Generator().manual_seed(1)).shape == (2, 16, 16, 3)
 
 
 def test_to_vp_of_saved_models_round_trips(tmp_path):
