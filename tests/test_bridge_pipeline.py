@@ -266,3 +266,18 @@ def test_from_vp_bad_inputs():
         PSLDPipeline.from_vp(tiny_unet(), DDPMScheduler(), scheduler=DPMSolverMultistepScheduler())
     with pytest.raises(ValueError, match="`vp_scheduler` is required"):
         PSLDPipeline.from_vp(tiny_unet(), None)
+
+
+def test_to_vp_of_a_class_conditional_package_model():
+    """The package's class-conditional networks have a null class (last index): unconditional without labels."""
+    torch.manual_seed(0)
+    from diffusers_psld.models import build_unet
+
+    sched = PSLDScheduler(prediction_type="sufficient_epsilon")
+    pipe = PSLDPipeline(unet=build_unet("tiny", data_channels=1, num_components=2, sample_size=8, num_class_embeds=4,
+                                        out_channels=1), scheduler=sched)
+    unet, _ = pipe.to_vp(residual="zero")
+    x = torch.randn(2, 1, 8, 8)
+    null = unet(x, 300).sample
+    torch.testing.assert_close(null, unet(x, 300, class_labels=torch.tensor([3, 3])).sample)
+    assert not torch.allclose(null, unet(x, 300, class_labels=torch.tensor([0, 1])).sample)

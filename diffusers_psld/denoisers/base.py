@@ -213,13 +213,17 @@ class Denoiser(ModelMixin, ConfigMixin):
         Raises:
             TypeError: ``sample`` is not a floating-point tensor, or ``sigma`` is not real.
             ValueError: ``sample`` does not have C channels; ``sigma`` has neither 1 nor B entries or is not finite
-                and > 0; ``class_labels`` missing for a class-conditional network.
+                and > 0; ``class_labels`` missing for a class-conditional network without a null class (with one,
+                ``class_labels=None`` samples unconditionally: the null class).
         """
         y = _check_sample(sample, self.data_channels)
         sig = check_sigma(sigma, y.shape[0])
         if class_labels is None and self.num_class_embeds is not None:
-            raise ValueError(f"this {type(self).__name__}'s network is class-conditional ({self.num_class_embeds} class "
-                             "embeddings): pass `class_labels`")
+            if not self.config.null_class:
+                raise ValueError(f"this {type(self).__name__}'s network is class-conditional ({self.num_class_embeds} class "
+                                 "embeddings, no unconditional class): pass `class_labels`")
+            # unconditional: the null class (the last index)
+            class_labels = torch.full((y.shape[0],), self.num_class_embeds - 1, dtype=torch.long, device=y.device)
         work = torch.float64 if y.dtype == torch.float64 else torch.float32
         return self.denoise(y.to(work), sig, class_labels)
 

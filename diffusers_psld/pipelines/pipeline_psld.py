@@ -135,7 +135,8 @@ class PSLDPipeline(DiffusionPipeline):
     Components:
         unet (:class:`~diffusers.UNet2DModel`): ε-network with ``k*C`` input and output channels.
             Optionally class-conditional (``num_class_embeds = n_classes + 1``, last index = null class)
-            for classifier-free guidance.
+            for classifier-free guidance. Or a :class:`~diffusers_psld.denoisers.Denoiser` ``D(y; σ)`` over the
+            C data channels (a diffusers VP / EDM network wrapped by :meth:`from_vp`), which any recipe samples.
         scheduler (:class:`~diffusers_psld.PSLDScheduler` or another scheduler of this package):
             swap with e.g. ``SSCSScheduler.from_config(pipe.scheduler.config)``.
         classifier (:class:`~diffusers_psld.models.classifier.TimeDependentClassifier`, *optional*):
