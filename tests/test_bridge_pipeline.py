@@ -170,6 +170,20 @@ def test_from_vp_with_other_recipe_samplers(vp_pipe):
         assert x.shape == (1, 16, 16, 3) and np.isfinite(x).all()
 
 
+def test_from_vp_edm_and_continuous_sources():
+    from diffusers import EDMEulerScheduler
+
+    torch.manual_seed(0)
+    for source in (EDMEulerScheduler(prediction_type="v_prediction"),
+                   EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")):
+        pipe = PSLDPipeline.from_vp(tiny_unet(), source)
+        assert type(pipe.unet).__name__ == "EDMDenoiser"
+        x = pipe(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert x.shape == (1, 16, 16, 3) and np.isfinite(x).all()
+    pipe = PSLDPipeline.from_vp(ContinuousVPDenoiser(tiny_unet()), None)  # a wrapped score_sde-style network
+    assert pipe(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 16, 16, 3)
+
+
 def test_class_conditional_network_and_cfg():
     torch.manual_seed(0)
     unet = tiny_unet(num_class_embeds=4)

@@ -101,14 +101,14 @@ def test_sufficient_statistic_monte_carlo_law():
     """y of forward-kernel draws is x₀ + σ n: (y - x₀)/σ has mean 0, variance 1 and is uncorrelated with the residual."""
     sched = PSLDScheduler()
     g = torch.Generator().manual_seed(3)
-    n, t = 200_000, 0.3
+    n, t = 100_000, 0.3
     x0 = torch.randn(n, 1, 1, 1, dtype=torch.float64, generator=g)
     z = sched.add_noise(x0, torch.randn(n, 2, 1, 1, dtype=torch.float64, generator=g), t)
     y, sigma = sufficient_statistic(sched, z, t)
     e = ((y - x0) / sigma[0]).reshape(-1)
-    assert abs(float(e.mean())) < 0.01 and abs(float(e.var()) - 1) < 0.01
+    assert abs(float(e.mean())) < 0.015 and abs(float(e.var()) - 1) < 0.015  # 3.3 and 3.4 standard errors
     r = z.reshape(n, 2) - sched.sde.hsm_kernel(t).mean_coef[None] * y.reshape(n, 1)
-    assert float((r * e[:, None]).mean(0).abs().max()) < 0.01 * float(r.std(0).max())
+    assert float((r * e[:, None]).mean(0).abs().max()) < 0.015 * float(r.std(0).max())
 
 
 # ---------------------------------------------------------------------------------------------- VP sources
