@@ -120,9 +120,8 @@ def replacement_hook(scheduler, x_known: torch.Tensor, mask: torch.Tensor, gener
     fresh draw from the forward kernel at the time of the state handed to ``call_index``
     (``scheduler.state_time``; 0 after the last call, so the known data comes back exactly)."""
     def replace(z: torch.Tensor, call_index: int) -> torch.Tensor:
-        mask_k = mask  # [B or 1, 1, H, W]: broadcasts over the k*C channels (every component of every data channel)
         known = known_state(scheduler, x_known, z.shape[1], scheduler.state_time(call_index), generator)
-        return mask_k * known + (1 - mask_k) * z
+        return mask * known + (1 - mask) * z  # mask [B or 1, 1, H, W] broadcasts over all k*C channels
     return replace
 
 

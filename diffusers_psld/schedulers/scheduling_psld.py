@@ -703,7 +703,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         network wrapped by :mod:`diffusers_psld.denoisers`): the state's sufficient statistic (y, σ) goes to the
         denoiser and x̂₀ comes back as this scheduler's ``prediction_type`` (exact for the exact denoiser). See
         :func:`diffusers_psld.denoisers.bridge.denoiser_to_model_output`."""
-        from ..denoisers.bridge import denoiser_to_model_output  # late: the denoisers import the schedulers
+        from ..denoisers.bridge import denoiser_to_model_output  # late: the denoisers package imports the schedulers lazily too
 
         return denoiser_to_model_output(self, denoiser, sample, timestep, class_labels)
 
