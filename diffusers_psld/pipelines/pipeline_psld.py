@@ -268,8 +268,9 @@ class PSLDPipeline(DiffusionPipeline):
         (default :func:`~diffusers_psld.denoisers.default_vp_config`: diffusers' default linear schedule, T = 1000,
         σ ∈ [0.0100, 157.4], ``clip_sample=False``). So
         ``DDPMPipeline(unet, DPMSolverMultistepScheduler.from_config(scheduler.config))()`` samples this network, and
-        so do UniPC, DDIM and PNDM; Euler-type schedulers also work in a loop that calls ``scale_model_input`` and
-        starts from ``init_noise_sigma`` (``DDPMPipeline`` does neither; see the bridge documentation).
+        so does DDIM; UniPC and PNDM (whose ``step`` takes no ``generator``, which ``DDPMPipeline`` passes) run in the
+        standard loop, and Euler-type schedulers in a loop that calls ``scale_model_input`` and starts from
+        ``init_noise_sigma`` (``DDPMPipeline`` does neither; see the bridge documentation).
 
         Args:
             scheduler_config: entries replacing the default schedule's (e.g. ``{"num_train_timesteps": 2000}``).
