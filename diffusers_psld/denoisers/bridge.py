@@ -32,7 +32,8 @@ __all__ = ["sufficient_statistic", "denoised_to_eps", "denoiser_to_model_output"
 
 
 def _kernel(scheduler, timestep, batch: int):
-    """``(a [B, k], L [B, k, k])`` float64 at ``timestep`` (a number, a 1-element tensor or ``[B]`` times)."""
+    """``(a, L)`` float64 at ``timestep``: ``[k]``, ``[k, k]`` for one time (a number or a 1-element tensor: the step
+    table's entry when it is the current call's time), ``[B, k]``, ``[B, k, k]`` for ``[B]`` times."""
     if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
         t = timestep.detach().to("cpu", torch.float64).reshape(-1)
         if t.numel() != batch:
@@ -41,7 +42,7 @@ def _kernel(scheduler, timestep, batch: int):
         return kern.mean_coef, kern.chol
     t = float(timestep.reshape(()) if isinstance(timestep, torch.Tensor) else timestep)
     kern = scheduler.hsm_kernel_at(t)
-    return kern.mean_coef.expand(batch, -1), kern.chol.expand(batch, -1, -1)
+    return kern.mean_coef, kern.chol
 
 
 def _work(sample: torch.Tensor) -> torch.dtype:
@@ -65,8 +66,9 @@ def sufficient_statistic(scheduler, sample: torch.Tensor, timestep):
     a, L = _kernel(scheduler, timestep, B)
     c, sigma = parameterization.sufficient_statistic(a, L)
     z = sample.to(_work(sample))
-    y = torch.einsum("bj,bjn->bn", c.to(device=z.device, dtype=z.dtype), z.reshape(B, k, -1))
-    return y.reshape(B, sample.shape[1] // k, *sample.shape[2:]), sigma
+    eq = "j,bjn->bn" if c.ndim == 1 else "bj,bjn->bn"
+    y = torch.einsum(eq, c.to(device=z.device, dtype=z.dtype), z.reshape(B, k, -1))
+    return y.reshape(B, sample.shape[1] // k, *sample.shape[2:]), sigma.reshape(-1).expand(B).contiguous()
 
 
 def denoised_to_eps(scheduler, denoised: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
