@@ -399,5 +399,13 @@ def test_bad_inputs_are_named():
         RecipeDenoiser(_tiny_unet(2, 2), PSLDScheduler(), residual="mean")
     with pytest.raises(ValueError, match="out_channels=1"):  # the package's channel check for its own networks
         RecipeDenoiser(_tiny_unet(2, 1), PSLDScheduler())
+    from diffusers import UNet2DConditionModel
+
+    cond = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, cross_attention_dim=8,
+                                attention_head_dim=2)
+    with pytest.raises(ValueError, match="text/image-conditioned network"):
+        denoiser_for_scheduler(cond, DDPMScheduler())
     with pytest.raises(ValueError, match="class-conditional.*class_labels"):
         denoiser_for_scheduler(_tiny_unet(num_class_embeds=3), DDPMScheduler())(y, 1.0)

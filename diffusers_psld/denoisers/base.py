@@ -157,6 +157,10 @@ class Denoiser(ModelMixin, ConfigMixin):
         else:
             if not isinstance(unet, torch.nn.Module):
                 raise TypeError(f"`unet` must be a torch.nn.Module (e.g. a diffusers UNet2DModel), got {type(unet).__name__}")
+            if "cross_attention_dim" in network_config_of(unet):
+                raise ValueError(f"`unet` is a text/image-conditioned network ({type(unet).__name__}, called with "
+                                 "encoder_hidden_states); denoisers wrap networks called as unet(x, timestep, class_labels=None) "
+                                 "(UNet2DModel-like)")
             self.register_to_config(network_class=network_class_path(unet), network_config=network_config_of(unet))
         self.unet = unet
 
