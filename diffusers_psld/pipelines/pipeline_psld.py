@@ -12,7 +12,9 @@ Where each concern lives:
   inpainting correction: :mod:`.guidance`;
 * the denoising loop, shared with :class:`~.pipeline_psld_img2img.PSLDImg2ImgPipeline`: :mod:`.denoising`;
 * inpainting's step hook (known pixels of x **and** m replaced by a forward-kernel draw after every step) and
-  the correction's math: :mod:`diffusers_psld.inpainting`.
+  the correction's math: :mod:`diffusers_psld.inpainting`;
+* diffusers' VP / EDM networks as the ``unet`` (``from_vp``, ``from_vp_pretrained``) and this pipeline's network
+  for diffusers' samplers (``to_vp``): :mod:`.vp_bridge`, with the math in :mod:`diffusers_psld.denoisers`.
 
 Conventions: the state is ``z = [x ; m]`` (``k*C`` channels; k = 2 for PSLD/CLD, 1 for VP), kept in float32
 whatever the UNet's dtype (cast at the network boundary). Only x is returned, mapped from [-1, 1] to [0, 1];
