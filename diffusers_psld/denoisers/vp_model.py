@@ -43,8 +43,9 @@ class VPEpsilonModel(ModelMixin, ConfigMixin):
     ``[B, C, H, W]`` (the VP state x_τ) and ``timestep`` the DDPM timestep(s) τ ∈ [0, T-1] (a number, a 0-d tensor or
     ``[B]``; fractional τ interpolates log σ linearly between table entries, as the discrete wrapper and diffusers'
     Karras-σ / Heun / KDPM2 conversions do; exact at integer τ, which DDPM, DDIM, PNDM, DPM-Solver and UniPC use.
-    ``EulerDiscreteScheduler``'s default spacing gives fractional τ at which it interpolates σ itself linearly: the two
-    differ by at most 2.0 % in σ for τ ∈ [0, 1], 5.8e-4 for τ ≥ 10 and 1.3e-5 for τ ≥ 100 on the default schedule). ε̂ is
+    ``EulerDiscreteScheduler`` with ``timestep_spacing="linspace"`` passes fractional τ at which it interpolates σ
+    itself linearly: the two differ by at most 2.0 % in σ for τ ∈ [0, 1], 5.8e-4 for τ ≥ 10 and 1.3e-5 for τ ≥ 100 on
+    the default schedule; :func:`default_vp_config` keeps DDPM's ``"leading"`` spacing, integer τ throughout). ε̂ is
     computed in float64 for a float64 ``sample`` (else float32) and returned in ``sample``'s dtype. ``config`` carries
     ``in_channels`` = ``out_channels`` = C and ``sample_size`` (what ``DDPMPipeline`` reads), the schedule
     (``scheduler_config``) and the denoiser's class and config (``save_pretrained`` / ``from_pretrained`` rebuild it).
