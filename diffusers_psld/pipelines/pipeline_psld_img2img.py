@@ -28,6 +28,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import inputs as _inputs
+from . import vp_bridge as _vp_bridge
 from .denoising import denoise
 from .pipeline_psld import PSLDPipeline, PSLDPipelineOutput
 
@@ -138,7 +139,7 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         k, C = self.num_components, self.data_channels
         x0 = _inputs.prepare_image(image, C, batch_size, device)
         hw = tuple(x0.shape[-2:])
-        _inputs.check_spatial_size(hw, self.unet, "image")
+        _inputs.check_spatial_size(hw, _vp_bridge.network_of(self.unet), "image")
         _inputs.check_batch_memory(batch_size, k * C, hw, device)
         eps_fn, add_classifier_guidance = self._guided_eps_fn(
             class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)

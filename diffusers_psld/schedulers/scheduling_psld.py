@@ -698,6 +698,15 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         maps, _ = self._maps_at(timestep, work, sample.device)
         return maps.from_eps(eps.to(work), sample.to(work))
 
+    def denoiser_to_model_output(self, denoiser, sample: torch.Tensor, timestep, class_labels=None) -> torch.Tensor:
+        """The model output :meth:`step` expects when the network is a denoiser ``D(y; σ) → x̂₀`` (e.g. a diffusers VP
+        network wrapped by :mod:`diffusers_psld.denoisers`): the state's sufficient statistic (y, σ) goes to the
+        denoiser and x̂₀ comes back as this scheduler's ``prediction_type`` (exact for the exact denoiser). See
+        :func:`diffusers_psld.denoisers.bridge.denoiser_to_model_output`."""
+        from ..denoisers.bridge import denoiser_to_model_output  # late: the denoisers package imports the schedulers lazily too
+
+        return denoiser_to_model_output(self, denoiser, sample, timestep, class_labels)
+
     # ------------------------------------------------------------------ sampling
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """What the network receives for state ``sample`` ``[B, k*C, ...]`` at forward time ``timestep``
