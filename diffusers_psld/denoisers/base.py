@@ -133,7 +133,7 @@ class Denoiser(ModelMixin, ConfigMixin):
     ``sample``, else float32; the network runs in its own dtype (inputs cast at its boundary).
 
     Subclasses implement :meth:`denoise`; their ``__init__`` registers its settings with ``register_to_config`` (not
-    the decorator: the network, the first positional argument, is not config) and calls :meth:`_init_network`. Shared config
+    the decorator: the network, the first positional argument, is not config) and calls ``_init_network``. Shared config
     entries: ``network_class`` / ``network_config`` (recorded from the network; used to rebuild it on load),
     ``null_class`` (the network's last class index is an unconditional "null" class, as in this package's
     class-conditional models; classifier-free guidance needs it).
@@ -175,7 +175,7 @@ class Denoiser(ModelMixin, ConfigMixin):
 
     @property
     def data_channels(self) -> int:
-        """C: the channels of ``sample`` and of x̂₀."""
+        """The data channels C of ``sample`` and of x̂₀."""
         return int(self._network_value("in_channels")) // self._input_components
 
     @property
@@ -185,7 +185,7 @@ class Denoiser(ModelMixin, ConfigMixin):
 
     @property
     def num_class_embeds(self) -> Optional[int]:
-        """The network's number of class embeddings (None: unconditional)."""
+        """Number of class embeddings of the network, or None when it is unconditional."""
         return self._network_value("num_class_embeds")
 
     @property

@@ -22,7 +22,7 @@ useful to check a network's consistency. Measured on a small trained PSLD digits
 
 Time: σ(t) increases with t for every preset (checked on a table when the wrapper is built); VP inverts in closed form
 (``σ² = e^{B(t)} - 1``), the others by a bracketed Illinois iteration on log t started from a 2049-point log-σ
-table, to |Δ log σ| ≤ 1e-14. The state is built at the exact t(σ), also outside the training range
+table, to ``|Δ log σ| ≤ 1e-14``. The state is built at the exact t(σ), also outside the training range
 [t_min, 1] (t ∈ [1e-8, 2] is covered; beyond, t clamps), and only the network's time input is clamped to
 [t_min, 1], as the discrete VP wrapper clamps its timestep and keeps the input scale exact.
 """
@@ -120,7 +120,7 @@ class RecipeDenoiser(Denoiser):
         residual: ``"sample"`` (default; the state's residual drawn from its exact conditional law) or ``"zero"``.
         residual_seed: seed of the residual's generator (None: the global generator); :meth:`manual_seed` re-seeds,
             and ``forward(..., generator=g)`` uses another generator for one call.
-        t_min: the training time range's lower end (:data:`diffusers_psld.losses.T_MIN` = 1e-5); the network's time
+        t_min: the training time range's lower end (``diffusers_psld.losses.T_MIN`` = 1e-5); the network's time
             input is clamped to [t_min, 1].
         null_class: whether the last class index is the unconditional class (default: True for a class-conditional
             network, the package's convention).
@@ -179,7 +179,7 @@ class RecipeDenoiser(Denoiser):
         return self._inverse(sigma)
 
     def forward(self, sample, sigma, class_labels=None, generator: Optional[torch.Generator] = None):
-        """As :meth:`Denoiser.forward`; ``generator`` draws the residual for this call (default: the wrapper's own)."""
+        """As :meth:`diffusers_psld.denoisers.base.Denoiser.forward`; ``generator`` draws the residual for this call (default: the wrapper's own)."""
         self._call_generator = generator
         try:
             return super().forward(sample, sigma, class_labels)

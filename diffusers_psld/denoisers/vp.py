@@ -3,13 +3,9 @@ r"""VP (DDPM-family) networks as denoisers: a discrete diffusers schedule, or th
 A VP network sees ``x_t = √ᾱ x₀ + √(1-ᾱ) ε = √ᾱ (x₀ + σ n)`` with ``σ = √((1-ᾱ)/ᾱ)``; so for ``y = x₀ + σ n`` it
 receives ``c_in·y`` with ``c_in = √ᾱ(σ) = 1/√(1+σ²)`` and its output is read (k-diffusion's ``c_skip``/``c_out``):
 
-===================  ===============================================  =====================================
-``prediction_type``  network output                                   x̂₀
-===================  ===============================================  =====================================
-``"epsilon"``        ε                                                ``y - σ ε``
-``"v_prediction"``   v = √ᾱ ε - √(1-ᾱ) x₀                            ``c_in² y - σ c_in v``
-``"sample"``         x̂₀                                               the output
-===================  ===============================================  =====================================
+* ``prediction_type="epsilon"``: the output is ε, and ``x̂₀ = y - σ ε``;
+* ``prediction_type="v_prediction"``: the output is ``v = √ᾱ ε - √(1-ᾱ) x₀``, and ``x̂₀ = c_in² y - σ c_in v``;
+* ``prediction_type="sample"``: the output is x̂₀.
 
 A network with a learned variance (``variance_type`` ``"learned"`` / ``"learned_range"``, 2C output channels) is
 read from its first C channels.
@@ -123,7 +119,7 @@ class DiscreteVPDenoiser(Denoiser):
     Interpolation error: between two table entries the network is evaluated at a timestep it was not trained on,
     and the wrapper takes its noise level to be log-linear in τ there. A network that instead continues its table
     geometrically (ᾱ log-linear in τ: a fractional DDPM step) has, on diffusers' default linear schedule (T = 1000),
-    a noise level that differs from the wrapper's by |Δ log σ| ≤ 0.038 for τ ∈ [0, 1], ≤ 1.2e-3 for τ ≥ 10 and
+    a noise level that differs from the wrapper's by ``|Δ log σ|`` ≤ 0.038 for τ ∈ [0, 1], ≤ 1.2e-3 for τ ≥ 10 and
     ≤ 2.3e-5 for τ ≥ 100 (cosine schedule: 0.035, 9.5e-4, 2.1e-5); x̂₀ then moves by about
     ``σ |Δ log σ| |∂D/∂σ|`` (tested with exact models of both continuations). At the table's σ_τ the wrapper is exact.
     """
