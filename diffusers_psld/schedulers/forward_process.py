@@ -25,17 +25,28 @@ class ForwardProcessMixin:
     """``sample_prior``, ``add_noise``, ``hsm_kernel_at`` and the ε ↔ score maps at a forward time."""
 
     def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-        """Draw from the prior N(0, diag(masses)) per component (x ~ N(0, I), m ~ N(0, M I)).
+        """Draw the state the first call of the schedule expects.
+
+        For a schedule that starts at t = 1 (every named grid unless ``sigma_max`` is set, and before
+        ``set_timesteps``): the prior N(0, diag(masses)) per component (x ~ N(0, I), m ~ N(0, M I)). With the SSCS
+        sampler this is also exact for the state its first step expects (the SSCS linear part keeps the prior
+        invariant, so its leading half-step needs no simulation).
+
+        For a schedule that starts at t₀ < 1 (``timesteps`` / ``sigmas`` / ``sigma_max`` below σ(1), e.g. EDM's
+        σ_max = 80): the data-free kernel marginal N(0, Σ_t₀), the law of z_t₀ for x₀ = 0 (the HSM covariance at t₀;
+        diffusers' ``init_noise_sigma = σ_max`` for its "linspace" / "trailing" spacings). For data of per-pixel
+        variance v it differs from the true marginal by v·a aᵀ, relative size v/σ_t₀² (< 0.1 % for σ_t₀ = 80 and
+        v = 1). For SSCS the draw is the exact push of that law through the leading half-step's linear part.
 
         ``shape`` is ``[B, k*C, ...]``; ``generator`` is None, a ``torch.Generator`` or a list of B of them
-        (``TypeError`` otherwise). With the SSCS sampler this is also exact for the state the first step
-        expects (the SSCS linear part keeps the prior invariant, so its leading half-step needs no simulation).
+        (``TypeError`` otherwise).
         """
         shape = tuple(shape)
         blocks._check(torch.empty(shape[:2] + (0,)), self.num_components, "shape")
         generator = check_generator(generator, shape[0])
         noise = randn_tensor(shape, generator=generator, device=torch.device(device) if device else None, dtype=dtype)
-        return blocks.apply(self._prior_scale, noise)
+        scale = self._prior_scale if getattr(self, "_init_scale", None) is None else self._init_scale
+        return blocks.apply(scale, noise)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """z_t = a(t) x₀ + L_t ε from the HSM kernel p(z_t | x₀) (paper Eq. 10), for training and mid-schedule starts.

@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -61,9 +62,11 @@ from .network_boundary import NetworkBoundaryMixin
 from .step_tables import AFFINE as _AFFINE, HEUN_CORR as _HEUN_CORR, HEUN_PRED as _HEUN_PRED  # noqa: F401
 from .step_tables import CastTables as _Cast, Calls as _Calls, StepTables as _StepTables  # noqa: F401
 from .step_tables import all_finite as _all_finite, em_calls, entry_maps, pf_euler_calls, pf_heun_calls, sscs_calls
-from .time_grids import STRIDINGS, time_grid
-from .validation import (SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_float_tensor, check_generator,
-                         check_real, check_steps, plain_config_values, timestep_value)
+from .schedule_options import CUSTOM_KEYS, schedule_options
+from .time_grids import STRIDINGS, check_custom_grid, named_grid, time_grid  # noqa: F401  (time_grid re-exported)
+from .validation import (MAX_INFERENCE_STEPS, SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_float_tensor,
+                         check_generator, check_real, check_steps, plain_config_values, timestep_value)
+from ..sde.kernels import psd_cholesky
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -122,6 +125,30 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
             c_in(t) z with c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} per pixel (training uses the same function).
         sigma_data (`float`, defaults to 0.5): σ_data of ``input_preconditioning``, the per-pixel std of the data, in [1e-6, 1e6]
             (c_in z stays finite in float32; a value outside is a units error).
+        time_grid (`str`, *optional*): the time grid of ``set_timesteps(num_inference_steps)``
+            (:mod:`~diffusers_psld.schedulers.time_grids`): `"uniform"` (in t), `"power"` (t = t_lo + (t_hi - t_lo) s^ρ,
+            s uniform), `"logsnr"` (uniform in log σ_t) or `"edm"` (EDM's ρ-schedule in σ_t). `None` (default) keeps
+            the legacy `striding` (and gDDIM's `time_spacing`), which then mean what they always meant.
+        rho (`float`, *optional*): ρ of `time_grid="power"` (default 2, in (0, 8]) or `"edm"` (default 7, in (0, 1000]).
+        sigma_min (`float`, *optional*), sigma_max (`float`, *optional*): the noise levels σ_t = (aᵀΣ_t⁻¹a)^{-1/2} of
+            the last and the first grid time (default: σ(sampling_eps) and σ(1)); each within the recipe's range
+            [σ(t_min), σ(1)], t_min = min(1e-5, sampling_eps) (e.g. [8.9e-4, 257.7] for the PSLD preset, [1.0e-3, 152.2]
+            for VP).
+        final_step (`str`, defaults to `"euler"`): the final call, from the last grid time to t = 0: `"euler"` (the
+            sampler's own noiseless first-order step, as the paper's code) or `"tweedie"` (the posterior mean
+            E[z₀ | z_t] from this call's x̂₀: x = x̂₀, diffusers' `final_sigmas_type="zero"`;
+            :func:`~diffusers_psld.sampling.tweedie_step`). See :mod:`~diffusers_psld.schedulers.schedule_options`.
+        custom_timesteps (`List[float]`, *optional*), custom_sigmas (`List[float]`, *optional*): a stored custom
+            schedule (descending forward times, or noise levels σ_t with an optional trailing 0), written by
+            ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)`` so that a saved pipeline samples with it
+            again; ``set_timesteps()`` without arguments uses it.
+
+    Schedules and NFE: ``set_timesteps(num_inference_steps=N)`` builds the named grid for exactly N model calls;
+    ``set_timesteps(timesteps=[t_0, ..., t_M-1])`` / ``set_timesteps(sigmas=[σ_0, ..., σ_M-1])`` run the steps between
+    consecutive listed times and the final call at the last one, N = (M - 1)·``calls_per_step`` + 1 model calls
+    (M for single-call samplers, 2M - 1 for PF-Heun); ``len(timesteps)`` is always N (one entry per model call, as
+    ``retrieve_timesteps`` of diffusers' pipelines expects). A schedule that starts below t = 1 draws its first state
+    from the data-free kernel marginal (:meth:`sample_prior`).
 
     Swapping samplers: ``compatibles`` lists every scheduler class of this package that accepts this
     configuration (all share the ε-network and the shared arguments), and
@@ -162,7 +189,6 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
     #: names resolved in ``diffusers_psld.schedulers`` by :meth:`_get_compatibles` (Diffusers only looks in ``diffusers``)
     _compatibles: List[str] = ["PSLDScheduler", "SSCSScheduler", "ConjugateScheduler", "GDDIMMultistepScheduler",
                                "SplittingScheduler"]
-    order = 1
     #: sampler names this class runs; a subclass that adds samplers sets its own tuple and overrides
     #: :meth:`_build_calls` (see ``scheduling_conjugate.py``, ``scheduling_splitting.py``)
     _samplers: Tuple[str, ...] = SAMPLERS
@@ -189,6 +215,13 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
         input_preconditioning: bool = False,
         sigma_data: float = 0.5,
+        time_grid: Optional[Literal["uniform", "power", "logsnr", "edm"]] = None,
+        rho: Optional[float] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        final_step: Literal["euler", "tweedie"] = "euler",
+        custom_timesteps: Optional[List[float]] = None,
+        custom_sigmas: Optional[List[float]] = None,
     ):
         self._setup()
 
@@ -268,7 +301,10 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         check_real(cfg.sigma_data, "sigma_data", SIGMA_DATA_RANGE[0], high=SIGMA_DATA_RANGE[1])
         if cfg.project_eps and cfg.prediction_type == "epsilon":  # the consistent types need no check (identity)
             sampling.check_eps_projection(self.sde)
+        self._schedule = schedule_options(cfg, self.sde, *self._legacy_grid())
         self._prior_scale = torch.diag(self.sde.masses.sqrt())  # float64, CPU; cast once per draw
+        self._init_scale = None  # the first state's law when the schedule starts below t = 1 (see `sample_prior`)
+        self._custom_grid = None  # the grid `_grid` returns while `set_timesteps` builds a custom schedule
         self.init_noise_sigma = 1.0  # not used: the prior is anisotropic, see `sample_prior`
         self.num_inference_steps = None
         self.timesteps = None
@@ -290,36 +326,145 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
             raise ValueError("call `set_timesteps(num_inference_steps)` first")
         return torch.tensor(self._tables.eval_times, dtype=torch.float64)
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
-        """Build the time grid and the float64 step tables (CPU) for exactly ``num_inference_steps`` model calls.
+    @property
+    def calls_per_step(self) -> int:
+        """Model calls per step of the configured sampler: 2 for PF-Heun (predictor and corrector), else 1."""
+        return 2 if self.config.sampler == "pf_heun" else 1
 
-        ``num_inference_steps``: an int (NumPy integers accepted) in [2, ``MAX_INFERENCE_STEPS``] = [2, 100000].
-        ``timesteps`` becomes a float32 tensor on ``device`` (see the module docstring). Classes whose tables come
-        from quadratures (gDDIM, conjugate, splitting) cost about ``_setup_seconds_per_step`` per step to set up: above
-        ``_SLOW_SETUP_STEPS`` steps a warning states the expected set-up time."""
-        n = check_steps(num_inference_steps)
+    @property
+    def order(self) -> int:
+        """Diffusers' ``order``: model calls per step (:attr:`calls_per_step`; 2 for PF-Heun, as diffusers' Heun
+        schedulers). Every ``order``-th entry of ``timesteps`` starts a step, so diffusers' img2img slice
+        ``timesteps[t_start * scheduler.order:]`` begins on a step."""
+        return self.calls_per_step
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                      timesteps: Optional[List[float]] = None, sigmas: Optional[List[float]] = None):
+        """Build the time grid and the float64 step tables (CPU) for a schedule; diffusers' signature, pass one of
+        ``num_inference_steps``, ``timesteps`` or ``sigmas`` (``diffusers`` pipelines' ``retrieve_timesteps`` works).
+
+        Args:
+            num_inference_steps (`int`): exactly this many model calls on the configured named grid (``time_grid``,
+                ``sigma_min`` / ``sigma_max``); an int (NumPy integers accepted) in [2, ``MAX_INFERENCE_STEPS``] =
+                [2, 100000]. Replaces a stored custom schedule (with a warning).
+            device: where ``timesteps`` (a float32 tensor) goes; the float64 tables stay on the CPU.
+            timesteps (list / 1-D array / tensor of floats): a custom grid of forward times t_0 > ... > t_{M-1} in
+                [t_min, 1], t_min = min(1e-5, sampling_eps): steps between consecutive times, the final call at
+                t_{M-1} (``final_step``). N = (M - 1)·:attr:`calls_per_step` + 1 model calls. Stored in the config
+                (``custom_timesteps``).
+            sigmas (list / 1-D array / tensor of floats): the same grid given by its noise levels σ_t
+                (:func:`~diffusers_psld.schedulers.time_grids.noise_level`; VP / EDM / Karras σ), strictly
+                decreasing within [σ(t_min), σ(1)], mapped to times in float64. A trailing 0 (diffusers' and
+                k-diffusion's "final sigma" marker) is accepted and dropped: every schedule here ends at σ = 0 with its
+                final call, which is not listed. Stored in the config (``custom_sigmas``, as given).
+
+        With none of the three, the custom schedule stored in the config is used (``ValueError`` if there is none).
+        ``len(self.timesteps)`` is the exact NFE. Classes whose tables come from quadratures (gDDIM, conjugate,
+        splitting) cost about ``_setup_seconds_per_step`` per step to set up: above ``_SLOW_SETUP_STEPS`` steps a
+        warning states the expected set-up time.
+
+        Raises:
+            ValueError: more than one of the three given, or none without a stored schedule; a bad
+                ``num_inference_steps``; a ``timesteps`` / ``sigmas`` list that is too short, not finite, not strictly
+                decreasing, out of range or too fine for float32 (the message names the argument, the index and value,
+                and the allowed range). ``TypeError``: a list of non-numbers.
+        """
+        given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                      ("sigmas", sigmas)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`, got "
+                             f"{' and '.join(f'`{g}`' for g in given)}")
+        opts = self._schedule
+        grid = None
+        if given and given[0] != "num_inference_steps":
+            kind = given[0]
+            values = timesteps if kind == "timesteps" else sigmas
+            grid, _ = check_custom_grid(values, kind, self.sde, opts.t_min)
+            n = self._calls_for_grid(grid, kind)
+            stored = values.detach().to("cpu", torch.float64).reshape(-1).tolist() if isinstance(values, torch.Tensor) \
+                else [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+            self.register_to_config(**{key: stored if name == kind else None for name, key in CUSTOM_KEYS.items()})
+            self._schedule = opts.with_custom(grid, kind)
+        elif not given:
+            if opts.custom is None:
+                raise ValueError("`set_timesteps` needs one of `num_inference_steps`, `timesteps` or `sigmas` (the "
+                                 "scheduler config stores no custom schedule)")
+            grid = opts.custom
+            n = self._calls_for_grid(grid, opts.custom_name)
+        else:
+            n = check_steps(num_inference_steps)
+            if opts.custom is not None:
+                key = CUSTOM_KEYS[opts.custom_name]
+                logger.warning(f"{type(self).__name__}.set_timesteps(num_inference_steps={n}) replaces the custom schedule "
+                               f"stored in the config (`{key}`, {self._calls_for_grid(opts.custom, opts.custom_name)} "
+                               f"calls) by the named grid; pass `num_inference_steps=None` to sample with the stored one")
+                self.register_to_config(**{k: None for k in CUSTOM_KEYS.values()})
+                self._schedule = opts.with_custom(None, None)
         if self._setup_seconds_per_step and n > self._SLOW_SETUP_STEPS:
             logger.warning(f"{type(self).__name__}.set_timesteps({n}): building the step tables takes about "
                            f"{n * self._setup_seconds_per_step:.0f} s (~{1e3 * self._setup_seconds_per_step:.0g} ms per "
                            f"step, quadrature coefficients); every sampler here has converged by ~1000 steps")
-        self._install_calls(self._build_calls(n), n, device)
+        self._custom_grid = grid
+        try:
+            runs = self._build_calls(n)
+        finally:
+            self._custom_grid = None
+        self._install_calls(runs, n, device)
+
+    def _calls_for_grid(self, grid: torch.Tensor, name: str) -> int:
+        """Model calls of a custom grid of M times: (M - 1) steps of ``calls_per_step`` calls and the final call."""
+        n = (len(grid) - 1) * self.calls_per_step + 1
+        if n > MAX_INFERENCE_STEPS:
+            raise ValueError(f"`{name}` lists {len(grid)} times, i.e. {n} model calls for sampler "
+                             f"{self.config.sampler!r}; at most {MAX_INFERENCE_STEPS} are supported")
+        return n
+
+    def _legacy_grid(self):
+        """``(grid, rho, key)`` that the legacy config keys select when ``time_grid`` is None."""
+        return ("uniform", None, "striding") if self.config.striding == "uniform" else ("power", 2.0, "striding")
+
+    def _grid(self, n: int) -> torch.Tensor:
+        """The ``n + 1`` descending float64 grid times of the schedule being built (a custom grid while
+        ``set_timesteps`` builds one, else the configured named grid)."""
+        if self._custom_grid is not None:
+            if n != len(self._custom_grid) - 1:
+                raise RuntimeError(f"{type(self).__name__} asked for a {n}-step grid of a {len(self._custom_grid) - 1}-step "
+                                   "custom schedule")
+            grid = self._custom_grid.clone()
+        else:
+            o = self._schedule
+            rho = "" if o.rho is None else f" ({'rho' if o.legacy == 'time_grid' else o.legacy}={o.rho:g})"
+            grid = named_grid(self.sde, o.grid, n, o.t_lo, o.t_hi, o.rho, f"{o.grid!r} time grid with {n} steps{rho}")
+        self._grid_start, self._grid_end = float(grid[0]), float(grid[-1])
+        return grid
+
+    def _final_map(self, t: float):
+        """``(P, R)`` of the final call from forward time ``t`` to 0 (``final_step``)."""
+        if self.config.final_step == "tweedie":
+            return sampling.tweedie_step(self.sde, t)
+        return self._euler_final(t)
+
+    def _euler_final(self, t: float):
+        """The sampler's own noiseless first-order step from ``t`` to 0: the mean of an Euler–Maruyama step (EM,
+        SSCS) or a probability-flow Euler step (PF-Euler, PF-Heun), as the paper's code."""
+        if self.config.sampler in ("em", "sscs"):
+            P, R, _ = sampling.em_step(self.sde, t, 0.0, noise=False)
+        else:
+            P, R, _ = sampling.pf_euler_step(self.sde, t, 0.0)
+        return P, R
 
     def _build_calls(self, n_calls: int) -> list:
-        """The step tables for ``n_calls`` model calls, the final denoising call included.
+        """The step tables for ``n_calls`` model calls, the final call included.
 
         Returns a list of :class:`_Calls` runs (or ``(kind, t_eval, P, R, S, h[, t_state])`` tuples, one
         call each). Subclasses that add samplers override this.
         """
-        eps, sde = self.config.sampling_eps, self.sde
         builder = {"em": self._build_em, "pf_euler": self._build_pf, "pf_heun": self._build_heun,
                    "sscs": self._build_sscs}[self.config.sampler]
         calls = builder(n_calls - 1)
-        # final noiseless denoising step from eps to 0 (EM mean, or PF Euler for the ODE samplers)
-        if self.config.sampler in ("em", "sscs"):
-            P, R, _ = sampling.em_step(sde, eps, 0.0, noise=False)
-        else:
-            P, R, _ = sampling.pf_euler_step(sde, eps, 0.0)
-        calls.append(_Calls([_AFFINE], [eps], P[None], R[None], None, [0.0]))
+        t_last = self._grid_end
+        P, R = self._final_map(t_last)
+        calls.append(_Calls([_AFFINE], [t_last], P[None], R[None], None, [0.0]))
         return calls
 
     def _install_calls(self, runs, n_calls: int, device=None):
@@ -330,6 +475,7 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         if len(tables.kinds) != n_calls:
             raise RuntimeError(f"{type(self).__name__} built {len(tables.kinds)} calls for num_inference_steps={n_calls}")
         tables.add_entry_steps(entry_maps(self.sde, tables))
+        self._init_scale = self._initial_scale(self._grid_start, tables.state_times[0])
         self._tables = tables
         self.num_inference_steps = n_calls
         self.timesteps = torch.tensor(tables.eval_times, dtype=torch.float32, device=device)
@@ -338,8 +484,17 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         self._heun_cache = None
         self._run_start = None
 
-    def _grid(self, n: int) -> torch.Tensor:
-        return time_grid(n, self.config.sampling_eps, self.config.striding)
+    def _initial_scale(self, t0: float, t_state: float):
+        """The Cholesky factor of the first state's law (``sample_prior``) for a grid starting at ``t0``: None (the
+        prior N(0, A⁻¹)) for t0 = 1; else the data-free kernel marginal N(0, Σ_t0) (the law of z_t0 for x₀ = 0), pushed
+        by the exact SSCS linear part to ``t_state`` where the first state lives there (SSCS)."""
+        if t0 >= 1.0:
+            return None
+        cov = self.sde.hsm_kernel(t0).cov
+        if t_state != t0:
+            phi, L = sampling.sscs_linear(self.sde, t0, t_state)
+            cov = phi @ cov @ phi.T + L @ L.T
+        return psd_cholesky(0.5 * (cov + cov.T), "initial state covariance")
 
     def _build_em(self, n):
         return [em_calls(self.sde, self._grid(n))]
@@ -348,7 +503,8 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         return [pf_euler_calls(self.sde, self._grid(n))]
 
     def _build_heun(self, n_evals):
-        # n_evals model calls before the denoising step: pairs of Heun calls, one Euler call first if odd
+        # n_evals model calls before the final call: pairs of Heun calls, then one Euler step if n_evals is odd (last,
+        # so that every `order`-th call starts a step)
         n_heun, n_euler = divmod(n_evals, 2)
         return pf_heun_calls(self.sde, self._grid(n_heun + n_euler), n_euler)
 

@@ -91,14 +91,11 @@ def pf_euler_calls(sde: RecipeSDE, ts: torch.Tensor) -> Calls:
 
 def pf_heun_calls(sde: RecipeSDE, ts: torch.Tensor, n_euler: int = 0) -> List[Calls]:
     """Heun steps of the probability-flow ODE on the descending grid ``ts`` (two calls each: the predictor at the
-    interval start, the corrector at its end), except the first ``n_euler`` intervals, which are single-call
-    probability-flow Euler steps."""
+    interval start, the corrector at its end), except the last ``n_euler`` intervals, which are single-call
+    probability-flow Euler steps (last, so that every second call starts a step: diffusers' Heun layout, ``order`` 2)."""
     calls = []
-    if n_euler:
-        P, R, _ = sampling.pf_euler_step(sde, ts[:n_euler], ts[1:n_euler + 1])
-        calls.append(Calls([AFFINE] * n_euler, ts[:n_euler].tolist(), P, R, None, [0.0] * n_euler))
-    t, tn = ts[n_euler:-1], ts[n_euler + 1:]
-    n_heun = len(t)
+    n_heun = len(ts) - 1 - n_euler
+    t, tn = ts[:n_heun], ts[1:n_heun + 1]
     if n_heun:
         Pa, Ra = sampling.pf_drift(sde, t)
         Pb, Rb = sampling.pf_drift(sde, tn)
@@ -109,6 +106,8 @@ def pf_heun_calls(sde: RecipeSDE, ts: torch.Tensor, n_euler: int = 0) -> List[Ca
         times = torch.stack([t, tn], 1).reshape(-1).tolist()
         calls.append(Calls([HEUN_PRED, HEUN_CORR] * n_heun, times, P, R, None, [x for x in h for _ in (0, 1)],
                            starts=[True, False] * n_heun))
+    if n_euler:
+        calls.append(pf_euler_calls(sde, ts[n_heun:]))
     return calls
 
 
