@@ -209,7 +209,7 @@ def check_custom_grid(values, kind: str, sde, t_min: float, name: Optional[str] 
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
     bad = np.nonzero(~np.isfinite(arr))[0]
     if len(bad):
-        raise ValueError(f"`{name}`[{bad[0]}] = {arr[bad[0]]!r} is not finite; every entry must be a finite number")
+        raise ValueError(f"`{name}`[{bad[0]}] = {float(arr[bad[0]])!r} is not finite; every entry must be a finite number")
     trailing_zero = kind == "sigmas" and len(arr) > 1 and arr[-1] == 0.0
     if trailing_zero:
         arr = arr[:-1]
@@ -221,15 +221,15 @@ def check_custom_grid(values, kind: str, sde, t_min: float, name: Optional[str] 
         unit, rng = "noise level σ_t", f"[σ(t={t_min:g}), σ(t=1)] = [{lo:.6g}, {hi:.6g}]"
     else:
         lo, hi, unit, rng = t_min, 1.0, "forward time", f"[{t_min:g}, 1]"
-    for i, v in enumerate(arr):
+    for i, v in enumerate(arr.tolist()):
         if not lo * (1 - 1e-12) <= v <= hi * (1 + 1e-12):
             zero = " (only a trailing 0 is accepted, as the final-sigma marker)" if kind == "sigmas" and v == 0 else ""
             raise ValueError(f"`{name}`[{i}] = {v!r} is outside the recipe's {unit} range {rng}{zero}")
     steps = np.diff(arr)
     if np.any(steps >= 0):
         i = int(np.argmax(steps >= 0))
-        raise ValueError(f"`{name}` must be strictly decreasing (from noise to data), but `{name}`[{i}] = {arr[i]!r} "
-                         f"and `{name}`[{i + 1}] = {arr[i + 1]!r}")
+        raise ValueError(f"`{name}` must be strictly decreasing (from noise to data), but `{name}`[{i}] = "
+                         f"{float(arr[i])!r} and `{name}`[{i + 1}] = {float(arr[i + 1])!r}")
     arr = np.clip(arr, lo, hi)
     times = time_for_noise_level(sde, arr) if kind == "sigmas" else arr.copy()
     if kind == "sigmas" and arr[0] == hi:
@@ -237,6 +237,7 @@ def check_custom_grid(values, kind: str, sde, t_min: float, name: Optional[str] 
     t32 = times.astype(np.float32)
     if np.any(np.diff(t32) >= 0):
         i = int(np.argmax(np.diff(t32) >= 0))
-        raise ValueError(f"`{name}`[{i}] and `{name}`[{i + 1}] give forward times {times[i]!r} and {times[i + 1]!r}, "
+        raise ValueError(f"`{name}`[{i}] and `{name}`[{i + 1}] give forward times {float(times[i])!r} and "
+                         f"{float(times[i + 1])!r}, "
                          "which float32 `scheduler.timesteps` cannot tell apart; space them further")
     return torch.from_numpy(np.ascontiguousarray(times)), trailing_zero
