@@ -116,6 +116,12 @@ def test_the_config_stores_the_schedule_and_a_saved_scheduler_samples_with_it_ag
         loaded.set_timesteps()
     s.set_timesteps(timesteps=[1.0, 0.5, 0.1])  # the other form replaces it
     assert s.config.custom_timesteps == [1.0, 0.5, 0.1] and s.config.custom_sigmas is None
+    for other in (PSLDScheduler, GDDIMMultistepScheduler):  # and swapping classes in memory keeps it, as a reload does
+        swapped = other.from_config(s.config)
+        assert swapped.config.custom_timesteps == [1.0, 0.5, 0.1]
+        swapped.set_timesteps()
+        grid = torch.unique_consecutive(swapped.exact_timesteps)  # PF-Heun evaluates twice at inner times
+        assert torch.equal(grid, torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64))
 
 
 def test_named_grid_options_are_config_and_round_trip(tmp_path):

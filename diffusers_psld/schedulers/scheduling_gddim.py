@@ -37,9 +37,11 @@ DPM-Solver, for N < 15) the last steps drop to orders 1–2. The final (N-th) ca
 ``sampling_eps`` to 0 at first order: its x half is x̂₀ (Tweedie's denoiser at sampling_eps), its
 momentum half Ψ(0, ε)(z - a x̂₀). ``num_inference_steps`` is the exact NFE.
 
-Needs Γ > 0 or VP (the gDDIM basis; see ``scheduling_conjugate``). Time grids: ``time_spacing="power"``
-(default; t = ε + (1 - ε) s^ρ, s uniform, ρ = ``spacing_power`` = 2.5; ρ = 2 is the quadratic striding),
-``"logsnr"`` (uniform in ρ(t) between t = 1 and sampling_eps) or ``"striding"`` (the shared ``striding``).
+Needs Γ > 0 or VP (the gDDIM basis; see ``scheduling_conjugate``). Time grids: the shared ``time_grid`` when set
+(:mod:`.time_grids`: "uniform", "power", "logsnr", "edm"; or a ``timesteps=`` / ``sigmas=`` list), else the legacy
+``time_spacing="power"`` (default; t = ε + (1 - ε) s^ρ, s uniform, ρ = ``spacing_power`` = 2.5; ρ = 2 is the
+quadratic striding), ``"logsnr"`` (uniform in ρ(t) between t = 1 and sampling_eps) or ``"striding"`` (the shared
+``striding``). The orders of the updates: :func:`multistep_orders`; the final call: ``final_step``.
 The uniform grid is a poor choice for every order (large errors below ~40 NFE, measured).
 """
 from __future__ import annotations

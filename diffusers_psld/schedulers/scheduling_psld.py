@@ -5,14 +5,16 @@ CLD, k = 1 for VP); the model predicts ε for all ``k*C`` channels. With Γ = 0 
 cannot influence the reverse dynamics (``D L⁻ᵀ`` has a zero column), so it is ignored here and
 excluded from the loss (:func:`diffusers_psld.losses.hsm_loss`): one shape contract for every preset.
 
-Time: ``timesteps`` are continuous forward times t in [sampling_eps, 1] (float, descending); the UNet
+Time: ``timesteps`` are continuous forward times t (float, descending; by default in [sampling_eps, 1]); the UNet
 receives :meth:`PSLDScheduler.model_time` ``(t) = t * time_scale`` as a float tensor (a raw t in
 [0, 1] barely moves UNet2DModel's sinusoidal embedding, and a Python float would be cast to int).
 Training uses the same function.
 
-``num_inference_steps`` is the exact number of model evaluations: N - 1 reverse steps on
-[sampling_eps, 1] (for Heun, pairs of evaluations) and one final noiseless denoising step from
-``sampling_eps`` to 0 (the mean of an Euler(-Maruyama) step, as in the paper's code).
+``num_inference_steps`` is the exact number of model evaluations: N - 1 reverse steps on the time grid
+(for Heun, pairs of evaluations) and one final noiseless step from the last grid time (``sampling_eps`` by default)
+to 0 (``final_step``; by default the mean of an Euler(-Maruyama) step, as in the paper's code). The grid is a
+named grid (``time_grid``, :mod:`.time_grids`) or a custom list given to ``set_timesteps(timesteps=...)`` /
+``set_timesteps(sigmas=...)`` (noise levels σ_t, the σ of VP / EDM models), see :meth:`PSLDScheduler.set_timesteps`.
 
 Every step except Heun's is the affine map ``z' = P z + R ε + S ξ`` with k×k float64 matrices built
 in :meth:`set_timesteps` (see :mod:`diffusers_psld.sampling`), so a step costs three small einsums.
@@ -35,7 +37,7 @@ Where each concern of the scheduler base lives (this module keeps the configurat
 ``step``; the other classes of the package subclass it):
 
 * the float64 step tables, the builders of the step samplers and the mid-schedule entry maps: :mod:`.step_tables`;
-* the time grids: :mod:`.time_grids`;
+* the time grids and the noise level σ_t ↔ t: :mod:`.time_grids`; the schedule config keys: :mod:`.schedule_options`;
 * ``set_begin_index`` / the index-by-timestep rule / ``state_time``: :mod:`.mid_schedule`;
 * the prior, ``add_noise`` and the kernel maps at a time (guidance, inpainting): :mod:`.forward_process`;
 * ``model_time``, ``scale_model_input`` and the ``prediction_type`` maps: :mod:`.network_boundary`;
@@ -383,7 +385,7 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
             n = self._calls_for_grid(grid, kind)
             stored = values.detach().to("cpu", torch.float64).reshape(-1).tolist() if isinstance(values, torch.Tensor) \
                 else [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-            self.register_to_config(**{key: stored if name == kind else None for name, key in CUSTOM_KEYS.items()})
+            self._store_schedule(**{key: stored if name == kind else None for name, key in CUSTOM_KEYS.items()})
             self._schedule = opts.with_custom(grid, kind)
         elif not given:
             if opts.custom is None:
@@ -398,7 +400,7 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
                 logger.warning(f"{type(self).__name__}.set_timesteps(num_inference_steps={n}) replaces the custom schedule "
                                f"stored in the config (`{key}`, {self._calls_for_grid(opts.custom, opts.custom_name)} "
                                f"calls) by the named grid; pass `num_inference_steps=None` to sample with the stored one")
-                self.register_to_config(**{k: None for k in CUSTOM_KEYS.values()})
+                self._store_schedule(**{k: None for k in CUSTOM_KEYS.values()})
                 self._schedule = opts.with_custom(None, None)
         if self._setup_seconds_per_step and n > self._SLOW_SETUP_STEPS:
             logger.warning(f"{type(self).__name__}.set_timesteps({n}): building the step tables takes about "
@@ -410,6 +412,14 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         finally:
             self._custom_grid = None
         self._install_calls(runs, n, device)
+
+    def _store_schedule(self, **values):
+        """Write the custom-schedule keys into the config; a key set to a list leaves ``_use_default_values`` (else
+        Diffusers' ``Other.from_config`` would drop it as an implicit default), a key reset to None joins it again."""
+        self.register_to_config(**values)
+        defaults = [k for k in self.config.get("_use_default_values", []) if k not in values]
+        defaults += [k for k, v in values.items() if v is None]
+        self.register_to_config(_use_default_values=defaults)
 
     def _calls_for_grid(self, grid: torch.Tensor, name: str) -> int:
         """Model calls of a custom grid of M times: (M - 1) steps of ``calls_per_step`` calls and the final call."""
