@@ -70,6 +70,8 @@ def test_a_grid_given_as_timesteps_or_sigmas_equals_the_same_grid_by_name(cls, k
     assert len(custom.timesteps) == nfe and tables_equal(named, custom)
     ref = run(named)
     assert torch.equal(ref, run(custom))
+    sig = time_grids.noise_level(named.sde, named.exact_timesteps.numpy())
+    torch.testing.assert_close(named.sigmas, torch.tensor(list(sig) + [0.0], dtype=torch.float32))  # diffusers' `sigmas`
     by_sigma = cls(**kw)
     by_sigma.set_timesteps(sigmas=time_grids.noise_level(by_sigma.sde, grid.numpy()))
     torch.testing.assert_close(by_sigma.exact_timesteps, named.exact_timesteps, rtol=1e-12, atol=0)

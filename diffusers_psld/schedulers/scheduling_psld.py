@@ -65,7 +65,7 @@ from .step_tables import AFFINE as _AFFINE, HEUN_CORR as _HEUN_CORR, HEUN_PRED a
 from .step_tables import CastTables as _Cast, Calls as _Calls, StepTables as _StepTables  # noqa: F401
 from .step_tables import all_finite as _all_finite, em_calls, entry_maps, pf_euler_calls, pf_heun_calls, sscs_calls
 from .schedule_options import CUSTOM_KEYS, schedule_options
-from .time_grids import STRIDINGS, check_custom_grid, named_grid, time_grid  # noqa: F401  (time_grid re-exported)
+from .time_grids import STRIDINGS, check_custom_grid, named_grid, noise_level, time_grid  # noqa: F401  (time_grid re-exported)
 from .validation import (MAX_INFERENCE_STEPS, SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_float_tensor,
                          check_generator, check_real, check_steps, plain_config_values, timestep_value)
 from ..sde.kernels import psd_cholesky
@@ -310,6 +310,7 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         self.init_noise_sigma = 1.0  # not used: the prior is anisotropic, see `sample_prior`
         self.num_inference_steps = None
         self.timesteps = None
+        self.sigmas = None
         self._tables = None
         self._step_index = None
         self._begin_index = None
@@ -361,7 +362,8 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
                 final call, which is not listed. Stored in the config (``custom_sigmas``, as given).
 
         With none of the three, the custom schedule stored in the config is used (``ValueError`` if there is none).
-        ``len(self.timesteps)`` is the exact NFE. Classes whose tables come from quadratures (gDDIM, conjugate,
+        ``len(self.timesteps)`` is the exact NFE; ``self.sigmas`` (float32, diffusers' convention) holds σ_t of every
+        call's time and a trailing 0. Classes whose tables come from quadratures (gDDIM, conjugate,
         splitting) cost about ``_setup_seconds_per_step`` per step to set up: above ``_SLOW_SETUP_STEPS`` steps a
         warning states the expected set-up time.
 
@@ -489,6 +491,9 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         self._tables = tables
         self.num_inference_steps = n_calls
         self.timesteps = torch.tensor(tables.eval_times, dtype=torch.float32, device=device)
+        # diffusers' `sigmas`: the noise level σ_t of each call's time, then the 0 the final call ends at (float32)
+        sig = noise_level(self.sde, tables.eval_array).tolist() + [0.0]
+        self.sigmas = torch.tensor(sig, dtype=torch.float32, device=device)
         self._step_index = None
         self._begin_index = None
         self._heun_cache = None
