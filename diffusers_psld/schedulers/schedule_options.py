@@ -19,6 +19,10 @@ Config keys (shared by every scheduler class, same defaults, so ``Other.from_con
   integrator's step for the conjugate, gDDIM and conjugate-splitting samplers) or ``"tweedie"`` (the posterior mean
   E[z₀ | z_t] from this call's x̂₀: x = x̂₀, diffusers' ``final_sigmas_type="zero"``; see
   :func:`diffusers_psld.sampling.tweedie_step`).
+
+:class:`ScheduleMixin` (part of :class:`~.scheduling_psld.PSLDScheduler`) turns the resolved options into what
+``set_timesteps`` builds: the grid of a schedule, the NFE of a custom grid, the final call's map, the first state's
+law, and diffusers' ``order``.
 """
 from __future__ import annotations
 
@@ -27,11 +31,13 @@ from typing import Optional
 
 import torch
 
-from .time_grids import (MAX_EDM_RHO, MAX_POWER_RHO, TIME_GRIDS, check_custom_grid, min_time, noise_level,
-                         time_for_noise_level)
-from .validation import check_real
+from .. import sampling
+from ..sde.kernels import psd_cholesky
+from .time_grids import (MAX_EDM_RHO, MAX_POWER_RHO, TIME_GRIDS, check_custom_grid, min_time, named_grid,
+                         noise_level, time_for_noise_level)
+from .validation import MAX_INFERENCE_STEPS, check_real
 
-__all__ = ["FINAL_STEPS", "CUSTOM_KEYS", "ScheduleOptions", "schedule_options"]
+__all__ = ["FINAL_STEPS", "CUSTOM_KEYS", "ScheduleOptions", "ScheduleMixin", "schedule_options"]
 
 FINAL_STEPS = ("euler", "tweedie")
 CUSTOM_KEYS = {"timesteps": "custom_timesteps", "sigmas": "custom_sigmas"}
@@ -119,3 +125,82 @@ def schedule_options(cfg, sde, legacy_grid, legacy_rho, legacy_key: str) -> Sche
         times, _ = check_custom_grid(getattr(cfg, CUSTOM_KEYS[name]), name, sde, t_min, CUSTOM_KEYS[name])
         opts = opts.with_custom(times, name)
     return opts
+
+
+class ScheduleMixin:
+    """The grid, NFE, final call and first state of a schedule (needs ``self.config``, ``self.sde``, ``self._schedule``
+    and, while ``set_timesteps`` builds a custom schedule, ``self._custom_grid``)."""
+
+    @property
+    def calls_per_step(self) -> int:
+        """Model calls per step of the configured sampler: 2 for PF-Heun (predictor and corrector), else 1."""
+        return 2 if self.config.sampler == "pf_heun" else 1
+
+    @property
+    def order(self) -> int:
+        """Diffusers' ``order``: model calls per step (:attr:`calls_per_step`; 2 for PF-Heun, as diffusers' Heun
+        schedulers). Every ``order``-th entry of ``timesteps`` starts a step, so diffusers' img2img slice
+        ``timesteps[t_start * scheduler.order:]`` begins on a step."""
+        return self.calls_per_step
+
+    def _store_schedule(self, **values):
+        """Write the custom-schedule keys into the config; a key set to a list leaves ``_use_default_values`` (else
+        Diffusers' ``Other.from_config`` would drop it as an implicit default), a key reset to None joins it again."""
+        self.register_to_config(**values)
+        defaults = [k for k in self.config.get("_use_default_values", []) if k not in values]
+        defaults += [k for k, v in values.items() if v is None]
+        self.register_to_config(_use_default_values=defaults)
+
+    def _calls_for_grid(self, grid: torch.Tensor, name: str) -> int:
+        """Model calls of a custom grid of M times: (M - 1) steps of ``calls_per_step`` calls and the final call."""
+        n = (len(grid) - 1) * self.calls_per_step + 1
+        if n > MAX_INFERENCE_STEPS:
+            raise ValueError(f"`{name}` lists {len(grid)} times, i.e. {n} model calls for sampler "
+                             f"{self.config.sampler!r}; at most {MAX_INFERENCE_STEPS} are supported")
+        return n
+
+    def _legacy_grid(self):
+        """``(grid, rho, key)`` that the legacy config keys select when ``time_grid`` is None."""
+        return ("uniform", None, "striding") if self.config.striding == "uniform" else ("power", 2.0, "striding")
+
+    def _grid(self, n: int) -> torch.Tensor:
+        """The ``n + 1`` descending float64 grid times of the schedule being built (a custom grid while
+        ``set_timesteps`` builds one, else the configured named grid)."""
+        if self._custom_grid is not None:
+            if n != len(self._custom_grid) - 1:
+                raise RuntimeError(f"{type(self).__name__} asked for a {n}-step grid of a {len(self._custom_grid) - 1}-step "
+                                   "custom schedule")
+            grid = self._custom_grid.clone()
+        else:
+            o = self._schedule
+            rho = "" if o.rho is None else f" ({'rho' if o.legacy == 'time_grid' else o.legacy}={o.rho:g})"
+            grid = named_grid(self.sde, o.grid, n, o.t_lo, o.t_hi, o.rho, f"{o.grid!r} time grid with {n} steps{rho}")
+        self._grid_start, self._grid_end = float(grid[0]), float(grid[-1])
+        return grid
+
+    def _final_map(self, t: float):
+        """``(P, R)`` of the final call from forward time ``t`` to 0 (``final_step``)."""
+        if self.config.final_step == "tweedie":
+            return sampling.tweedie_step(self.sde, t)
+        return self._euler_final(t)
+
+    def _euler_final(self, t: float):
+        """The sampler's own noiseless first-order step from ``t`` to 0: the mean of an Euler–Maruyama step (EM,
+        SSCS) or a probability-flow Euler step (PF-Euler, PF-Heun), as the paper's code."""
+        if self.config.sampler in ("em", "sscs"):
+            P, R, _ = sampling.em_step(self.sde, t, 0.0, noise=False)
+        else:
+            P, R, _ = sampling.pf_euler_step(self.sde, t, 0.0)
+        return P, R
+
+    def _initial_scale(self, t0: float, t_state: float):
+        """The Cholesky factor of the first state's law (``sample_prior``) for a grid starting at ``t0``: None (the
+        prior N(0, A⁻¹)) for t0 = 1; else the data-free kernel marginal N(0, Σ_t0) (the law of z_t0 for x₀ = 0), pushed
+        by the exact SSCS linear part to ``t_state`` where the first state lives there (SSCS)."""
+        if t0 >= 1.0:
+            return None
+        cov = self.sde.hsm_kernel(t0).cov
+        if t_state != t0:
+            phi, L = sampling.sscs_linear(self.sde, t0, t_state)
+            cov = phi @ cov @ phi.T + L @ L.T
+        return psd_cholesky(0.5 * (cov + cov.T), "initial state covariance")

@@ -37,7 +37,8 @@ Where each concern of the scheduler base lives (this module keeps the configurat
 ``step``; the other classes of the package subclass it):
 
 * the float64 step tables, the builders of the step samplers and the mid-schedule entry maps: :mod:`.step_tables`;
-* the time grids and the noise level σ_t ↔ t: :mod:`.time_grids`; the schedule config keys: :mod:`.schedule_options`;
+* the time grids and the noise level σ_t ↔ t: :mod:`.time_grids`; the schedule config keys, the grid / NFE / final
+  call / first state of a schedule: :mod:`.schedule_options`;
 * ``set_begin_index`` / the index-by-timestep rule / ``state_time``: :mod:`.mid_schedule`;
 * the prior, ``add_noise`` and the kernel maps at a time (guidance, inpainting): :mod:`.forward_process`;
 * ``model_time``, ``scale_model_input`` and the ``prediction_type`` maps: :mod:`.network_boundary`;
@@ -64,11 +65,10 @@ from .network_boundary import NetworkBoundaryMixin
 from .step_tables import AFFINE as _AFFINE, HEUN_CORR as _HEUN_CORR, HEUN_PRED as _HEUN_PRED  # noqa: F401
 from .step_tables import CastTables as _Cast, Calls as _Calls, StepTables as _StepTables  # noqa: F401
 from .step_tables import all_finite as _all_finite, em_calls, entry_maps, pf_euler_calls, pf_heun_calls, sscs_calls
-from .schedule_options import CUSTOM_KEYS, schedule_options
-from .time_grids import STRIDINGS, check_custom_grid, named_grid, noise_level, time_grid  # noqa: F401  (time_grid re-exported)
-from .validation import (MAX_INFERENCE_STEPS, SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_float_tensor,
-                         check_generator, check_real, check_steps, plain_config_values, timestep_value)
-from ..sde.kernels import psd_cholesky
+from .schedule_options import CUSTOM_KEYS, ScheduleMixin, schedule_options
+from .time_grids import STRIDINGS, check_custom_grid, noise_level, time_grid  # noqa: F401  (time_grid re-exported)
+from .validation import (SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_float_tensor, check_generator,
+                         check_real, check_steps, plain_config_values, timestep_value)
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -92,7 +92,8 @@ class PSLDSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin, SchedulerMixin, ConfigMixin):
+class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin, SchedulerMixin,
+                    ConfigMixin):
     r"""Samplers for PSLD / CLD / VP diffusions (PSLD paper Eq. 11-12) with ε-prediction.
 
     Args:
@@ -329,18 +330,6 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
             raise ValueError("call `set_timesteps(num_inference_steps)` first")
         return torch.tensor(self._tables.eval_times, dtype=torch.float64)
 
-    @property
-    def calls_per_step(self) -> int:
-        """Model calls per step of the configured sampler: 2 for PF-Heun (predictor and corrector), else 1."""
-        return 2 if self.config.sampler == "pf_heun" else 1
-
-    @property
-    def order(self) -> int:
-        """Diffusers' ``order``: model calls per step (:attr:`calls_per_step`; 2 for PF-Heun, as diffusers' Heun
-        schedulers). Every ``order``-th entry of ``timesteps`` starts a step, so diffusers' img2img slice
-        ``timesteps[t_start * scheduler.order:]`` begins on a step."""
-        return self.calls_per_step
-
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
                       timesteps: Optional[List[float]] = None, sigmas: Optional[List[float]] = None):
         """Build the time grid and the float64 step tables (CPU) for a schedule; diffusers' signature, pass one of
@@ -415,56 +404,6 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
             self._custom_grid = None
         self._install_calls(runs, n, device)
 
-    def _store_schedule(self, **values):
-        """Write the custom-schedule keys into the config; a key set to a list leaves ``_use_default_values`` (else
-        Diffusers' ``Other.from_config`` would drop it as an implicit default), a key reset to None joins it again."""
-        self.register_to_config(**values)
-        defaults = [k for k in self.config.get("_use_default_values", []) if k not in values]
-        defaults += [k for k, v in values.items() if v is None]
-        self.register_to_config(_use_default_values=defaults)
-
-    def _calls_for_grid(self, grid: torch.Tensor, name: str) -> int:
-        """Model calls of a custom grid of M times: (M - 1) steps of ``calls_per_step`` calls and the final call."""
-        n = (len(grid) - 1) * self.calls_per_step + 1
-        if n > MAX_INFERENCE_STEPS:
-            raise ValueError(f"`{name}` lists {len(grid)} times, i.e. {n} model calls for sampler "
-                             f"{self.config.sampler!r}; at most {MAX_INFERENCE_STEPS} are supported")
-        return n
-
-    def _legacy_grid(self):
-        """``(grid, rho, key)`` that the legacy config keys select when ``time_grid`` is None."""
-        return ("uniform", None, "striding") if self.config.striding == "uniform" else ("power", 2.0, "striding")
-
-    def _grid(self, n: int) -> torch.Tensor:
-        """The ``n + 1`` descending float64 grid times of the schedule being built (a custom grid while
-        ``set_timesteps`` builds one, else the configured named grid)."""
-        if self._custom_grid is not None:
-            if n != len(self._custom_grid) - 1:
-                raise RuntimeError(f"{type(self).__name__} asked for a {n}-step grid of a {len(self._custom_grid) - 1}-step "
-                                   "custom schedule")
-            grid = self._custom_grid.clone()
-        else:
-            o = self._schedule
-            rho = "" if o.rho is None else f" ({'rho' if o.legacy == 'time_grid' else o.legacy}={o.rho:g})"
-            grid = named_grid(self.sde, o.grid, n, o.t_lo, o.t_hi, o.rho, f"{o.grid!r} time grid with {n} steps{rho}")
-        self._grid_start, self._grid_end = float(grid[0]), float(grid[-1])
-        return grid
-
-    def _final_map(self, t: float):
-        """``(P, R)`` of the final call from forward time ``t`` to 0 (``final_step``)."""
-        if self.config.final_step == "tweedie":
-            return sampling.tweedie_step(self.sde, t)
-        return self._euler_final(t)
-
-    def _euler_final(self, t: float):
-        """The sampler's own noiseless first-order step from ``t`` to 0: the mean of an Euler–Maruyama step (EM,
-        SSCS) or a probability-flow Euler step (PF-Euler, PF-Heun), as the paper's code."""
-        if self.config.sampler in ("em", "sscs"):
-            P, R, _ = sampling.em_step(self.sde, t, 0.0, noise=False)
-        else:
-            P, R, _ = sampling.pf_euler_step(self.sde, t, 0.0)
-        return P, R
-
     def _build_calls(self, n_calls: int) -> list:
         """The step tables for ``n_calls`` model calls, the final call included.
 
@@ -498,18 +437,6 @@ class PSLDScheduler(MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin,
         self._begin_index = None
         self._heun_cache = None
         self._run_start = None
-
-    def _initial_scale(self, t0: float, t_state: float):
-        """The Cholesky factor of the first state's law (``sample_prior``) for a grid starting at ``t0``: None (the
-        prior N(0, A⁻¹)) for t0 = 1; else the data-free kernel marginal N(0, Σ_t0) (the law of z_t0 for x₀ = 0), pushed
-        by the exact SSCS linear part to ``t_state`` where the first state lives there (SSCS)."""
-        if t0 >= 1.0:
-            return None
-        cov = self.sde.hsm_kernel(t0).cov
-        if t_state != t0:
-            phi, L = sampling.sscs_linear(self.sde, t0, t_state)
-            cov = phi @ cov @ phi.T + L @ L.T
-        return psd_cholesky(0.5 * (cov + cov.T), "initial state covariance")
 
     def _build_em(self, n):
         return [em_calls(self.sde, self._grid(n))]
