@@ -175,6 +175,10 @@ def test_wrong_types_and_counts():
         s.set_timesteps(timesteps="1.0, 0.5")
     with pytest.raises(TypeError, match="`sigmas` must be a list of real numbers"):
         s.set_timesteps(sigmas=[80.0, "1"])
+    with pytest.raises(ValueError, match=r"`timesteps` must be 1-D \(one schedule\), got an array of shape \(2, 2\)"):
+        s.set_timesteps(timesteps=np.array([[1.0, 0.5], [0.2, 0.1]]))
+    with pytest.raises(ValueError, match=r"`sigmas` must be 1-D"):
+        s.set_timesteps(sigmas=torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"`timesteps` lists 50002 times, i\.e\. 100003 model calls for sampler 'pf_heun'"):
         s.set_timesteps(timesteps=np.linspace(1.0, 1e-3, 50002))
 

@@ -167,7 +167,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             order 1 on the last update to sampling_eps (as Diffusers' DPM-Solver).
         time_spacing (`str`, defaults to `"power"`): `"power"` (t = ε + (1 - ε) s^ρ, s uniform, ρ =
             `spacing_power`; ρ = 2 is the quadratic striding), `"logsnr"` (uniform in ρ(t)) or `"striding"`
-            (the shared `striding` option, which the other two ignore).
+            (the shared `striding` option, which the other two ignore). Used while the shared `time_grid` is None.
         spacing_power (`float`, defaults to 2.5): exponent of `time_spacing="power"`, in (0, 8] (tuned on the
             benchmark mixture at 10-20 NFE; 2-3 are all close; larger powers collapse the grid onto sampling_eps).
         quadrature_nodes (`int`, defaults to 16): Gauss–Legendre nodes per quadrature piece, in [4, 64].

@@ -108,7 +108,8 @@ class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, Networ
         time_scale (`float`, defaults to 1000): the UNet receives t · time_scale; in [1e-6, 1e9] (so that
             the float32 model times stay finite and distinguishable).
         sampler (`str`, defaults to `"em"`): `"em"`, `"pf_euler"`, `"pf_heun"` or `"sscs"`.
-        striding (`str`, defaults to `"uniform"`): `"uniform"` or `"quadratic"` time grid.
+        striding (`str`, defaults to `"uniform"`): `"uniform"` or `"quadratic"` time grid (used while `time_grid` is
+            None; `"quadratic"` is `time_grid="power"` with ρ = 2).
         sscs_score_time (`str`, defaults to `"start"`): SSCS evaluates the score on the half-stepped
             state at the interval `"start"` time (as the official code) or at its `"midpoint"`. Both are
             first order (the score part is an Euler step); with exact scores `"start"` measured slightly

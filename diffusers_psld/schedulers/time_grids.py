@@ -199,6 +199,8 @@ def check_custom_grid(values, kind: str, sde, t_min: float, name: Optional[str] 
     if isinstance(values, torch.Tensor):
         if values.dtype == torch.bool or values.is_complex():
             raise TypeError(f"`{name}` must hold real numbers, got a {values.dtype} tensor")
+        if values.ndim > 1:
+            raise ValueError(f"`{name}` must be 1-D (one schedule), got a tensor of shape {tuple(values.shape)}")
         arr = values.detach().to("cpu", torch.float64).numpy().reshape(-1)
     else:
         if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
@@ -206,7 +208,10 @@ def check_custom_grid(values, kind: str, sde, t_min: float, name: Optional[str] 
         if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (numbers.Real, np.floating, np.integer))
                for v in np.asarray(values, dtype=object).reshape(-1)):
             raise TypeError(f"`{name}` must be a list of real numbers, got {list(values)!r}")
-        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim > 1:
+            raise ValueError(f"`{name}` must be 1-D (one schedule), got an array of shape {arr.shape}")
+        arr = arr.reshape(-1)
     bad = np.nonzero(~np.isfinite(arr))[0]
     if len(bad):
         raise ValueError(f"`{name}`[{bad[0]}] = {float(arr[bad[0]])!r} is not finite; every entry must be a finite number")
