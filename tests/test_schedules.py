@@ -169,6 +169,13 @@ def test_bad_schedules_are_refused_naming_the_argument_index_and_range(kwargs, m
     assert s.config.custom_timesteps is None and s.config.custom_sigmas is None  # nothing half-stored
 
 
+def test_a_schedule_that_cannot_be_built_is_not_stored():
+    s = ConjugateScheduler(conjugate_b="identity", conjugate_lambda=30.0)
+    with pytest.raises(ValueError, match="conjugate_lambda"):  # unstable on these steps: refused while building
+        s.set_timesteps(timesteps=[1.0, 0.5, 0.1, 0.01])
+    assert s.config.custom_timesteps is None and s._schedule.custom is None
+
+
 def test_wrong_types_and_counts():
     s = PSLDScheduler(sampler="pf_heun")
     with pytest.raises(TypeError, match="`timesteps` must be a list"):

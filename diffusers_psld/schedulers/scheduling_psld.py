@@ -369,7 +369,7 @@ class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, Networ
             raise ValueError(f"pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`, got "
                              f"{' and '.join(f'`{g}`' for g in given)}")
         opts = self._schedule
-        grid = None
+        grid, store = None, None  # `store`: the config's new custom-schedule keys, written once the tables are built
         if given and given[0] != "num_inference_steps":
             kind = given[0]
             values = timesteps if kind == "timesteps" else sigmas
@@ -377,8 +377,8 @@ class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, Networ
             n = self._calls_for_grid(grid, kind)
             stored = values.detach().to("cpu", torch.float64).reshape(-1).tolist() if isinstance(values, torch.Tensor) \
                 else [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-            self._store_schedule(**{key: stored if name == kind else None for name, key in CUSTOM_KEYS.items()})
-            self._schedule = opts.with_custom(grid, kind)
+            store = ({key: stored if name == kind else None for name, key in CUSTOM_KEYS.items()},
+                     opts.with_custom(grid, kind))
         elif not given:
             if opts.custom is None:
                 raise ValueError("`set_timesteps` needs one of `num_inference_steps`, `timesteps` or `sigmas` (the "
@@ -392,8 +392,7 @@ class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, Networ
                 logger.warning(f"{type(self).__name__}.set_timesteps(num_inference_steps={n}) replaces the custom schedule "
                                f"stored in the config (`{key}`, {self._calls_for_grid(opts.custom, opts.custom_name)} "
                                f"calls) by the named grid; pass `num_inference_steps=None` to sample with the stored one")
-                self._store_schedule(**{k: None for k in CUSTOM_KEYS.values()})
-                self._schedule = opts.with_custom(None, None)
+                store = ({k: None for k in CUSTOM_KEYS.values()}, opts.with_custom(None, None))
         if self._setup_seconds_per_step and n > self._SLOW_SETUP_STEPS:
             logger.warning(f"{type(self).__name__}.set_timesteps({n}): building the step tables takes about "
                            f"{n * self._setup_seconds_per_step:.0f} s (~{1e3 * self._setup_seconds_per_step:.0g} ms per "
@@ -404,6 +403,9 @@ class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, Networ
         finally:
             self._custom_grid = None
         self._install_calls(runs, n, device)
+        if store is not None:  # only a schedule that was built goes into the config
+            self._store_schedule(**store[0])
+            self._schedule = store[1]
 
     def _build_calls(self, n_calls: int) -> list:
         """The step tables for ``n_calls`` model calls, the final call included.
