@@ -52,7 +52,7 @@ from . import remote_code as _remote_code
 from . import vp_bridge as _vp_bridge
 from .denoising import denoise, to_output
 
-__all__ = ["PSLDPipeline", "PSLDPipelineOutput"]
+__all__ = ["PSLDPipeline", "PSLDPipelineOutput", "set_schedule"]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -130,6 +130,36 @@ def _check_safetensors(folder: str, use_safetensors, passed=()) -> None:
                 "`save_pretrained(..., safe_serialization=True)`, or, for a file you trust, pass `use_safetensors=False` "
                 "(loaded with torch.load(weights_only=True))"
             )
+
+
+#: ``num_inference_steps`` when a call names no schedule and the scheduler stores none
+DEFAULT_INFERENCE_STEPS = 100
+
+
+def set_schedule(scheduler, num_inference_steps: Optional[int] = None, timesteps=None, sigmas=None, device=None) -> int:
+    """diffusers' ``retrieve_timesteps`` for the pipelines: ``scheduler.set_timesteps`` with at most one of
+    ``num_inference_steps``, ``timesteps``, ``sigmas``; with none, the scheduler's stored custom schedule
+    (``custom_timesteps`` / ``custom_sigmas``) or :data:`DEFAULT_INFERENCE_STEPS` calls. Returns the NFE
+    (``len(scheduler.timesteps)``).
+
+    Raises:
+        ValueError: more than one of the three given (the message names them); the scheduler's errors for a bad
+            list name the argument, the offending index and value, and the allowed range.
+    """
+    given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                  ("sigmas", sigmas)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of `num_inference_steps`, `timesteps` and `sigmas`, got "
+                         f"{' and '.join(f'`{g}`' for g in given)}")
+    if not given:
+        stored = any(scheduler.config.get(key) is not None for key in ("custom_timesteps", "custom_sigmas"))
+        if stored:
+            scheduler.set_timesteps(device=device)
+        else:
+            scheduler.set_timesteps(DEFAULT_INFERENCE_STEPS, device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas)
+    return len(scheduler.timesteps)
 
 
 class PSLDPipeline(DiffusionPipeline):
@@ -382,7 +412,7 @@ class PSLDPipeline(DiffusionPipeline):
                       callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict=True):
         """Validate the arguments both pipelines share; returns ``(batch_size, steps, generator, tensor_inputs)``."""
         batch_size = _inputs.as_int(batch_size, "batch_size", 1)
-        steps = _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
+        steps = None if num_inference_steps is None else _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
         _inputs.check_output_type(output_type)
         _inputs.check_bool(return_dict, "return_dict")
         return_momentum = _inputs.check_bool(return_momentum, "return_momentum")
@@ -459,7 +489,7 @@ class PSLDPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        num_inference_steps: int = 100,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Union[Callable[[Any, int, float, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]] = None,
@@ -475,6 +505,8 @@ class PSLDPipeline(DiffusionPipeline):
         inpaint_cg_tol: float = 1e-3,
         inpaint_ridge: float = 1e-3,
         latents: Optional[torch.Tensor] = None,
+        timesteps: Optional[List[float]] = None,
+        sigmas: Optional[List[float]] = None,
     ) -> Union[PSLDPipelineOutput, tuple]:
         r"""Generate images.
 
@@ -485,10 +517,17 @@ class PSLDPipeline(DiffusionPipeline):
                 check is skipped where that is unknown).
             generator (`torch.Generator` or a list of `batch_size` of them, *optional*): for reproducibility;
                 the same generator state gives identical outputs (anything else: TypeError).
-            num_inference_steps (`int`, defaults to 100): exact number of UNet evaluations (>= 2),
-                including the final denoising step (doubled by classifier-free guidance with scale ≠ 0, 1).
+            num_inference_steps (`int`, *optional*): exact number of UNet evaluations (>= 2) on the scheduler's named
+                time grid, including the final denoising step (doubled by classifier-free guidance with scale ≠ 0, 1).
                 1 is refused by design: the single call would be the final denoising step from
-                ``sampling_eps`` alone, skipping the whole reverse process.
+                ``sampling_eps`` alone, skipping the whole reverse process. Default: the custom schedule stored in
+                the scheduler config (``custom_timesteps`` / ``custom_sigmas``) if it has one, else 100.
+            timesteps (`List[float]`, *optional*): a custom schedule of descending forward times in (0, 1]
+                (diffusers' ``timesteps=``; :meth:`~diffusers_psld.PSLDScheduler.set_timesteps`): one step between
+                consecutive times and the final call at the last one. Not with `num_inference_steps` or `sigmas`.
+            sigmas (`List[float]`, *optional*): the same by noise levels σ_t (EDM / Karras / Align-Your-Steps lists;
+                a trailing 0 is accepted). Both are stored in the scheduler config, so a saved pipeline samples with
+                them again.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (``[B, H, W, C]`` float32) or
                 `"pt"` (``[B, C, H, W]``); values in [0, 1].
             return_dict (`bool`, defaults to True; bools only): return a :class:`PSLDPipelineOutput` instead of a tuple
@@ -581,7 +620,7 @@ class PSLDPipeline(DiffusionPipeline):
         eps_fn, add_classifier_guidance = self._guided_eps_fn(
             class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
 
-        self.scheduler.set_timesteps(steps, device=device)
+        set_schedule(self.scheduler, steps, timesteps, sigmas, device)
         if latents is None:
             z = self.scheduler.sample_prior((batch_size, k * C, *hw), generator=generator, device=device, dtype=torch.float32)
         after_step = None
