@@ -18,7 +18,7 @@ from diffusers_psld import PSLDScheduler
 from diffusers_psld import parameterization as P
 from diffusers_psld.denoisers import (ContinuousVPDenoiser, DiscreteVPDenoiser, EDMDenoiser, RecipeDenoiser,
                                       VPEpsilonModel, denoiser_for_scheduler, sufficient_statistic)
-from diffusers_psld.denoisers.recipe import SigmaToTime
+from diffusers_psld.sde.noise_level import NoiseLevel
 from diffusers_psld.denoisers.vp import discrete_alphas_cumprod
 from diffusers_psld.exact import GaussianMixture
 from diffusers_psld.sde import RecipeSDE
@@ -300,11 +300,11 @@ def test_recipe_denoiser_exact(name, ptype, precond):
 
 @pytest.mark.parametrize("name", ["psld", "cld", "vp"])
 def test_sigma_to_time_inversion(name):
-    inv = SigmaToTime(PSLDScheduler(**SCHEDS[name]).sde)
+    inv = NoiseLevel(PSLDScheduler(**SCHEDS[name]).sde)
     t = torch.tensor([1e-7, 1e-5, 4e-4, 0.013, 0.25, 0.5, 0.999, 1.0, 1.7], dtype=torch.float64)
-    sig = inv.sigma_at(t)
-    back = inv(sig)
-    torch.testing.assert_close(inv.sigma_at(back), sig, rtol=1e-12, atol=0)
+    sig = inv.sigma(t)
+    back = inv.time(sig)
+    torch.testing.assert_close(inv.sigma(back), sig, rtol=1e-12, atol=0)
     torch.testing.assert_close(back, t, rtol=1e-9, atol=0)
 
 

@@ -29,7 +29,6 @@ table, to ``|Δ log σ| ≤ 1e-14``. The state is built at the exact t(σ), also
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping
 from typing import Literal, Optional
 
@@ -39,13 +38,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import parameterization
 from ..sde import RecipeSDE, blocks
+from ..sde.noise_level import NoiseLevel
 from .base import Denoiser, jsonable
 
-__all__ = ["RecipeDenoiser", "RESIDUALS", "SigmaToTime", "recipe_scheduler"]
+__all__ = ["RecipeDenoiser", "RESIDUALS", "recipe_scheduler"]
 
 RESIDUALS = ("sample", "zero")
 #: the time range on which σ → t is inverted (the state is built at the exact t inside it)
-_T_LO, _T_HI, _TABLE_POINTS = 1e-8, 2.0, 2049
 
 
 def recipe_scheduler(scheduler_or_config):
@@ -63,50 +62,6 @@ def recipe_scheduler(scheduler_or_config):
         raise ValueError("`scheduler` config has no `diffusion` key: not a diffusers_psld scheduler config")
     params = inspect.signature(PSLDScheduler.__init__).parameters
     return PSLDScheduler(**{k: v for k, v in cfg.items() if k in params and k != "sampler"})
-
-
-class SigmaToTime:
-    """σ ↦ t for a :class:`~diffusers_psld.RecipeSDE` (float64; module docstring). ``__call__(sigma)`` → t clamped to
-    [1e-8, 2]; ``sigma_at(t)`` → σ_t."""
-
-    def __init__(self, sde: RecipeSDE):
-        self.sde = sde
-        self.closed_form = sde.k == 1 and float(sde.D[0, 0]) == 0.5 and float(sde.masses[0]) == 1.0
-        self.log_t = torch.linspace(math.log(_T_LO), math.log(_T_HI), _TABLE_POINTS, dtype=torch.float64)
-        self.log_sigma = self._log_sigma(self.log_t)
-        if not bool((self.log_sigma.diff() > 0).all()):
-            raise ValueError(f"σ_t is not increasing in t for {sde!r}: the noise level does not determine the time")
-
-    def _log_sigma(self, log_t: torch.Tensor) -> torch.Tensor:
-        kern = self.sde.hsm_kernel(torch.exp(log_t))
-        return torch.log(parameterization.sufficient_statistic(kern.mean_coef, kern.chol)[1])
-
-    def sigma_at(self, t) -> torch.Tensor:
-        """σ_t (float64) at forward times ``t``."""
-        return torch.exp(self._log_sigma(torch.log(torch.as_tensor(t, dtype=torch.float64))))
-
-    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
-        target = torch.log(sigma).clamp(float(self.log_sigma[0]), float(self.log_sigma[-1]))
-        if self.closed_form:  # VP: σ² = e^B - 1, B(t) = β_min t + ½ Δβ t²
-            b0, d = self.sde.beta_min, self.sde.beta_max - self.sde.beta_min
-            big_b = torch.log1p(torch.exp(2.0 * target))
-            return 2.0 * big_b / (b0 + torch.sqrt(b0 * b0 + 2.0 * d * big_b))
-        n = self.log_t.numel()
-        hi = torch.searchsorted(self.log_sigma, target).clamp(1, n - 1)
-        lo = hi - 1
-        xa, xb = self.log_t[lo], self.log_t[hi]
-        fa, fb = self.log_sigma[lo] - target, self.log_sigma[hi] - target
-        for _ in range(100):  # Illinois (regula falsi with halving): superlinear, keeps the bracket
-            done = (fb.abs() <= 1e-14) | (fa.abs() <= 1e-14)
-            if bool(done.all()):
-                break
-            denom = fb - fa
-            xc = torch.where(denom != 0, xb - fb * (xb - xa) / torch.where(denom != 0, denom, 1.0), 0.5 * (xa + xb))
-            fc = self._log_sigma(xc) - target
-            flip = (fc * fb) < 0
-            xa, fa = torch.where(flip, xb, xa), torch.where(flip, fb, 0.5 * fa)
-            xb, fb = torch.where(done, xb, xc), torch.where(done, fb, fc)
-        return torch.exp(torch.where(fb.abs() <= fa.abs(), xb, xa))
 
 
 class RecipeDenoiser(Denoiser):
@@ -152,7 +107,7 @@ class RecipeDenoiser(Denoiser):
             self.register_to_config(null_class=self.num_class_embeds is not None)
         self._sde = self._sched.sde
         self._mask = self._sde.eps_mask()
-        self._inverse = SigmaToTime(self._sde)
+        self._inverse = NoiseLevel(self._sde)
         self._generator = None
         self.manual_seed(residual_seed)
 
@@ -163,7 +118,7 @@ class RecipeDenoiser(Denoiser):
 
     @property
     def sigma_range(self):
-        s = self._inverse.sigma_at(torch.tensor([float(self.config.t_min), 1.0], dtype=torch.float64))
+        s = self._inverse.sigma(torch.tensor([float(self.config.t_min), 1.0], dtype=torch.float64))
         return (float(s[0]), float(s[1]))
 
     def manual_seed(self, seed: Optional[int]):
@@ -176,7 +131,7 @@ class RecipeDenoiser(Denoiser):
 
     def sigma_to_time(self, sigma: torch.Tensor) -> torch.Tensor:
         """The forward time t with σ_t = σ (float64; not clamped to the training range, see the module docstring)."""
-        return self._inverse(sigma)
+        return self._inverse.time(sigma)
 
     def forward(self, sample, sigma, class_labels=None, generator: Optional[torch.Generator] = None):
         """As :meth:`diffusers_psld.denoisers.base.Denoiser.forward`; ``generator`` draws the residual for this call (default: the wrapper's own)."""
@@ -188,7 +143,7 @@ class RecipeDenoiser(Denoiser):
 
     def denoise(self, y, sigma, class_labels):
         uniq, inv = torch.unique(sigma, return_inverse=True)
-        t = self._inverse(uniq)[inv]
+        t = self._inverse.time(uniq)[inv]
         kern = self._sde.hsm_kernel(t)
         a, L = kern.mean_coef, kern.chol  # [B, k], [B, k, k]
         B, k = y.shape[0], self._input_components

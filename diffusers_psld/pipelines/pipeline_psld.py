@@ -139,7 +139,7 @@ DEFAULT_INFERENCE_STEPS = 100
 def set_schedule(scheduler, num_inference_steps: Optional[int] = None, timesteps=None, sigmas=None, device=None) -> int:
     """diffusers' ``retrieve_timesteps`` for the pipelines: ``scheduler.set_timesteps`` with at most one of
     ``num_inference_steps``, ``timesteps``, ``sigmas``; with none, the scheduler's stored custom schedule
-    (``custom_timesteps`` / ``custom_sigmas``) or :data:`DEFAULT_INFERENCE_STEPS` calls. Returns the NFE
+    (``custom_timesteps`` / ``custom_sigmas``) or ``DEFAULT_INFERENCE_STEPS`` (100) calls. Returns the NFE
     (``len(scheduler.timesteps)``).
 
     Raises:

@@ -2,7 +2,7 @@ r"""The forward process behind the schedulers: the prior, ``add_noise`` (the HSM
 per-time kernel maps that guidance, inpainting and likelihood use (ε ↔ score, the consistent ε).
 
 :class:`ForwardProcessMixin` is part of :class:`~.scheduling_psld.PSLDScheduler`; it needs ``self.sde`` (the
-:class:`~diffusers_psld.sde.RecipeSDE`), ``self._prior_scale`` and the installed step tables (``self._tables``).
+:class:`~diffusers_psld.RecipeSDE`), ``self._prior_scale`` and the installed step tables (``self._tables``).
 All kernel math is float64 on the CPU; only cast copies reach the device.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ class ForwardProcessMixin:
     def consistent_eps(self, sample: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
         """The ``project_eps`` map at forward time ``t``: ε' = L⁻¹(z - a x̂₀), x̂₀ = aᵀ(z - Lε)/aᵀa, in
         ``eps``'s dtype (see :func:`diffusers_psld.sampling.eps_projection`). Applied regardless of the
-        config flag; for score functions outside :meth:`step` (likelihood)."""
+        config flag; for score functions outside ``step()`` (likelihood)."""
         kern = self.hsm_kernel_at(t)
         Mz, Me = sampling.eps_projection(kern.mean_coef, kern.chol)
         return blocks.apply(Mz, sample.to(eps.dtype)) + blocks.apply(Me, eps)

@@ -13,7 +13,7 @@ Config keys (shared by every scheduler class, same defaults, so ``Other.from_con
 * ``custom_timesteps`` / ``custom_sigmas``: a stored custom schedule (forward times, or noise levels σ_t with an
   optional trailing 0), the grid of ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)``, which write
   it here so that a saved pipeline samples with it again.
-* ``final_step`` (:data:`FINAL_STEPS`): the last model call, from the last grid time to t = 0: ``"euler"`` (the
+* ``final_step`` (``FINAL_STEPS``): the last model call, from the last grid time to t = 0: ``"euler"`` (the
   sampler's own noiseless first-order step: the mean of an Euler–Maruyama step for the stochastic samplers, a
   probability-flow Euler step for PF-Euler / PF-Heun / the deterministic splitting schemes, the exponential
   integrator's step for the conjugate, gDDIM and conjugate-splitting samplers) or ``"tweedie"`` (the posterior mean
@@ -51,7 +51,7 @@ class ScheduleOptions:
         grid, rho: the named grid of ``set_timesteps(num_inference_steps)`` and its exponent (None: the default).
         t_lo, t_hi: its last and first forward time (float64; ``sampling_eps`` and 1 unless σ_min / σ_max are set).
         t_min: the smallest time a schedule may list (:func:`.time_grids.min_time`).
-        final_step: one of :data:`FINAL_STEPS`.
+        final_step: one of ``FINAL_STEPS``.
         custom: the stored custom grid (descending float64 forward times) or None; ``custom_name`` is
             ``"timesteps"`` or ``"sigmas"`` (the argument it came from).
         legacy: the config key the named grid comes from (``"time_grid"``, ``"striding"``, ``"spacing_power"``, ...),
@@ -133,7 +133,7 @@ class ScheduleMixin:
 
     @property
     def calls_per_step(self) -> int:
-        """Model calls per step of the configured sampler: 2 for PF-Heun (predictor and corrector), else 1."""
+        """How many model calls one step of the configured sampler takes; 2 for PF-Heun (predictor and corrector), else 1."""
         return 2 if self.config.sampler == "pf_heun" else 1
 
     @property

@@ -341,11 +341,11 @@ class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, Networ
                 ``sigma_min`` / ``sigma_max``); an int (NumPy integers accepted) in [2, ``MAX_INFERENCE_STEPS``] =
                 [2, 100000]. Replaces a stored custom schedule (with a warning).
             device: where ``timesteps`` (a float32 tensor) goes; the float64 tables stay on the CPU.
-            timesteps (list / 1-D array / tensor of floats): a custom grid of forward times t_0 > ... > t_{M-1} in
+            timesteps (`list`, 1-D array or tensor of floats): a custom grid of forward times t_0 > ... > t_{M-1} in
                 [t_min, 1], t_min = min(1e-5, sampling_eps): steps between consecutive times, the final call at
-                t_{M-1} (``final_step``). N = (M - 1)·:attr:`calls_per_step` + 1 model calls. Stored in the config
+                t_{M-1} (``final_step``). N = (M - 1)·``calls_per_step`` + 1 model calls. Stored in the config
                 (``custom_timesteps``).
-            sigmas (list / 1-D array / tensor of floats): the same grid given by its noise levels σ_t
+            sigmas (`list`, 1-D array or tensor of floats): the same grid given by its noise levels σ_t
                 (:func:`~diffusers_psld.schedulers.time_grids.noise_level`; VP / EDM / Karras σ), strictly
                 decreasing within [σ(t_min), σ(1)], mapped to times in float64. A trailing 0 (diffusers' and
                 k-diffusion's "final sigma" marker) is accepted and dropped: every schedule here ends at σ = 0 with its

@@ -9,7 +9,7 @@ is the noise level of an equivalent VE / EDM model (for VP, σ_t = σ/α = √((
 of diffusers' Euler / DPM-Solver schedulers). σ_t increases from 0 at t = 0 to σ(1) (about 258 for the PSLD preset,
 152 for VP, 248 for CLD), so EDM's ρ-schedule, Karras σ and Align-Your-Steps σ lists mean the same thing here.
 :func:`noise_level` computes σ_t, :func:`time_for_noise_level` inverts it (float64; closed form for k = 1 (VP),
-else bracketed root finding on a log-σ table, relative error <= 1e-12).
+else bracketed root finding on a log-σ table, relative error <= 1e-12; :mod:`diffusers_psld.sde.noise_level`).
 
 **Grids** (``n`` steps → ``n + 1`` times from ``t_hi`` down to ``t_lo``, end points exact, strictly decreasing):
 
@@ -28,7 +28,6 @@ scheduler config as ``custom_timesteps`` / ``custom_sigmas``); :func:`check_cust
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Sequence
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from .. import parameterization
+from ..sde.noise_level import NoiseLevel
 
 __all__ = ["STRIDINGS", "TIME_GRIDS", "DEFAULT_RHO", "MAX_POWER_RHO", "MAX_EDM_RHO", "MIN_TIME", "time_grid",
            "uniform_grid", "power_grid", "logsnr_grid", "edm_grid", "named_grid", "noise_level",
@@ -43,9 +43,9 @@ __all__ = ["STRIDINGS", "TIME_GRIDS", "DEFAULT_RHO", "MAX_POWER_RHO", "MAX_EDM_R
 
 STRIDINGS = ("uniform", "quadratic")
 TIME_GRIDS = ("uniform", "power", "logsnr", "edm")
-#: ρ of the grids when the config leaves it unset: the quadratic striding for "power", EDM's 7 for "edm"
+#: The default ρ of each grid when the config leaves it unset (the quadratic striding for "power", EDM's 7 for "edm").
 DEFAULT_RHO = {"power": 2.0, "edm": 7.0}
-#: largest ρ of the power grid: already at ρ = 8 the grid puts ~60 % of the steps below t = 0.01 (ρ = 2-3 is the useful
+#: The largest ρ of the power grid. Already at ρ = 8 the grid puts ~60 % of the steps below t = 0.01 (ρ = 2-3 is the useful
 #: range); larger powers collapse the last grid points onto the last time in float64
 MAX_POWER_RHO = 8.0
 #: largest ρ of the EDM grid (ρ → ∞ is the log-σ grid; EDM uses 7)
@@ -54,7 +54,6 @@ MAX_EDM_RHO = 1000.0
 #: 8.9e-4 for the PSLD preset, 1.0e-3 for VP and 8.2e-7 for CLD, so EDM's σ_min = 0.002 is inside every preset's range.
 MIN_TIME = 1e-5
 
-_TABLE_POINTS = 2049  # log-σ table for the inversion (geometric in t); root finding refines inside one cell
 
 
 def time_grid(n: int, eps: float, striding: str) -> torch.Tensor:
@@ -115,7 +114,7 @@ def edm_grid(sde, n: int, t_lo: float, t_hi: float = 1.0, rho: float = 7.0) -> t
 
 def named_grid(sde, name: str, n: int, t_lo: float, t_hi: float = 1.0, rho: Optional[float] = None,
                what: str = "") -> torch.Tensor:
-    """The grid ``name`` (one of :data:`TIME_GRIDS`) with ``n`` steps from ``t_hi`` to ``t_lo`` (ρ defaults:
+    """The grid ``name`` (one of ``TIME_GRIDS``) with ``n`` steps from ``t_hi`` to ``t_lo`` (ρ defaults:
     :data:`DEFAULT_RHO`)."""
     if name == "uniform":
         return uniform_grid(n, t_lo, t_hi)
@@ -136,47 +135,13 @@ def noise_level(sde, t) -> np.ndarray:
     return parameterization.snr(kern.mean_coef, kern.chol).rsqrt().numpy()
 
 
-def _vp_time(sde, sigma: np.ndarray) -> np.ndarray:
-    """k = 1 closed form: σ² = mass·(e^{-2F B(t)} - 1), B(t) = β_min t + ½(β_max - β_min) t²."""
-    f, mass = float(sde.F[0, 0]), float(sde.masses[0])
-    b = np.log1p(sigma * sigma / mass) / (-2.0 * f)
-    b0, db = sde.beta_min, sde.beta_max - sde.beta_min
-    return 2.0 * b / (b0 + np.sqrt(b0 * b0 + 2.0 * db * b))  # the root of ½ db t² + b0 t - b, without cancellation
-
-
 def time_for_noise_level(sde, sigma, t_lo: float = MIN_TIME * 1e-3) -> np.ndarray:
     """The forward times t with σ_t = ``sigma`` (float64, elementwise; σ in [σ(t_lo), σ(1)], which the callers
-    check). Closed form for k = 1 (VP); otherwise the bracketing cell of a log-σ table geometric in t, refined by
-    Illinois regula falsi on log σ against log t (monotone, nearly linear there) to a relative 1e-15 in t."""
+    check): :meth:`diffusers_psld.sde.noise_level.NoiseLevel.time` on ``[t_lo, 1]``."""
     sig = np.asarray(sigma, dtype=np.float64).reshape(-1)
     if sig.size == 0:
         return sig.copy()
-    if sde.k == 1:
-        return np.minimum(_vp_time(sde, sig), 1.0)
-    lt_tab = np.linspace(math.log(t_lo), 0.0, _TABLE_POINTS)
-    ls_tab = np.log(noise_level(sde, np.exp(lt_tab)))
-    target = np.log(sig)
-    j = np.clip(np.searchsorted(ls_tab, target), 1, _TABLE_POINTS - 1)
-    a, b = lt_tab[j - 1], lt_tab[j]  # log t bracket: f(a) <= 0 <= f(b), f = log σ - log σ_target (increasing)
-    fa, fb = ls_tab[j - 1] - target, ls_tab[j] - target
-    x = np.where(fb == 0, b, a)
-    active = (fa != 0) & (fb != 0)
-    side = np.zeros(len(sig), dtype=np.int8)  # which end moved last (+1: b, -1: a): Illinois halves the other's f
-    for _ in range(100):
-        if not active.any():
-            break
-        ia = np.nonzero(active)[0]
-        xa = b[ia] - fb[ia] * (b[ia] - a[ia]) / (fb[ia] - fa[ia])
-        xa = np.where((xa > a[ia]) & (xa < b[ia]), xa, 0.5 * (a[ia] + b[ia]))
-        fx = np.log(noise_level(sde, np.exp(xa))) - target[ia]
-        x[ia] = xa
-        up = fx > 0  # the root is below xa: xa replaces b
-        fa[ia] = np.where(up & (side[ia] == 1), 0.5 * fa[ia], np.where(up, fa[ia], fx))
-        fb[ia] = np.where(~up & (side[ia] == -1), 0.5 * fb[ia], np.where(up, fx, fb[ia]))
-        a[ia], b[ia] = np.where(up, a[ia], xa), np.where(up, xa, b[ia])
-        side[ia] = np.where(up, 1, -1)
-        active[ia] = (fx != 0) & (b[ia] - a[ia] > 1e-15 * np.maximum(1.0, np.abs(xa)))
-    return np.minimum(np.exp(x), 1.0)
+    return NoiseLevel(sde, t_lo=t_lo, t_hi=1.0).time(torch.from_numpy(sig)).numpy()
 
 
 def min_time(sampling_eps: float) -> float:
