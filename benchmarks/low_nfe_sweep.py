@@ -8,11 +8,12 @@ metrics and driver), so the Fréchet distance measures discretisation error only
 
 * factors: ``solver_order`` ∈ {2, 3, 4}; ``corrector`` ∈ {none, unic}; time grid ∈ {power 2.5 in t (the
   default), power 1.5 in t, uniform in log-SNR, EDM's ρ = 7 in σ}; σ_min = σ(t_min) with t_min ∈ {1e-3 (the
-  default ``sampling_eps``), 0.02, 0.05}; start ∈ {the prior at t = 1 (σ = 258), σ_max = 30 or 10 with
-  ``analytic_first_step``}; ``lower_order_final=False``. σ is the noise level of the sufficient statistic
-  (σ_t² = 1/(aᵀΣ_t⁻¹a)), the σ of VP/EDM models. A start below t = 1 hands the first call the data-free flow
-  Ψ(t_0, 1) z_1 of the prior draw (what ``analytic_first_step`` expects). The best cells of each NFE are re-run with
-  ``lower_order_final=True`` and with ``interpolation="logsnr"``.
+  default ``sampling_eps``), 0.02, 0.05}; start ∈ {the prior at t = 1 (σ = 258), σ_max = 80 (EDM's), 30
+  or 10 with ``analytic_first_step``}; ``lower_order_final=False``. σ is the noise level of the sufficient statistic
+  (σ_t² = 1/(aᵀΣ_t⁻¹a)), the σ of VP/EDM models. The scheduler config carries all of it (``time_grid``, ``rho``,
+  ``sampling_eps`` = t_min, ``sigma_max``); a start below t = 1 draws the data-free state N(0, Σ_{t_0}) of
+  ``sample_prior``. The best cells of each NFE are re-run with ``lower_order_final=True`` and with
+  ``interpolation="logsnr"``.
 * selection: per NFE, the configuration with the lowest Fréchet distance on the **Gaussian mixture** (the
   benchmark's tuning set: sampling seed 404, 1000 samples, reference seed 303) is the selected one; the **digits
   KDE** (seed 7, 2000 samples, reference seed 101) is the test set, reported for every cell but not used to choose.
@@ -21,9 +22,6 @@ metrics and driver), so the Fréchet distance measures discretisation error only
   (the better of ``linspace`` and ``trailing`` spacing by seed 7), against UniPC on the *same σ schedule* as the
   PSLD row (σ_max … σ_min, then the jump to x̂₀; data-free start N(0, σ_max²/(1 + σ_max²))), and the noise floor
   (true vs true, the same 5 seeds).
-
-The time grids and the start below t = 1 are passed to the scheduler through a private hook (``_grid``) until
-the schedulers' public ``timesteps=`` / ``sigmas=`` API is merged.
 
 Usage::
 
@@ -44,7 +42,6 @@ import sys
 import time
 
 import numpy as np
-import scipy.optimize
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,50 +50,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import sampler_accuracy as sa  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: E402
 
-from diffusers_psld.schedulers.scheduling_gddim import GDDIMMultistepScheduler, log_snr  # noqa: E402
+from diffusers_psld.schedulers.scheduling_gddim import GDDIMMultistepScheduler  # noqa: E402
+from diffusers_psld.schedulers.time_grids import noise_level  # noqa: E402
 
 RESULTS = sa.RESULTS
+#: sweep grid name -> (``time_grid``, ``rho``)
 GRIDS = {"power2.5": ("power", 2.5), "power1.5": ("power", 1.5), "logsnr": ("logsnr", None), "edm7": ("edm", 7.0)}
-STARTS = {"prior": None, "sigma30": 30.0, "sigma10": 10.0}
+STARTS = {"prior": None, "sigma80": 80.0, "sigma30": 30.0, "sigma10": 10.0}
 FACTORS = {"solver_order": (2, 3, 4), "corrector": ("none", "unic"), "grid": tuple(GRIDS), "t_min": (1e-3, 0.02, 0.05),
            "start": tuple(STARTS)}
 GOAL_SEEDS = (1000, 1001, 1002, 1003, 1004)
 SELECTED = "PSLD gDDIM, selected configuration"
-
-
-# ---------------------------------------------------------------------------------------------- schedules
-def sigma_of(sde, t) -> np.ndarray:
-    """σ_t = 1/√(aᵀΣ_t⁻¹a) (float64), increasing in t."""
-    return np.exp(-log_snr(sde, np.atleast_1d(np.asarray(t, dtype=np.float64))))
-
-
-def time_of_sigma(sde, sigma) -> np.ndarray:
-    """Forward times with σ_t = ``sigma`` (float64 root finding in log σ on (1e-7, 1])."""
-    out = []
-    for s in np.atleast_1d(sigma):
-        out.append(scipy.optimize.brentq(lambda t: np.log(sigma_of(sde, t)[0] / s), 1e-7, 1.0, xtol=1e-15, rtol=1e-14))
-    return np.array(out)
-
-
-def schedule(sde, n: int, t_min: float, grid: str, t0: float = 1.0) -> torch.Tensor:
-    """``n + 1`` descending float64 times from ``t0`` to ``t_min``: power ρ in t, uniform in log σ (= log-SNR), or
-    EDM's ρ in σ (σ_max^{1/ρ} → σ_min^{1/ρ})."""
-    kind, p = GRIDS[grid]
-    frac = (n - np.arange(n + 1)) / n  # 1 -> 0
-    if kind == "power":
-        t = t_min + (t0 - t_min) * frac ** p
-    else:
-        smax, smin = sigma_of(sde, [t0, t_min])
-        if kind == "logsnr":
-            sig = np.exp(np.log(smin) + frac * (np.log(smax) - np.log(smin)))
-        else:
-            sig = (smin ** (1 / p) + frac * (smax ** (1 / p) - smin ** (1 / p))) ** p
-        t = np.empty(n + 1)
-        t[1:-1] = time_of_sigma(sde, sig[1:-1])
-    t[0], t[-1] = t0, t_min
-    if not np.all(np.diff(t) < 0):
-        raise ValueError(f"grid {grid} with {n} steps on [{t_min}, {t0}] is not strictly descending")
-    return torch.from_numpy(t)
 
 
 def key(cfg: dict) -> str:
@@ -105,15 +69,14 @@ def key(cfg: dict) -> str:
 
 
 def make_scheduler(cfg: dict) -> GDDIMMultistepScheduler:
-    """A PSLD gDDIM scheduler for a sweep cell; the grid (and a start below t = 1) through the private ``_grid``."""
+    """The PSLD gDDIM scheduler of a sweep cell: grid, t_min (``sampling_eps``) and start (``sigma_max``) in its config."""
     cfg = dict(cfg)
     grid, t_min, start = cfg.pop("grid"), cfg.pop("t_min"), cfg.pop("start")
     afs = cfg.pop("analytic_first_step", True)  # False: the same data-free start without the analytic first step
     cfg.setdefault("lower_order_final", False)
-    sched = GDDIMMultistepScheduler(sampling_eps=t_min, analytic_first_step=afs and STARTS[start] is not None, **cfg)
-    t0 = 1.0 if STARTS[start] is None else float(time_of_sigma(sched.sde, STARTS[start])[0])
-    sched._grid = lambda m: schedule(sched.sde, m, t_min, grid, t0)  # private hook until `timesteps=` lands
-    return sched
+    time_grid, rho = GRIDS[grid]
+    return GDDIMMultistepScheduler(sampling_eps=t_min, time_grid=time_grid, rho=rho, sigma_max=STARTS[start],
+                                   analytic_first_step=afs and STARTS[start] is not None, **cfg)
 
 
 # ---------------------------------------------------------------------------------------------- VP on a σ schedule
@@ -217,7 +180,7 @@ def goal_check(digits, nfes, selected, n, log):
         rows = {}
         sched = make_scheduler(cfg)
         sched.set_timesteps(nfe)
-        sig = sigma_of(sched.sde, sched.exact_timesteps.numpy())  # the NFE evaluation σ's (last: σ_min)
+        sig = noise_level(sched.sde, sched.exact_timesteps.numpy())  # the NFE evaluation σ's (last: σ_min)
         makers = {SELECTED: lambda sd: sa.run_psld_scheduler(make_scheduler(cfg), digits, nfe, n, sd),
                   "PSLD gDDIM, the same without the analytic first step (data-free start at σ_max)":
                       lambda sd: sa.run_psld_scheduler(make_scheduler({**cfg, "analytic_first_step": False}), digits,
@@ -257,7 +220,7 @@ def write_report(path, command, machine, wall, nfes, res, extra, selected, goals
           f"(selection set): {n_mix} samples, sampling seed 404, reference seed 303. Digits KDE (test set): {n_dig} "
           f"samples, sampling seed 7, reference seed 101; goal check with sampling seeds {list(GOAL_SEEDS)}. "
           f"NFE = model evaluations (the final call at t_min included; no evaluation at t = 1 when the start is "
-          f"σ_max = 30 or 10 with the analytic first step). `lower_order_final=False` unless named.\n"]
+          f"σ_max = 80, 30 or 10 with the analytic first step). `lower_order_final=False` unless named.\n"]
     md.append("## Selected configuration per NFE (lowest FD on the mixture) and the goal check on the digits KDE\n")
     md.append("| NFE | selected (mixture) | mixture FD | digits FD (seed 7) | digits best cell (seed 7; not used to "
               "select) |\n|---|---|---|---|---|")

@@ -23,8 +23,8 @@ is the same distance between two independent true sample sets. Fixed seeds every
 Low NFE: the rows ``gDDIM multistep 3M + UniC`` (the corrector option, other settings default) and ``gDDIM
 low-NFE (sweep-selected)`` (order, corrector, time grid, σ_min and start chosen per NFE band on the mixture by
 ``benchmarks/low_nfe_sweep.py``, read from its JSON) sit next to Diffusers' UniPC and DPM-Solver++ at NFE 5 and 8.
-A schedule that starts below t = 1 hands its first call the data-free flow Ψ(t_0, 1) of the prior draw
-(``analytic_first_step``).
+A schedule that starts below t = 1 (``sigma_max``) draws its first state from ``sample_prior``'s data-free law
+N(0, Σ_{t_0}), which ``analytic_first_step`` completes.
 
 Usage::
 
@@ -58,8 +58,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: E402
 
 from diffusers_psld.ode import probability_flow_sample  # noqa: E402
-from diffusers_psld.sde import blocks  # noqa: E402
-from diffusers_psld.schedulers.scheduling_conjugate import ConjugateScheduler, gddim_transition  # noqa: E402
+from diffusers_psld.schedulers.scheduling_conjugate import ConjugateScheduler  # noqa: E402
 from diffusers_psld.schedulers.scheduling_gddim import GDDIMMultistepScheduler  # noqa: E402
 from diffusers_psld.schedulers.scheduling_psld import PSLDScheduler  # noqa: E402
 from diffusers_psld.schedulers.scheduling_splitting import SplittingScheduler  # noqa: E402
@@ -178,10 +177,7 @@ def run_psld_scheduler(sched, data, nfe, n, seed):
     sched.set_timesteps(nfe)
     sde = sched.sde
     g = torch.Generator().manual_seed(seed)
-    z = sched.sample_prior((n, 2 * data.d), generator=g, dtype=torch.float64)
-    t0 = float(sched.exact_timesteps[0])
-    if t0 < 1.0:  # a schedule that starts below t = 1: the data-free flow Ψ(t0, 1) of the prior draw
-        z = blocks.apply(gddim_transition(sde, [t0], [1.0])[0], z)
+    z = sched.sample_prior((n, 2 * data.d), generator=g, dtype=torch.float64)  # N(0, Σ_t0) if t0 < 1
     calls = 0
     for t in sched.timesteps:
         kern = sde.hsm_kernel(float(t))

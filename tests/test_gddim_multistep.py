@@ -69,22 +69,18 @@ def test_step_exact_for_polynomial_x0_vs_ode_solve(name, interp, corr):
             assert np.abs(pred - sol.y[:, -1]).max() > 1e-6
 
 
-def _start_below_one(sched, t0):
-    """Private grid hook (until the public ``timesteps=`` API): the default power grid squeezed onto [eps, t0]."""
-    eps = sched.config.sampling_eps
-    sched._grid = lambda m: eps + (t0 - eps) * (spacing_grid(sched.sde, m, eps, "power", 2.5) - eps) / (1 - eps)
-
-
 def _point_mass_error(n, t0=1.0, **kw):
     sched = GDDIMMultistepScheduler(**kw)
     sde = sched.sde
-    if t0 < 1:
-        _start_below_one(sched, t0)
-    sched.set_timesteps(n)
+    if t0 < 1:  # the default power grid on [sampling_eps, t0], given as forward times
+        eps = sched.config.sampling_eps
+        sched.set_timesteps(timesteps=eps + (t0 - eps) * (spacing_grid(sde, n - 1, eps, "power", 2.5) - eps) / (1 - eps))
+    else:
+        sched.set_timesteps(n)
     c = 0.7
     z = torch.tensor([[0.3], [-0.4]], dtype=torch.float64)[None, : sde.k]
-    z_start = z[0, :, 0].clone()
-    if t0 < 1:  # the state handed to the first call: the data-free flow of the prior draw
+    z_start = z[0, :, 0].clone()  # the state at t = 1
+    if t0 < 1:  # a start below t = 1: the data-free flow Ψ(t0, 1) of the state at t = 1 (law N(0, Σ_t0) for N(0, Σ_1))
         z = (gddim_transition(sde, [t0], [1.0])[0] @ z_start)[None, :, None]
     for t in sched.exact_timesteps:  # float64 times: the kernel below must be the scheduler's
         k = sde.hsm_kernel(float(t))
@@ -121,10 +117,7 @@ def test_analytic_first_step_local_error():
         s = GDDIMMultistepScheduler(solver_order=1, analytic_first_step=afs)
         sde = s.sde
         t0 = 1.0 - h
-        s._grid = lambda m: torch.cat([torch.tensor([t0], dtype=torch.float64),
-                                       (t0 - 0.5 * h) * spacing_grid(sde, m - 1, 1e-3, "power", 2.0)[:-1],
-                                       torch.tensor([1e-3], dtype=torch.float64)])
-        s.set_timesteps(6)
+        s.set_timesteps(timesteps=[t0, t0 - 0.5 * h, 0.2, 0.05, 0.01, 1e-3])
         ts = s.exact_timesteps
 
         def marginal(t):
