@@ -52,7 +52,13 @@ def record_of(scheduler) -> Dict[str, Any]:
 
 
 def record_in(model) -> Optional[Dict[str, Any]]:
-    """The record stored in ``model.config`` (a UNet2DModel, NCSNppModel, ...), or None."""
+    """The record stored in ``model.config`` (a UNet2DModel, NCSNppModel, ...), or None. A bridge denoiser
+    (:class:`diffusers_psld.denoisers.Denoiser`, D(y; σ) that every recipe samples) carries none: the network it
+    wraps is read through its own source config."""
+    from .denoisers import Denoiser  # late import: the denoisers import the schedulers
+
+    if isinstance(model, Denoiser):
+        return None
     config = getattr(model, "config", None)
     rec = config.get(RECORD_KEY) if config is not None and hasattr(config, "get") else None
     return dict(rec) if isinstance(rec, dict) else None
@@ -94,6 +100,10 @@ def check(model, scheduler, what: str = "the UNet") -> None:
 
 def stamp(model, scheduler) -> None:
     """Check, then write the scheduler's record into ``model``'s config when it has none (before saving)."""
+    from .denoisers import Denoiser
+
+    if isinstance(model, Denoiser):  # recipe-free: any recipe's scheduler samples it
+        return
     check(model, scheduler)
     if record_in(model) is None and hasattr(scheduler, "sde") and hasattr(model, "register_to_config"):
         model.register_to_config(**{RECORD_KEY: record_of(scheduler)})

@@ -594,9 +594,12 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
     pipe.set_progress_bar_config(disable=True)
 
     k = sched.num_components
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    data_channels = unet.config.in_channels // k
+    if pipe is not None:  # the pipeline knows its layout (also for a wrapped diffusers network, `from_vp`)
+        size, data_channels = tuple(pipe._sample_hw()), pipe.data_channels
+    else:
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        data_channels = unet.config.in_channels // k
 
     @torch.no_grad()
     def sample_fn(batch_size: int, generator: torch.Generator):

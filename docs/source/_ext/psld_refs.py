@@ -30,6 +30,40 @@ def _public_alias(target: str) -> str | None:
     return ".".join([obj.__module__, obj.__qualname__, *parts[2:]])
 
 
+def _import(name: str):
+    """The object with the full dotted ``name`` (module path, then attributes), or None."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+        return obj
+    return None
+
+
+def _inherited(target: str, objects) -> str | None:
+    """``PSLDScheduler.model_time`` -> the documented method of the base class that defines it (the schedulers are
+    assembled from mixins in their own modules): the class must resolve uniquely, then its MRO is walked."""
+    head, _, attr = target.rpartition(".")
+    if not head:
+        return None
+    alias = _public_alias(head)
+    classes = [alias] if alias in objects else [
+        n for n, e in objects.items()
+        if n.startswith("diffusers_psld.") and e.objtype == "class" and (n == head or n.endswith("." + head))]
+    if len(classes) != 1:
+        return None
+    cls = _import(classes[0])
+    for base in getattr(cls, "__mro__", ()):
+        if attr in vars(base):
+            name = f"{base.__module__}.{base.__qualname__}.{attr}"
+            return name if name in objects else None
+    return None
+
+
 def _resolve(app, env, node, contnode):
     if node.get("refdomain") != "py":
         return None
@@ -46,7 +80,10 @@ def _resolve(app, env, node, contnode):
                    if name.startswith("diffusers_psld.") and (name == target or name.endswith("." + target))
                    and (kinds is None or entry.objtype in kinds)]
     if len(matches) != 1:
-        return None
+        inherited = _inherited(target, objects)
+        if inherited is None:
+            return None
+        matches = [inherited]
     entry = objects[matches[0]]
     return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, matches[0])
 
