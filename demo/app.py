@@ -305,7 +305,7 @@ class DemoContext:
 
     def controls(self):
         sampler = gr.Dropdown(list(SAMPLERS), value=self.default_sampler, label="sampler")
-        steps = raw_slider(2, MAX_STEPS, value=min(50, MAX_STEPS), step=1, label="steps (model evaluations)")
+        steps = raw_slider(2, MAX_STEPS, value=min(20, MAX_STEPS), step=1, label="steps (model evaluations)")
         seed = raw_number(0, precision=0, label="seed (0 … 2**64 - 1)")
         batch = raw_slider(1, MAX_BATCH, value=4, step=1, label="batch size")
         return [sampler, steps, seed, batch]

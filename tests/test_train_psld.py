@@ -34,7 +34,7 @@ def losses(out):
 def test_tiny_run_produces_loadable_pipeline_card_and_grid(tmp_path):
     from huggingface_hub import ModelCard
 
-    from diffusers_psld import PSLDScheduler
+    from diffusers_psld import GDDIMMultistepScheduler
     from diffusers_psld.pipelines import PSLDPipeline
 
     out = tmp_path / "run"
@@ -45,9 +45,11 @@ def test_tiny_run_produces_loadable_pipeline_card_and_grid(tmp_path):
         assert (out / f).exists(), f
     assert not list(out.glob(".tmp-*"))
     pipe = PSLDPipeline.from_pretrained(str(out))
-    assert isinstance(pipe.scheduler, PSLDScheduler) and pipe.scheduler.config.sampler == "sscs"
-    assert pipe.scheduler.config.striding == "quadratic"  # the README's advice for k = 2 models is the saved default
-    assert json.load(open(out / "training_args.json"))["striding"] == "quadratic"
+    # the recommended sampler with its NFE-band defaults is what the saved pipeline samples with
+    assert isinstance(pipe.scheduler, GDDIMMultistepScheduler)
+    assert pipe.scheduler.config.schedule_preset == "auto" and pipe.scheduler.config.time_grid is None
+    targs = json.load(open(out / "training_args.json"))
+    assert targs["sampler"] == "gddim" and targs["num_inference_steps"] == 20
     assert pipe.unet.config.in_channels == 2 and pipe.unet.config.sample_size == 8
     imgs = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert imgs.shape[:3] == (2, 8, 8)
@@ -70,10 +72,11 @@ def test_cld_and_vp_runs(tmp_path, diffusion):
     if diffusion == "cld":
         assert pipe.scheduler.config.gamma == 0.0 and pipe.scheduler.config.nu == 4.0
         assert losses(out)[0]["loss_eps_m"] > 0
-        assert pipe.scheduler.config.striding == "quadratic"
+        # a CLD ε network has no ε_x for gDDIM: SSCS with the quadratic striding is saved
+        assert pipe.scheduler.config.sampler == "sscs" and pipe.scheduler.config.striding == "quadratic"
     else:
         assert pipe.scheduler.config.diffusion == "vp" and pipe.scheduler.sde.beta_max == 20.0
-        assert pipe.scheduler.config.striding == "uniform"
+        assert type(pipe.scheduler).__name__ == "GDDIMMultistepScheduler"
 
 
 def test_class_conditional_run(tmp_path):
@@ -167,6 +170,8 @@ def _folder(tmp_path, n=2):
     (["--seed", "-1"], "--seed"),
     (["--allow_changed_settings", "nu"], "--allow_changed_settings"),
     (["--allow_changed_settings", "no_such_flag"], "--allow_changed_settings"),
+    (["--diffusion", "cld", "--sampler", "gddim"], "--sampler"),  # a CLD ε network has no ε_x for gDDIM
+    (["--diffusion", "vp", "--sampler", "sscs"], "--sampler"),
 ])
 def test_bad_flags_named(tmp_path, extra, flag):
     with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
