@@ -2,7 +2,8 @@
 
 For the same prior draws, runs a saved :class:`PSLDPipeline` with
 
-* ``GDDIMMultistepScheduler`` (data prediction: uses only x̂₀ = aᵀ(z - Lε)/aᵀa) at two NFEs,
+* ``GDDIMMultistepScheduler`` (data prediction: uses only x̂₀ = aᵀ(z - Lε)/aᵀa; the classic grid to ``sampling_eps``,
+  whose limit is the ODE solution) at two NFEs,
 * ``PSLDScheduler(sampler="pf_heun")`` with the raw ε and with ``project_eps=True`` at several NFEs,
 * the adaptive probability-flow ODE (:func:`diffusers_psld.ode.probability_flow_sample`, dopri5), raw and
   projected (an integrator independent of both),
@@ -57,7 +58,7 @@ def run(args):
         print(f"{name}: {times[name]:.0f} s", flush=True)
 
     for n in args.gddim_nfe:
-        pipeline_run(f"gDDIM-3M NFE {n}", GDDIMMultistepScheduler.from_config(base), n)
+        pipeline_run(f"gDDIM-3M NFE {n}", GDDIMMultistepScheduler.from_config(base, schedule_preset="classic"), n)
     for proj in (False, True):
         for n in args.heun_nfe:
             sched = PSLDScheduler.from_config(base, sampler="pf_heun", striding="uniform", project_eps=proj)

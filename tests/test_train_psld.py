@@ -48,8 +48,7 @@ def test_tiny_run_produces_loadable_pipeline_card_and_grid(tmp_path):
     # the recommended sampler with its NFE-band defaults is what the saved pipeline samples with
     assert isinstance(pipe.scheduler, GDDIMMultistepScheduler)
     assert pipe.scheduler.config.schedule_preset == "auto" and pipe.scheduler.config.time_grid is None
-    targs = json.load(open(out / "training_args.json"))
-    assert targs["sampler"] == "gddim" and targs["num_inference_steps"] == 20
+    assert json.load(open(out / "training_args.json"))["sampler"] == "gddim"
     assert pipe.unet.config.in_channels == 2 and pipe.unet.config.sample_size == 8
     imgs = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert imgs.shape[:3] == (2, 8, 8)
@@ -58,6 +57,17 @@ def test_tiny_run_produces_loadable_pipeline_card_and_grid(tmp_path):
     assert card.data.datasets == ["sklearn-digits"]
     log = losses(out)
     assert [r["step"] for r in log] == [1, 2, 3] and log[0]["lr"] == 0.0  # warm-up from 0, like the paper
+
+
+def test_default_sampler_and_grid_steps_follow_the_recommendation():
+    args = train_psld.parse_args([])
+    assert args.sampler == "gddim" and args.num_inference_steps == 20
+    args = train_psld.parse_args(["--diffusion", "cld"])  # a CLD ε network has no ε_x: SSCS at 100 steps
+    assert args.sampler == "sscs" and args.num_inference_steps == 100
+    args = train_psld.parse_args(["--diffusion", "cld", "--prediction_type", "sample"])
+    assert args.sampler == "gddim"
+    args = train_psld.parse_args(["--sampler", "em", "--num_inference_steps", "7"])
+    assert args.sampler == "em" and args.num_inference_steps == 7
 
 
 @pytest.mark.parametrize("diffusion", ["cld", "vp"])
