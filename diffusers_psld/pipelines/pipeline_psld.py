@@ -443,6 +443,7 @@ class PSLDPipeline(DiffusionPipeline):
                 f"got {type(callback_on_step_end).__name__} {callback_on_step_end!r}"
             )
         generator = _inputs.check_generator(generator, batch_size)
+        self._seed_residual(generator)
         if return_momentum and self.num_components < 2:
             raise ValueError("`return_momentum=True` needs an augmented diffusion (PSLD/CLD); this scheduler is VP (no momentum)")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -451,6 +452,22 @@ class PSLDPipeline(DiffusionPipeline):
         if bad:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {bad}")
         return batch_size, steps, generator, list(callback_on_step_end_tensor_inputs)
+
+    def _seed_residual(self, generator):
+        """A :class:`~diffusers_psld.denoisers.RecipeDenoiser` that draws the state's residual (``residual="sample"``)
+        is re-seeded at every call: from its ``residual_seed`` when set, else from the call's ``generator`` (its
+        ``initial_seed()``; the first one of a list), so the same ``generator`` gives the same images. Without
+        either it draws from the global generator, as before."""
+        from ..denoisers import RecipeDenoiser
+
+        den = self.unet
+        if not isinstance(den, RecipeDenoiser) or den.config.residual != "sample":
+            return
+        if den.config.residual_seed is not None:
+            den.manual_seed(den.config.residual_seed)
+        elif generator is not None:
+            g = generator[0] if isinstance(generator, list) else generator
+            den.manual_seed(g.initial_seed())
 
     def _guided_eps_fn(self, class_labels, guidance_scale, guidance_type, batch_size, device, unet_dtype):
         """Validate the guidance arguments and compose the ε-function: UNet → classifier-free guidance →
