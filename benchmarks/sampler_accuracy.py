@@ -20,8 +20,9 @@ Metrics: Fréchet distance (means and covariances) and sliced Wasserstein-2 dist
 directions) of the data half of 2000 generated samples to 2000 fresh true samples; the noise floor
 is the same distance between two independent true sample sets. Fixed seeds everywhere.
 
-Low NFE: the rows ``gDDIM multistep 3M + UniC`` (the corrector option, other settings default) and ``gDDIM
-low-NFE (sweep-selected)`` (order, corrector, time grid, σ_min and start chosen per NFE band on the mixture by
+Low NFE: the rows ``gDDIM multistep (defaults: NFE bands)`` (the package defaults, ``schedule_preset="auto"``),
+``gDDIM multistep 3M (classic grid)`` and ``+ UniC (classic grid)`` (the earlier fixed defaults, without and with the
+corrector) and ``gDDIM low-NFE (sweep-selected)`` (order, corrector, time grid, σ_min and start chosen per NFE band on the mixture by
 ``benchmarks/low_nfe_sweep.py``, read from its JSON) sit next to Diffusers' UniPC and DPM-Solver++ at NFE 5 and 8.
 A schedule that starts below t = 1 (``sigma_max``) draws its first state from ``sample_prior``'s data-free law
 N(0, Σ_{t_0}), which ``analytic_first_step`` completes.
@@ -270,8 +271,10 @@ def psld_samplers(tuned):
                                                                 **pick("gconj", nfe, {})),
         "gDDIM multistep 2M (tuned)": lambda nfe: GDDIMMultistepScheduler(solver_order=2, **pick("gms2", nfe, {})),
         "gDDIM multistep 3M (tuned)": lambda nfe: GDDIMMultistepScheduler(solver_order=3, **pick("gms3", nfe, {})),
-        "gDDIM multistep 3M (defaults)": lambda nfe: GDDIMMultistepScheduler(),
-        "gDDIM multistep 3M + UniC": lambda nfe: GDDIMMultistepScheduler(corrector="unic"),
+        "gDDIM multistep (defaults: NFE bands)": lambda nfe: GDDIMMultistepScheduler(),
+        "gDDIM multistep 3M (classic grid)": lambda nfe: GDDIMMultistepScheduler(schedule_preset="classic"),
+        "gDDIM multistep 3M + UniC (classic grid)": lambda nfe: GDDIMMultistepScheduler(schedule_preset="classic",
+                                                                                       corrector="unic"),
         "gDDIM low-NFE (sweep-selected)": low_nfe_scheduler,
         "RVV (reduced)": lambda nfe: SplittingScheduler(sampler="rvv", striding="quadratic"),
         "NVV (naive)": lambda nfe: SplittingScheduler(sampler="nvv", striding="quadratic"),
@@ -384,7 +387,7 @@ def evaluate(data, name, nfes, n, n_ref, tuned, log, rk45_tols, patterns=(), goa
 
 
 # declared in advance: the recommended PSLD sampler and the sweep-selected low-NFE configuration
-GOAL_ALWAYS = ("gDDIM multistep 3M (defaults)", "gDDIM low-NFE (sweep-selected)")
+GOAL_ALWAYS = ("gDDIM multistep (defaults: NFE bands)", "gDDIM low-NFE (sweep-selected)")
 
 
 def goal_check(data, name, nfes, n, ref, rows, makers, seeds, log, top=3):
@@ -606,7 +609,7 @@ def main(argv=None):
                                            f"({'yes' if a <= b else f'no, ×{a / b:.2f}'})" for n_, (a, b) in res.items()))
     if any(goals.values()):
         md.append(f"\n## Goal check with {len(goal_seeds)} fresh sampling seeds (mean ± s.d.)\n")
-        md.append("The 3 best rows of each side by their seed-7 FD (PSLD side: plus `gDDIM multistep 3M (defaults)` "
+        md.append("The 3 best rows of each side by their seed-7 FD (PSLD side: plus `gDDIM multistep (defaults: NFE bands)` "
                   "and `gDDIM low-NFE (sweep-selected)`, "
                   "declared in advance) are re-run with fresh seeds; each side keeps the row with the lowest mean FD "
                   "(all candidates are in the log). `tie` = the difference of the means is within 2 standard "

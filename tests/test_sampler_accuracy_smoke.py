@@ -68,13 +68,13 @@ def test_new_schedulers_in_pipeline():
 
 
 def test_cli_subset_run_writes_table_goal_check_and_plot(tmp_path):
-    rows, goals = sa.main(["--nfes", "4,6", "--num_samples", "64", "--samplers", "gDDIM multistep 3M (defaults),VP DDIM",
+    rows, goals = sa.main(["--nfes", "4,6", "--num_samples", "64", "--samplers", "gDDIM multistep (defaults: NFE bands),VP DDIM",
                            "--goal_seeds", "2", "--datasets", "mixture", "--out", str(tmp_path), "--tag", "_t"])
     (label, table_rows), = rows.items()
-    assert set(table_rows) == {"noise floor (true vs true)", "gDDIM multistep 3M (defaults)", "VP DDIM"}
+    assert set(table_rows) == {"noise floor (true vs true)", "gDDIM multistep (defaults: NFE bands)", "VP DDIM"}
     assert set(goals[label]) == {4, 6}
     md = (tmp_path / "sampler_accuracy_t.md").read_text()
-    assert "fresh sampling seeds" in md and "| Gaussian mixture | 6 | gDDIM multistep 3M (defaults) |" in md
+    assert "fresh sampling seeds" in md and "| Gaussian mixture | 6 | gDDIM multistep (defaults: NFE bands) |" in md
     assert (tmp_path / "sampler_accuracy_t.png").stat().st_size > 1000
 
 
