@@ -987,7 +987,9 @@ def card_fields(args, public_args, n_params, world, steps, last_losses, wall, ch
         input_preconditioning=f"c_in(t) = (Σ_t + σ_data² a aᵀ)^(-1/2), σ_data = {args.sigma_data}"
         if args.input_preconditioning else "none",
         snr_gamma="none" if args.snr_gamma is None else f"min-SNR-γ, γ = {args.snr_gamma}",
-        sampler=args.sampler, model_preset=args.model_preset, parameters=f"{n_params:,}",
+        sampler=("GDDIMMultistepScheduler, NFE-band defaults" if args.sampler == "gddim"
+                 else f"{args.sampler}, {args.striding} striding"), model_preset=args.model_preset,
+        parameters=f"{n_params:,}",
         learning_rate=args.learning_rate, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_weight_decay=args.adam_weight_decay, adam_epsilon=args.adam_epsilon, lr_warmup_steps=args.lr_warmup_steps,
         max_grad_norm=args.max_grad_norm, train_batch_size=args.train_batch_size, num_processes=world,
