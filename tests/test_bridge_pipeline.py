@@ -336,3 +336,24 @@ def test_recipe_denoiser_pipeline_is_reproducible_with_the_call_generator(tmp_pa
     again.set_progress_bar_config(disable=True)
     assert type(again.unet).__name__ == "RecipeDenoiser" and type(again.scheduler).__name__ == "GDDIMMultistepScheduler"
     np.testing.assert_allclose(sample(again, 0), a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(num_train_timesteps="1000"), "num_train_timesteps"), (dict(num_train_timesteps=10.5), "num_train_timesteps"),
+    (dict(beta_start=-0.01), "beta_start"), (dict(beta_end=1.5), "beta_end"),
+    (dict(trained_betas=[0.01] * 10), "trained_betas"), (dict(trained_betas=[-0.01] * 1000), "trained_betas"),
+])
+def test_bad_discrete_schedules_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PSLDPipeline.from_vp(tiny_unet(channels=1, size=8), {**DDPMScheduler().config, **bad})
+
+
+def test_to_vp_residual_arguments_are_checked_everywhere(vp_pipe):
+    for kw, match in ((dict(residual="bogus"), "residual"), (dict(residual_seed="a"), "residual_seed"),
+                      (dict(residual_seed=-1), "residual_seed")):
+        with pytest.raises(ValueError, match=match):
+            vp_pipe.to_vp(**kw)
+    with pytest.raises(ValueError, match="RecipeDenoiser"):  # valid values that cannot apply to a from_vp pipeline
+        vp_pipe.to_vp(residual="zero")
+    with pytest.raises(ValueError, match="residual_seed"):
+        RecipeDenoiser(tiny_unet(channels=2, size=8), PSLDScheduler(), residual_seed="a")

@@ -140,3 +140,21 @@ def test_nfe5_band_beats_classic_on_an_exact_mixture(diffusion, ratio):
     auto = _mixture_error(GDDIMMultistepScheduler(diffusion=diffusion), mix, 5)
     classic = _mixture_error(GDDIMMultistepScheduler(diffusion=diffusion, schedule_preset="classic"), mix, 5)
     assert auto < ratio * classic, (auto, classic)
+
+
+def test_sampling_eps_stays_the_smallest_time():
+    s = GDDIMMultistepScheduler(sampling_eps=0.03)  # σ(0.03) < 0.16: the band's σ_min
+    s.set_timesteps(5)
+    assert math.isclose(s.resolved_options["sigma_min"], 0.16, rel_tol=1e-9)
+    s = GDDIMMultistepScheduler(sampling_eps=0.5)  # σ(0.5) > half the band's σ_max: the classic grid to sampling_eps
+    s.set_timesteps(5)
+    assert float(s.exact_timesteps[-1]) == 0.5 and float(s.exact_timesteps[0]) == 1.0
+
+
+def test_resolved_rho_is_the_exponent_used_and_numpy_indices_save(tmp_path):
+    s = GDDIMMultistepScheduler(time_grid="edm")
+    s.set_timesteps(5)
+    assert s.resolved_options["rho"] == 7.0
+    s = GDDIMMultistepScheduler(disable_corrector=[np.int64(0), np.int64(2)])
+    s.save_pretrained(tmp_path)  # was: TypeError, int64 is not JSON serializable
+    assert GDDIMMultistepScheduler.from_pretrained(tmp_path).config.disable_corrector == [0, 2]

@@ -182,6 +182,7 @@ def _folder(tmp_path, n=2):
     (["--allow_changed_settings", "no_such_flag"], "--allow_changed_settings"),
     (["--diffusion", "cld", "--sampler", "gddim"], "--sampler"),  # a CLD ε network has no ε_x for gDDIM
     (["--diffusion", "vp", "--sampler", "sscs"], "--sampler"),
+    (["--num_inference_steps", "100001"], "--num_inference_steps"),  # was found only after training
 ])
 def test_bad_flags_named(tmp_path, extra, flag):
     with pytest.raises(ValueError, match=flag.replace("-", r"\-")):

@@ -269,6 +269,10 @@ def resolve_and_validate(args) -> argparse.Namespace:
                         ("--checkpointing_steps", args.checkpointing_steps, 1), ("--save_images_steps", args.save_images_steps, 1)):
         if v < lo:
             _err(flag, f"must be >= {lo}, got {v}")
+    from diffusers_psld.schedulers.validation import MAX_INFERENCE_STEPS
+
+    if args.num_inference_steps > MAX_INFERENCE_STEPS:  # else found only at the first sample grid, after training
+        _err("--num_inference_steps", f"must be <= {MAX_INFERENCE_STEPS}, got {args.num_inference_steps}")
     for flag, v in (("--max_train_steps", args.max_train_steps), ("--num_epochs", args.num_epochs),
                     ("--checkpoints_total_limit", args.checkpoints_total_limit)):
         if v is not None and v < 1:

@@ -32,6 +32,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from diffusers import ConfigMixin, ModelMixin  # noqa: F401  (names the pipeline loader looks up here)
 from diffusers.utils.torch_utils import randn_tensor
@@ -64,6 +65,16 @@ def recipe_scheduler(scheduler_or_config):
     return PSLDScheduler(**{k: v for k, v in cfg.items() if k in params and k != "sampler"})
 
 
+def check_residual(residual, residual_seed) -> None:
+    """``ValueError`` naming the argument for a ``residual`` outside :data:`RESIDUALS` or a ``residual_seed`` that is
+    not None or an int in [0, 2**64)."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"`residual` must be one of {RESIDUALS}, got {residual!r}")
+    if residual_seed is not None and (isinstance(residual_seed, bool) or not isinstance(residual_seed, (int, np.integer))
+                                      or not 0 <= int(residual_seed) < 2 ** 64):
+        raise ValueError(f"`residual_seed` must be None or an int in [0, 2**64), got {residual_seed!r}")
+
+
 class RecipeDenoiser(Denoiser):
     r"""A network of this package (any recipe, any ``prediction_type``, with or without input preconditioning) as a
     denoiser ``D(y; σ)`` over its C data channels (module docstring for the construction and its exactness).
@@ -90,14 +101,14 @@ class RecipeDenoiser(Denoiser):
                  residual_seed: Optional[int] = None, t_min: float = 1e-5, null_class: Optional[bool] = None,
                  network_class: Optional[str] = None, network_config: Optional[dict] = None):
         super().__init__()
+        check_residual(residual, residual_seed)
+        residual_seed = None if residual_seed is None else int(residual_seed)  # JSON-safe (NumPy ints)
         self.register_to_config(residual=residual, residual_seed=residual_seed, t_min=t_min, null_class=null_class)
         if scheduler is None:
             raise ValueError("RecipeDenoiser needs `scheduler`: the diffusers_psld scheduler (or config) of the network")
         self._sched = recipe_scheduler(scheduler)
         cfg = dict(scheduler) if isinstance(scheduler, Mapping) else dict(scheduler.config)
         self.register_to_config(scheduler=jsonable({k: v for k, v in cfg.items() if k != "_use_default_values"}))
-        if residual not in RESIDUALS:
-            raise ValueError(f"`residual` must be one of {RESIDUALS}, got {residual!r}")
         if not 0 < float(t_min) < 1:
             raise ValueError(f"`t_min` must be in (0, 1), got {t_min!r}")
         self._init_network(unet, network_class, network_config)

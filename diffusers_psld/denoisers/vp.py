@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import Optional
 
+import numpy as np
 import torch
 from diffusers import ConfigMixin, DDPMScheduler, ModelMixin  # noqa: F401  (names the pipeline loader looks up here)
 
@@ -50,10 +51,27 @@ def discrete_alphas_cumprod(config: dict) -> torch.Tensor:
     in training, then widened).
 
     Raises:
-        ValueError: no ``num_train_timesteps``, or a ``beta_schedule`` diffusers does not implement.
+        ValueError: no ``num_train_timesteps`` (or not an int >= 2), ``beta_start`` / ``beta_end`` outside (0, 1),
+            ``trained_betas`` of the wrong length or outside (0, 1), or a ``beta_schedule`` diffusers does not implement.
     """
     if "num_train_timesteps" not in config:
         raise ValueError("the scheduler config has no `num_train_timesteps`: not a DDPM-family (discrete VP) schedule")
+    T = config["num_train_timesteps"]
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 2:
+        raise ValueError(f"the scheduler config's `num_train_timesteps` must be an int >= 2, got {T!r}")
+    betas = config.get("trained_betas")
+    if betas is not None:
+        b = np.asarray(betas, dtype=np.float64).reshape(-1)
+        if len(b) != T:
+            raise ValueError(f"the scheduler config's `trained_betas` has {len(b)} entries for num_train_timesteps={T}")
+        if not (np.isfinite(b).all() and (b > 0).all() and (b < 1).all()):
+            raise ValueError("the scheduler config's `trained_betas` must all be in (0, 1)")
+    else:
+        for key in ("beta_start", "beta_end"):
+            v = config.get(key)
+            if v is not None and not (isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
+                                      and 0 < float(v) < 1):
+                raise ValueError(f"the scheduler config's `{key}` must be a number in (0, 1), got {v!r}")
     kwargs = {k: config[k] for k in _SCHEDULE_KEYS if k in config}
     try:
         sched = DDPMScheduler(**kwargs)

@@ -114,7 +114,16 @@ def from_vp_pretrained(cls, path_or_id, scheduler=None, **kwargs):
 
 def to_vp(pipe, scheduler_config: Optional[dict] = None, residual: str = "sample", residual_seed: Optional[int] = None):
     """See :meth:`PSLDPipeline.to_vp`."""
+    from ..denoisers.recipe import check_residual
+
+    check_residual(residual, residual_seed)  # validated for every pipeline, also where they do not apply
     if isinstance(pipe.unet, Denoiser):
+        if isinstance(pipe.unet, RecipeDenoiser):
+            pass  # its own residual settings stay (the pipeline's network)
+        elif (residual, residual_seed) != ("sample", None):
+            raise ValueError(f"`residual` / `residual_seed` apply to a network of this package (a RecipeDenoiser); this "
+                             f"pipeline's denoiser is a {type(pipe.unet).__name__}, whose input is already the "
+                             "sufficient statistic: leave them at their defaults")
         denoiser = pipe.unet
     else:
         denoiser = RecipeDenoiser(pipe.unet, pipe.scheduler, residual=residual, residual_seed=residual_seed)

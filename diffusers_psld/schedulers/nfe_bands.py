@@ -12,8 +12,13 @@ the exact sufficient-statistic bridge and natively), N = 2000 samples, offline F
 confirmed on five other seeds, and on exact Gaussian-mixture / KDE scores (``benchmarks/low_nfe_sweep.py``,
 ``benchmarks/sampler_study.py``; the figures are in the documentation's *Samplers* page).
 
-An explicitly set config key always wins over the table: ``time_grid`` / ``sigma_min`` / ``sigma_max`` (then the
-named grid comes from the config alone), ``corrector``, ``analytic_first_step``, ``lower_order_final``; a
+The band's σ_min is never below σ(``sampling_eps``) (``sampling_eps`` stays the smallest time of a schedule); where
+σ(``sampling_eps``) reaches half the band's σ_max (a large ``sampling_eps``, or a recipe with little noise) the band
+grid is not used and the classic grid from t = 1 to ``sampling_eps`` is. σ_max is capped at the recipe's σ(1).
+
+An explicitly set config key always wins over the table: ``time_grid`` / ``sigma_min`` / ``sigma_max`` / ``time_spacing`` /
+``spacing_power`` (then the named grid comes from the config alone: setting only ``sigma_min``, for example, gives
+the legacy power-2.5 grid from t = 1 down to it), ``corrector``, ``analytic_first_step``, ``lower_order_final``; a
 ``timesteps=`` / ``sigmas=`` schedule takes its grid from the list and the solver options from the table.
 ``schedule_preset="classic"`` resolves every unset key to the earlier fixed defaults (a power-2.5 grid from t = 1
 to ``sampling_eps``, no corrector, no analytic first step, lower-order final steps below 15 steps).

@@ -76,7 +76,7 @@ from ..sde import RecipeSDE, blocks
 from .scheduling_conjugate import _PIECE_RATIO, _rotation, gauss_legendre_sqrt, gddim_angle, gddim_transition
 from .scheduling_psld import _AFFINE, PSLDScheduler, PSLDSchedulerOutput, _Calls
 from .nfe_bands import band_for
-from .time_grids import named_grid, noise_level, time_for_noise_level
+from .time_grids import DEFAULT_RHO, named_grid, noise_level, time_for_noise_level
 from .validation import check_generator, check_quadrature_nodes, check_real
 
 #: the power of ``time_spacing="power"`` when ``spacing_power`` is None
@@ -325,6 +325,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         if dc is not None and (not isinstance(dc, (list, tuple)) or any(
                 isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < 0 for x in dc)):
             raise ValueError(f"`disable_corrector` must be a list of call indices (ints >= 0) or None, got {dc!r}")
+        if dc is not None and any(not isinstance(x, int) for x in dc):  # NumPy ints: plain ints (the config is JSON)
+            self.register_to_config(disable_corrector=[int(x) for x in dc])
         if cfg.interpolation not in INTERPOLATIONS:
             raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}")
         if not isinstance(cfg.euler_at_final, bool):
@@ -392,10 +394,13 @@ class GDDIMMultistepScheduler(PSLDScheduler):
                 or cfg.sigma_min is not None or cfg.sigma_max is not None or cfg.time_spacing is not None
                 or cfg.spacing_power is not None):
             return None
-        lo, hi = (float(v) for v in noise_level(self.sde, torch.tensor([self._schedule.t_min, 1.0],
+        # σ_min is never below σ(sampling_eps): `sampling_eps` stays the schedule's smallest time
+        lo, hi = (float(v) for v in noise_level(self.sde, torch.tensor([self._schedule.t_lo, 1.0],
                                                                          dtype=torch.float64)))
         s_hi = min(band.sigma_max, hi)
-        s_lo = min(max(band.sigma_min, lo), 0.5 * s_hi)
+        if lo >= 0.5 * s_hi:  # a sampling_eps (or a weak recipe) that leaves the band no room: the classic grid
+            return None
+        s_lo = max(band.sigma_min, lo)
         t_hi = 1.0 if s_hi >= hi else float(time_for_noise_level(self.sde, [s_hi])[0])
         t_lo = float(time_for_noise_level(self.sde, [s_lo])[0])
         return band.time_grid, band.rho, t_lo, t_hi
@@ -417,6 +422,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         o = self._schedule
         grid_name, rho = (band_grid[0], band_grid[1]) if band_grid is not None else (
             "custom" if self._custom_grid is not None else o.grid, None if self._custom_grid is not None else o.rho)
+        if rho is None and grid_name in DEFAULT_RHO:  # the exponent the grid really used
+            rho = DEFAULT_RHO[grid_name]
         self._resolved = (kind, band, grid_name, rho, band_grid)
         ts = self._grid(n - 1)
         eps = float(ts[-1])
