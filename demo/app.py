@@ -17,7 +17,8 @@ naming the input; so is whatever the pipelines raise (``ValueError`` / ``TypeErr
 ``NonFiniteError`` for a NaN or inf during sampling; :func:`pipeline_errors`), instead of Gradio's generic error.
 
 Default sampler: the README's recommendation for the loaded model: gDDIM multistep
-(:class:`GDDIMMultistepScheduler`) for PSLD with Γ > 0 and VP, SSCS with quadratic striding for CLD (Γ = 0).
+(:class:`GDDIMMultistepScheduler`) in the VP recipe with its NFE-band defaults for every model, a PSLD / CLD network
+through the exact sufficient-statistic bridge (the sampler that measured best on trained networks at 5–20 steps).
 New tabs (e.g. image-to-image) are one ``_<name>_tab(ctx)`` function added to ``TABS``.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ except ImportError:  # pragma: no cover - the demo extra is not installed
     sys.exit('demo/app.py needs Gradio: pip install "gradio>=6.0" (in a source checkout: pip install -e ".[demo]")')
 from diffusers import UNet2DModel  # noqa: E402
 
+from diffusers_psld.denoisers import RecipeDenoiser  # noqa: E402
 from diffusers_psld.pipelines import NonFiniteError, PSLDImg2ImgPipeline, PSLDPipeline  # noqa: E402
 from diffusers_psld.pipelines.pipeline_psld_img2img import begin_index_for_strength  # noqa: E402
 from diffusers_psld.schedulers import GDDIMMultistepScheduler, PSLDScheduler, SSCSScheduler  # noqa: E402
@@ -50,11 +52,13 @@ MAX_QUEUE = int(os.environ.get("PSLD_MAX_QUEUE", 16))
 #: cost of one Tweedie-inpainting step relative to a plain one (ε Jacobian-vector products + CG; issue #13 §8)
 TWEEDIE_COST = 6
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts [0, 2**64 - 1]
-GDDIM = "gDDIM multistep (ODE; recommended for PSLD Γ > 0 and VP)"
-SSCS = "SSCS (SDE, PSLD Eq. 12; recommended for CLD)"
+GDDIM = "gDDIM multistep, the model's own recipe (ODE; PSLD Γ > 0 and VP)"
+VP_BRIDGE = "gDDIM multistep, VP recipe through the exact bridge (recommended: best measured at 5–20 steps)"
+SSCS = "SSCS (SDE, PSLD Eq. 12)"
 # label -> (scheduler class, config overrides); quadratic striding for the step-wise samplers (the README advises
 # against uniform striding for k = 2 models); gDDIM uses its own power-2.5 time grid
 SAMPLERS = {
+    VP_BRIDGE: (GDDIMMultistepScheduler, {"diffusion": "vp"}),
     GDDIM: (GDDIMMultistepScheduler, {}),
     SSCS: (SSCSScheduler, {"sampler": "sscs", "striding": "quadratic"}),
     "Euler-Maruyama (SDE)": (PSLDScheduler, {"sampler": "em", "striding": "quadratic"}),
@@ -112,11 +116,9 @@ def model_info(pipe) -> str:
 
 
 def recommended_sampler(pipe) -> str:
-    """The README's recommended sampler label for this model: gDDIM for PSLD Γ > 0 / VP, SSCS for CLD."""
-    cfg = pipe.scheduler.config
-    if pipe.num_components == 2 and not float(cfg.get("gamma", 0.0)) > 0:
-        return SSCS
-    return GDDIM
+    """The README's recommended sampler label: VP gDDIM with its defaults, for every model (a PSLD / CLD network
+    through the exact sufficient-statistic bridge, :class:`~diffusers_psld.denoisers.RecipeDenoiser`)."""
+    return VP_BRIDGE
 
 
 def _scheduler(pipe, sampler_label):
@@ -125,6 +127,8 @@ def _scheduler(pipe, sampler_label):
     cls, overrides = SAMPLERS[sampler_label]
     if pipe.num_components == 1 and cls is SSCSScheduler:
         raise gr.Error("sampler: SSCS needs a PSLD/CLD model (this one is VP)")
+    if sampler_label == VP_BRIDGE:  # the VP recipe's own defaults (β, ε); the network is reached through the bridge
+        return GDDIMMultistepScheduler(diffusion="vp") if pipe.num_components > 1 else cls.from_config(pipe.scheduler.config)
     try:
         return cls.from_config(pipe.scheduler.config, **overrides)
     except ValueError as err:  # e.g. gDDIM on a CLD model
@@ -194,8 +198,14 @@ def _show(images):
 def _sample(pipe, scheduler, batch, steps, seed, pipeline_cls=PSLDPipeline, **kwargs):
     """Run ``pipeline_cls`` on the loaded components (``pipe.unet``, ``pipe.classifier``) with ``scheduler``;
     the inputs are already checked. Pipeline errors become gr.Errors (:func:`pipeline_errors`)."""
+    unet, classifier = pipe.unet, pipe.classifier
+    if scheduler.num_components != pipe.num_components:  # another recipe: the network as D(y; σ) (exact bridge)
+        if kwargs.get("guidance_scale") and pipe.classifier is not None and kwargs.get("guidance_type") != "cfg":
+            raise gr.Error("sampler: classifier guidance needs the model's own recipe (the classifier reads its "
+                           "full state); choose the own-recipe gDDIM or SSCS")
+        unet, classifier = RecipeDenoiser(pipe.unet, pipe.scheduler), None
     with pipeline_errors():
-        runner = pipeline_cls(unet=pipe.unet, scheduler=scheduler, classifier=pipe.classifier)
+        runner = pipeline_cls(unet=unet, scheduler=scheduler, classifier=classifier)
         runner.set_progress_bar_config(disable=True)
         out = runner(batch_size=batch, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs)
     return _show(out.images)

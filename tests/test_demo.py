@@ -8,6 +8,8 @@ import socket
 import numpy as np
 import PIL.Image
 import pytest
+
+from diffusers_psld.denoisers import RecipeDenoiser
 import torch
 
 pytest.importorskip("gradio")
@@ -140,9 +142,13 @@ def test_default_sampler_is_the_recommended_one_and_gddim_is_offered(server):
     from diffusers_psld.schedulers import GDDIMMultistepScheduler, PSLDScheduler
 
     base = app.untrained_pipeline()
-    assert app.recommended_sampler(base) == app.GDDIM  # PSLD, Γ = 0.01 > 0
+    assert app.recommended_sampler(base) == app.VP_BRIDGE  # the VP sampler, through the bridge for PSLD / CLD
     cld = PSLDPipeline(unet=base.unet, scheduler=PSLDScheduler(gamma=0.0, nu=4.0))
-    assert app.recommended_sampler(cld) == app.SSCS
+    assert app.recommended_sampler(cld) == app.VP_BRIDGE
+    vp = app._scheduler(cld, app.VP_BRIDGE)
+    assert isinstance(vp, GDDIMMultistepScheduler) and vp.num_components == 1
+    out = app._run(cld, app.VP_BRIDGE, 1, 3, 0)  # a CLD network sampled by the VP sampler (RecipeDenoiser)
+    assert len(out) == 1
     assert isinstance(app._scheduler(base, app.GDDIM), GDDIMMultistepScheduler)
     sscs = app._scheduler(cld, app.SSCS)
     assert sscs.config.striding == "quadratic"
@@ -152,8 +158,10 @@ def test_default_sampler_is_the_recommended_one_and_gddim_is_offered(server):
     info = client.view_api(return_format="dict", print_info=False)
     params = info["named_endpoints"]["/unconditional"]["parameters"]
     sampler = [p for p in params if p["parameter_name"] == "sampler"][0]
-    assert sampler["parameter_default"] == app.GDDIM
+    assert sampler["parameter_default"] == app.VP_BRIDGE
     out = client.predict(app.GDDIM, 4, 0, 1, api_name="/unconditional")
+    assert len(out) == 1
+    out = client.predict(app.VP_BRIDGE, 4, 0, 1, api_name="/unconditional")
     assert len(out) == 1
 
 
@@ -257,7 +265,9 @@ def test_img2img_cost_counts_the_model_calls_that_run(label):
     calls = []
     handle = base.unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        pipe = PSLDImg2ImgPipeline(unet=base.unet, scheduler=app._scheduler(base, label))
+        sched = app._scheduler(base, label)
+        unet = base.unet if sched.num_components == base.num_components else RecipeDenoiser(base.unet, base.scheduler)
+        pipe = PSLDImg2ImgPipeline(unet=unet, scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
         pipe(image=torch.rand(1, 1, 8, 8), strength=strength, num_inference_steps=steps, output_type="pt")
     finally:
