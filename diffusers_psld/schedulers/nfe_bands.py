@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 
 __all__ = ["SCHEDULE_PRESETS", "NFEBand", "NFE_BANDS", "CLASSIC", "band_for"]
 
+#: the values of ``schedule_preset``: the NFE bands, or the earlier fixed defaults
 SCHEDULE_PRESETS = ("auto", "classic")
 
 
@@ -59,7 +60,8 @@ class NFEBand:
 #: the fixed defaults before the table (``schedule_preset="classic"``)
 CLASSIC = NFEBand(None, None, None, None, None, "none", False, True)
 
-#: state kind ("vp": one component, "phase": PSLD / CLD) -> bands in increasing ``max_nfe`` (last: unbounded)
+#: The bands of each state kind in increasing ``max_nfe``, the last one unbounded: ``"vp"`` for one component,
+#: ``"phase"`` for PSLD / CLD.
 NFE_BANDS: dict = {
     "vp": (
         NFEBand(None, "edm", 7.0, 10.0, 0.16, "unic", True, True),
