@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random_flip", action="store_true", help="random horizontal flips (deterministic per (seed, epoch, index))")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--num_threads", type=int, default=None,
-                   help="torch CPU threads (default: usable cores - 1, at least 1; see the README's Reliability section)")
+                   help="torch CPU threads (default: usable cores - 1, at least 1; see the documentation's Reliability page)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--diffusion", choices=["psld", "cld", "vp"], default="psld",
                    help="psld (Γ, ν); cld = PSLD with Γ=0, ν=4; vp = VP-SDE β 0.1→20")
@@ -110,13 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "recommended GDDIMMultistepScheduler with its NFE-band defaults; sscs for cld with "
                         "--prediction_type epsilon, whose network has no ε_x for gDDIM)")
     g.add_argument("--striding", choices=["uniform", "quadratic"], default=None,
-                   help="time grid of the saved scheduler and the sample grids (default: quadratic for psld/cld, which "
-                        "the quality study found to converge on trained k = 2 models where uniform did not; uniform "
-                        "for vp)")
+                   help="time grid of the step-wise samplers (--sampler em / pf_euler / pf_heun / sscs; gddim uses its "
+                        "NFE-band grid and ignores it): default quadratic for psld/cld, which the quality study found to "
+                        "converge on trained k = 2 models where uniform did not; uniform for vp")
     g.add_argument("--prediction_type", choices=["epsilon", "sample", "sufficient_epsilon"], default="epsilon",
                    help="network output: epsilon (the paper's k*C-channel ε), sample (x̂₀, C channels) or sufficient_epsilon "
-                        "(the noise of the sufficient statistic of x₀, C channels; consistent by construction). Digits study "
-                        "(README): epsilon + gDDIM is best at NFE >= 20, sample at NFE <= 10 and for EM / the raw ODE")
+                        "(the noise of the sufficient statistic of x₀, C channels; consistent by construction). The digits "
+                        "parameterization study (documentation, Benchmarks): epsilon is best at NFE >= 20, sample at NFE "
+                        "<= 10 and for EM / the raw ODE")
     g.add_argument("--input_preconditioning", action=argparse.BooleanOptionalAction, default=False,
                    help="feed the UNet c_in(t) z_t, c_in = (Σ_t + σ_data² a_t a_tᵀ)^(-1/2) (scheduler.scale_model_input)")
     g.add_argument("--sigma_data", type=float, default=0.5, help="σ_data of --input_preconditioning (per-pixel data std, > 0)")
