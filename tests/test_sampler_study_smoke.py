@@ -79,11 +79,11 @@ def test_goal_checks_and_plan_validation():
                 "psld_sampler": psld, "family": fam}
 
     res = []
-    for seed, (a, b, c) in zip((0, 1000, 2000), ((1.0, 1.5, 2.0), (1.1, 1.6, 2.1), (0.9, 1.4, 1.95))):
+    for seed, (a, b, c) in zip((0, 1000, 2000), ((1.0, 1.5, 2.0), (1.1, 1.7, 2.1), (0.9, 1.3, 1.95))):
         res += [r("vp", "unipc", 10, seed, a, "vp", False), r("vp", "psld-gddim3", 10, seed, b, "vp", True),
                 r("psld_eps", "gddim3", 10, seed, c, "psld", True), r("psld_eps", "dpmpp2m", 10, seed, 1.5 * c + 0.3, "psld", False)]
     text = "\n".join(st.goal_lines(res, [10]))
-    assert "PSLD psld-gddim3 1.50 ± 0.10 (3 seeds) vs diffusers unipc 1.00 ± 0.10 (3 seeds); ratio 1.50" in text
+    assert "PSLD psld-gddim3 1.50 ± 0.20 (3 seeds) vs diffusers unipc 1.00 ± 0.10 (3 seeds); ratio 1.50" in text
     assert "diffusers better beyond seed noise" in text and "PSLD better beyond seed noise" in text
     assert "(the best PSLD network)" in text
     with pytest.raises(ValueError, match="unknown sampler 'nope'"):
