@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 try:
     import gradio as gr  # noqa: E402
 except ImportError:  # pragma: no cover - the demo extra is not installed
-    sys.exit('demo/app.py needs Gradio: pip install -e ".[demo]"  (from the repository root)')
+    sys.exit('demo/app.py needs Gradio: pip install "gradio>=6.0" (in a source checkout: pip install -e ".[demo]")')
 from diffusers import UNet2DModel  # noqa: E402
 
 from diffusers_psld.pipelines import NonFiniteError, PSLDImg2ImgPipeline, PSLDPipeline  # noqa: E402

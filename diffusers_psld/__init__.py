@@ -9,11 +9,14 @@ Every module whose classes can appear in a saved ``model_index.json`` is importe
 ``PSLDPipeline.from_pretrained`` finds them in ``sys.modules`` (diffusers does not import them itself).
 Those module paths are frozen: ``diffusers_psld.schedulers.scheduling_psld``,
 ``diffusers_psld.schedulers.scheduling_sscs``, ``…scheduling_conjugate``, ``…scheduling_splitting``,
-``diffusers_psld.models.classifier``,
+``diffusers_psld.models.classifier``, ``diffusers_psld.denoisers.{vp,edm,recipe,vp_model}``,
 ``diffusers_psld.pipelines.pipeline_psld`` (imported by the ``pipeline_psld.py`` file in saved pipelines).
 """
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' loader looks these names up here)
 
+from . import denoisers  # noqa: F401  (saved pipelines name ``diffusers_psld.denoisers.*`` modules)
+from .denoisers import (ContinuousVPDenoiser, Denoiser, DiscreteVPDenoiser, EDMDenoiser, RecipeDenoiser,
+                        VPEpsilonModel)
 from .losses import hsm_loss
 from .models import TimeDependentClassifier
 from .pipelines import NonFiniteError, PSLDImg2ImgPipeline, PSLDPipeline, PSLDPipelineOutput
@@ -46,6 +49,12 @@ __all__ = [
     "PSLDPipelineOutput",
     "PSLDImg2ImgPipeline",
     "NonFiniteError",
+    "Denoiser",
+    "DiscreteVPDenoiser",
+    "ContinuousVPDenoiser",
+    "EDMDenoiser",
+    "RecipeDenoiser",
+    "VPEpsilonModel",
     "TimeDependentClassifier",
     "build_unet",
     "hsm_loss",

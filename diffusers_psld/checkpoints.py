@@ -8,6 +8,7 @@ to its final name (``os.replace``, atomic on POSIX). Old checkpoints are pruned 
 leaves either a complete checkpoint under its valid name or a hidden directory that
 :func:`list_checkpoints` never counts (and :func:`remove_stale` deletes at the next start).
 
+* :func:`save_state` — ``accelerator.save_state`` into the temp dir, then :func:`finalize` and :func:`prune`.
 * :func:`list_checkpoints` — complete checkpoints, oldest first, as ``(step, path)``.
 * :func:`finalize` — write the manifest into the temp dir and rename it into place.
 * :func:`prune` — keep the newest ``keep`` checkpoints (atomic rename to trash, then delete).
@@ -15,20 +16,25 @@ leaves either a complete checkpoint under its valid name or a hidden directory t
 * :func:`last_intact` — the newest checkpoint older than a given step that verifies.
 * :func:`describe_write_failure` — the error text for a failed write ("disk full" when it is).
 * :func:`compare_settings` — differences between the settings stored with a checkpoint and now.
+* :func:`library_versions` — the versions of the libraries that write a checkpoint (stored in its manifest).
+* :func:`staged_directory` — write a directory's new entries into a temporary directory first, move them in
+  only when every file was written (``PSLDPipeline.save_pretrained``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-from typing import Dict, Iterable, List, Optional, Tuple
+import tempfile
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-__all__ = ["CHECKPOINT_RE", "MANIFEST", "CheckpointError", "list_checkpoints", "file_manifest", "finalize", "prune",
+__all__ = ["CHECKPOINT_RE", "MANIFEST", "CheckpointError", "save_state", "list_checkpoints", "file_manifest", "finalize", "prune",
            "remove_stale", "verify", "last_intact", "read_manifest", "is_disk_full", "describe_write_failure",
-           "compare_settings", "dir_size"]
+           "compare_settings", "dir_size", "library_versions", "staged_directory"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "training_state.json"
@@ -133,6 +139,51 @@ def prune(output_dir: str, keep: int) -> List[str]:
     for path in removed:
         shutil.rmtree(os.path.join(output_dir, f".trash-{os.path.basename(path)}-{os.getpid()}"), ignore_errors=True)
     return removed
+
+
+def save_state(accelerator, output_dir: str, step: int, state: dict, keep: Optional[int] = None,
+               before_rename: Optional[Callable[[], None]] = None) -> str:
+    """Crash-safe ``accelerator.save_state``: write ``<output_dir>/.tmp-checkpoint-<step>`` (all processes:
+    Accelerate writes the weights on the main process and one RNG file per process); the main process adds
+    the manifest (``state`` plus every file's size and SHA-256) as the last file, renames the directory to
+    ``checkpoint-<step>`` (:func:`finalize`) and keeps the newest ``keep`` checkpoints (:func:`prune`; None:
+    all). Every process must call it. ``before_rename`` (tests) runs on the main process just before the
+    rename. Returns the checkpoint path.
+
+    Raises:
+        CheckpointError: the write failed (disk full or another I/O error); the message names the
+            checkpoint and says whether the disk is full; the temporary directory is removed.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    previous = list_checkpoints(output_dir)
+
+    def failed(err):
+        free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else None  # before the cleanup
+        needed = max([dir_size(p) for _, p in previous] + [dir_size(tmp), 1 << 20])
+        shutil.rmtree(tmp, ignore_errors=True)
+        return CheckpointError(describe_write_failure(err, final, free, needed, previous[-1][1] if previous else None))
+
+    try:
+        accelerator.save_state(tmp)
+    except Exception as err:  # noqa: BLE001  (re-raised with the checkpoint named)
+        raise failed(err) from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if before_rename is not None:
+            before_rename()
+        try:
+            finalize(tmp, final, dict(step=step, **state))
+        except Exception as err:  # noqa: BLE001
+            raise failed(err) from err
+        if keep is not None:
+            prune(output_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def remove_stale(output_dir: str) -> List[str]:
@@ -258,3 +309,59 @@ def compare_settings(stored: dict, current: dict, fixed: Iterable[str], ignored:
         if a != b:
             (hard if k in fixed else soft).append((k, stored[k], current[k]))
     return hard, soft
+
+
+def library_versions() -> Dict[str, str]:
+    """``{distribution: version}`` of the libraries whose code writes and reads a checkpoint (diffusers-psld,
+    torch, diffusers, accelerate, safetensors); stored in each manifest, so that a checkpoint that does not
+    load can name the versions that wrote it."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("diffusers-psld", "torch", "diffusers", "accelerate", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def staged_directory(target: "os.PathLike[str] | str") -> Iterator[str]:
+    """Context manager: yields a temporary directory ``<target>/.tmp-save-*`` to write into; when the block
+    ends without an error, each entry written there replaces the entry of the same name in ``target`` (a file
+    with ``os.replace``; a directory is renamed to a hidden trash name first and deleted after the new one is in
+    place), ``model_index.json`` last; other entries of ``target`` (checkpoints, logs, a model card) stay.
+
+    When the block raises (a tensor that safetensors refuses, a full disk), the temporary directory is
+    removed and ``target`` is left as it was (not even created). A saved directory therefore never holds a
+    half-written component next to a ``model_index.json``.
+    """
+    target = os.fspath(target)
+    created = not os.path.isdir(target)
+    os.makedirs(target, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=target)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(target)  # only if nothing else appeared in it meanwhile
+        raise
+    try:
+        for name in sorted(os.listdir(tmp), key=lambda n: (n == "model_index.json", n)):
+            new, old = os.path.join(tmp, name), os.path.join(target, name)
+            if os.path.lexists(old) and (os.path.isdir(new) or os.path.isdir(old)):
+                trash = os.path.join(target, f".trash-{name}-{os.getpid()}")
+                os.replace(old, trash)
+                os.replace(new, old)
+                if os.path.isdir(trash) and not os.path.islink(trash):
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.remove(trash)
+            else:
+                os.replace(new, old)
+        _fsync_dir(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

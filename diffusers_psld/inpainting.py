@@ -64,7 +64,7 @@ Numerics and cost
   ``pᵀ(C + λI)p ≤ 0`` (``truncated``); if that happens at the very first direction, or the correction
   is not finite, the sample gets no correction at this call (plain replacement; ``dropped``, logged as
   a warning by the pipeline). The correction never produces a NaN. For the exact ε of a Gaussian, C is
-  SPD and CG converges (in at most |K| iterations in exact arithmetic), so none of this triggers.
+  SPD and CG converges (in at most ``|K|`` iterations in exact arithmetic), so none of this triggers.
 * On the trained digits PSLD model (Γ = 0.01, 1500 steps; 10 digits × 4 samples, half the image
   hidden) the correction stays stable (finite, no pixel beyond ±1.5) and lowers the squared error of
   the filled-in pixels to the true digit from 0.29 to 0.19 (SSCS, 50 NFE) and 0.34 to 0.21 (EM, 100
@@ -121,7 +121,7 @@ def replacement_hook(scheduler, x_known: torch.Tensor, mask: torch.Tensor, gener
     (``scheduler.state_time``; 0 after the last call, so the known data comes back exactly)."""
     def replace(z: torch.Tensor, call_index: int) -> torch.Tensor:
         k = z.shape[1] // x_known.shape[1]
-        mask_k = mask.repeat(1, k, 1, 1)
+        mask_k = mask.expand(-1, x_known.shape[1], -1, -1).repeat(1, k, 1, 1)  # [B, 1 or C, H, W] -> [B, k*C, H, W]
         known = known_state(scheduler, x_known, z.shape[1], scheduler.state_time(call_index), generator)
         return mask_k * known + (1 - mask_k) * z
     return replace

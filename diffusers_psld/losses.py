@@ -9,12 +9,12 @@ function the samplers call) and ``model_time(t)``, and predicts ``scheduler.conf
   :meth:`RecipeSDE.eps_mask` (VP and PSLD: all ``k*C`` channels; CLD: only ε_m). No λ(t) weighting (the
   paper's ``reduce_mean`` ε-loss).
 * ``"sufficient_epsilon"`` (C channels, target uᵀε) and ``"sample"`` (C channels, target x₀): the squared
-  error weighted by λ(t) = Σ_{i∈mask} (eps_f)_i² / |mask| (:func:`diffusers_psld.parameterization.loss_weight`),
+  error weighted by ``λ(t) = Σ_{i∈mask} (eps_f)_i² / |mask|`` (:func:`diffusers_psld.parameterization.loss_weight`),
   which makes the loss **equal** to the paper's ε-loss of the lifted, consistent output
   ``ε = eps_z z + eps_f f`` (tested on exact inputs). So all three types minimise the same objective over
   functions with the same weighting over t; they differ only in what the network outputs. For
   ``"sufficient_epsilon"`` λ = 1/2 (PSLD), 1 (VP), u_m(t)² (CLD: the paper's ε_m mask). For ``"sample"``
-  λ = ‖mask⊙L⁻¹a‖²/|mask|, the SNR weight that makes x̂₀ regression ε-equivalent: the reason is that this
+  ``λ = ‖mask⊙L⁻¹a‖²/|mask|``, the SNR weight that makes x̂₀ regression ε-equivalent: the reason is that this
   keeps the comparison between parameterizations about the parameterization, not the weighting.
 * ``snr_gamma`` (diffusers' name; min-SNR-γ of Hang et al. 2023) multiplies every type's weight by
   min(SNR_t, γ)/SNR_t with SNR_t = ‖L_t⁻¹a_t‖² (VP: α²/σ²): it caps the weight of the low-noise times, in

@@ -36,6 +36,14 @@ projection (:func:`diffusers_psld.sampling.eps_projection`).
 ``c_in(t) z_t`` with ``c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2}`` (symmetric inverse square root, k×k),
 the whitening of z_t for data of per-pixel variance σ_data².
 
+**The sufficient statistic as a VP observation** (the bridge to denoisers D(y; σ), :mod:`diffusers_psld.denoisers`):
+``y_t = σ_t² aᵀΣ_t⁻¹ z_t = σ_t ‖w‖⁻¹ uᵀL⁻¹z_t`` with ``σ_t² = 1/(aᵀΣ_t⁻¹a) = 1/‖w‖²`` is ``x₀ + σ_t n``, n ~ N(0, I),
+and the likelihood p(z_t | x₀) depends on z_t only through y_t, so ``E[x₀ | z_t] = D(y_t; σ_t)``, the denoiser of the
+data at noise level σ_t (what a VP ε-network at σ_VP = σ_t, or an EDM network, computes).
+:func:`sufficient_statistic` gives the per-pixel coefficients of y and σ. The residual ``r = z - a y`` is
+independent of x₀ and of y, with law N(0, Σ - σ²aaᵀ) = N(0, L(I - uuᵀ)Lᵀ) (rank k - 1): :func:`residual_factor`.
+Back to the state's ε: ``ε = L⁻¹(z - a x̂₀)`` (the ``"sample"`` map); from any ε to x̂₀: :func:`denoised_estimator`.
+
 All functions take float64 ``mean_coef`` ``[..., k]``, ``chol``/``cov`` ``[..., k, k]`` (e.g. batched over
 times) and return float64 tables; :func:`apply` applies them to channel-stacked tensors.
 """
@@ -46,7 +54,7 @@ import torch
 
 __all__ = ["PREDICTION_TYPES", "OutputMaps", "output_components", "output_maps", "sufficient_direction",
            "loss_weight", "snr", "input_scaling", "apply", "check_prediction_type", "check_unet_channels",
-           "maps_for_times", "scaling_for_times"]
+           "maps_for_times", "scaling_for_times", "sufficient_statistic", "residual_factor", "denoised_estimator"]
 
 PREDICTION_TYPES = ("epsilon", "sample", "sufficient_epsilon")
 
@@ -91,6 +99,54 @@ def sufficient_direction(mean_coef: torch.Tensor, chol: torch.Tensor):
     w = torch.linalg.solve_triangular(L, a[..., None], upper=False)[..., 0]
     norm = w.norm(dim=-1)
     return w, norm, w / norm[..., None]
+
+
+def sufficient_statistic(mean_coef: torch.Tensor, chol: torch.Tensor):
+    r"""The reduction of the state to a VP observation: ``(c, σ)`` with ``y = cᵀ z`` per pixel (``c`` ``[..., k]``)
+    and ``y = x₀ + σ n`` (``σ`` ``[...]``, n ~ N(0, I)).
+
+    ``c = σ² Σ⁻¹ a = L⁻ᵀ w / ‖w‖²`` and ``σ = 1/‖w‖ = (aᵀΣ⁻¹a)^{-1/2}`` (so ``cᵀa = 1``): y is the best
+    unbiased linear estimate of x₀ from z_t and a sufficient statistic for x₀ (module docstring). VP (k = 1):
+    ``y = z/√ᾱ``, ``σ = √(1 - ᾱ)/√ᾱ``, the variance-exploding form of the state.
+    """
+    L = torch.as_tensor(chol, dtype=torch.float64)
+    w, norm, _ = sufficient_direction(mean_coef, L)
+    c = torch.linalg.solve_triangular(L.transpose(-1, -2), w[..., None], upper=True)[..., 0] / (norm ** 2)[..., None]
+    return c, 1.0 / norm
+
+
+def residual_factor(mean_coef: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    r"""``M = L(I - uuᵀ)`` ``[..., k, k]`` with ``M Mᵀ = Σ - σ²aaᵀ``: the residual ``r = z - a y`` of the state given
+    its sufficient statistic y has the law ``M ξ``, ξ ~ N(0, I_k) per pixel, independent of x₀ and of y. So
+    ``z = a y + M ξ`` draws a state with the exact conditional law p(z_t | y_t) (rank k - 1; zero for VP)."""
+    L = torch.as_tensor(chol, dtype=torch.float64)
+    _, _, u = sufficient_direction(mean_coef, L)
+    eye = torch.eye(L.shape[-1], dtype=torch.float64)
+    return L @ (eye - u[..., :, None] * u[..., None, :])
+
+
+def denoised_estimator(mean_coef: torch.Tensor, chol: torch.Tensor, eps_mask=None):
+    r"""``(x0_z, x0_e)`` ``[..., k]`` each: the x̂₀ read from an ε, ``x̂₀ = Σ_i (x0_z)_i z_i + (x0_e)_i ε_i`` per pixel.
+
+    ``eps_mask`` None or all True (VP, PSLD): the schedulers' ``pred_original_sample``, ``x̂₀ = aᵀ(z - Lε)/aᵀa``.
+    Otherwise (CLD, Γ = 0: only ε_m is trained, :meth:`RecipeSDE.eps_mask`) the score's masked components
+    alone, by Tweedie ``-L⁻ᵀε = -Σ⁻¹(z - a x̂₀)``: least squares over ``i ∈ mask`` of
+    ``(Σ⁻¹z)_i - (L⁻ᵀε)_i = (Σ⁻¹a)_i x̂₀``. ``L⁻ᵀ`` is upper triangular, so for CLD the estimate uses ε_m only.
+    Both are exact for the exact ε (and for any consistent ε, e.g. from the C-channel ``prediction_type`` s).
+    """
+    a = torch.as_tensor(mean_coef, dtype=torch.float64)
+    L = torch.as_tensor(chol, dtype=torch.float64)
+    k = a.shape[-1]
+    mask = None if eps_mask is None else torch.as_tensor(eps_mask, dtype=torch.bool).reshape(k)
+    if mask is None or bool(mask.all()):
+        c = a / (a * a).sum(-1, keepdim=True)
+        return c, -(c[..., None, :] @ L)[..., 0, :]
+    eye = torch.eye(k, dtype=torch.float64).expand(L.shape)
+    l_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    prec = l_inv.transpose(-1, -2) @ l_inv  # Σ⁻¹
+    g = (prec @ a[..., None])[..., 0] * mask.to(torch.float64)  # (Σ⁻¹a)_i on the mask, 0 elsewhere
+    g = g / (g * g).sum(-1, keepdim=True)
+    return (g[..., None, :] @ prec)[..., 0, :], -(g[..., None, :] @ l_inv.transpose(-1, -2))[..., 0, :]
 
 
 def snr(mean_coef: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
@@ -161,7 +217,7 @@ def loss_weight(maps: OutputMaps, eps_mask: torch.Tensor) -> torch.Tensor:
     ``"sufficient_epsilon"``) such that ``λ(t)·mean_C (f - f*)²`` equals the paper's ε-loss (the mean over
     the ``eps_mask`` components) of the lifted output ``ε = eps_z z + eps_f f`` exactly:
 
-        λ(t) = Σ_{i ∈ mask} (eps_f)_i² / |mask|.
+        ``λ(t) = Σ_{i ∈ mask} (eps_f)_i² / |mask|``.
 
     ``"sufficient_epsilon"``: ``‖mask⊙u‖²/|mask|`` (1/2 for PSLD, 1 for VP, ``u_m(t)²`` for CLD);
     ``"sample"``: ``‖mask⊙w‖²/|mask|``, the SNR weight that makes x̂₀ regression ε-equivalent.

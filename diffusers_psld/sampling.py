@@ -11,12 +11,14 @@ deterministic steps). Heun's two-stage step is written with :func:`pf_drift` pie
 
 * :func:`em_step` — Euler–Maruyama on the reverse SDE (PSLD paper Eq. 11).
 * :func:`pf_euler_step` — Euler on the probability-flow ODE (drift ``f - ½ G Gᵀ s``).
-* :func:`sscs_step` — modified SSCS (paper Eq. 12): exact linear half-step ``A``, Euler step of
+* :func:`sscs_linear` and :func:`sscs_score_step` — modified SSCS (paper Eq. 12): exact linear half-step ``A``, Euler step of
   the score part ``S``, exact half-step ``A``. Splitting the reverse drift as
   ``-βFz + 2βD s = β(Q - D)A z + 2βD(s + Az)`` shows that the linear part is the recipe SDE with
   ``Q → -Q`` (paper Eq. 12's ``A``), whose kernel the recipe already computes exactly and whose
   stationary law is the same prior N(0, A⁻¹).
 * :func:`eps_projection` — the consistent part of a network's ε (``project_eps`` of the schedulers).
+* :func:`tweedie_step` — the jump to the posterior mean E[z₀ | z_t] (``final_step="tweedie"``), built from
+  :func:`posterior_mean_maps`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch
 from .sde import RecipeSDE
 from .sde.kernels import psd_cholesky, transition
 
-__all__ = ["em_step", "eps_projection", "check_eps_projection", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step"]
+__all__ = ["em_step", "eps_projection", "check_eps_projection", "pf_euler_step", "pf_drift", "sscs_linear", "sscs_score_step",
+           "posterior_mean_maps", "tweedie_step"]
 
 
 def _eye(sde: RecipeSDE) -> torch.Tensor:
@@ -119,3 +122,38 @@ def sscs_score_step(sde: RecipeSDE, h: float, t_eval: float):
     """Euler step of the SSCS score part ``S``: ``z += h·2β D (s + A z)``, s at ``t_eval``."""
     w = 2.0 * _col(h) * _col(sde.beta(t_eval)) * sde.D
     return _eye(sde) + w @ sde.A, w @ _score_matrix(sde, t_eval)
+
+
+def posterior_mean_maps(sde: RecipeSDE, t):
+    r"""``(G, c)`` with ``E[z₀ | z_t] = G z_t + c x̂₀`` when x̂₀ = E[x₀ | z_t] (shapes ``[..., k, k]`` and ``[..., k]``).
+
+    Given x₀, z₀ = (x₀, m₀) with auxiliaries m₀ ~ N(0, C₀) (C₀ = ``sde.init_cov``, zero x-row: κM for PSLD) and
+    z_t = Φ_t z₀ + ξ with Φ_t = exp(F B(t)), so ``E[z₀ | x₀, z_t] = e_x x₀ + C₀ Φ_tᵀ Σ_t⁻¹ (z_t - a_t x₀)`` (Gaussian
+    conditioning; Σ_t = Φ_t C₀ Φ_tᵀ + Σ(0, t) is the HSM covariance, a_t = Φ_t e_x). It is affine in x₀, so the tower
+    rule gives E[z₀ | z_t] with x₀ replaced by E[x₀ | z_t]: ``G = C₀ Φ_tᵀ Σ_t⁻¹``, ``c = e_x - G a_t``. For VP
+    (C₀ = 0) it is x̂₀ itself.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    kern = sde.hsm_kernel(t)
+    phi, _ = sde.transition(0.0, t)
+    G = torch.linalg.solve(kern.cov, phi @ sde.init_cov).transpose(-1, -2)  # (Σ⁻¹ Φ C₀)ᵀ = C₀ Φᵀ Σ⁻¹
+    e_x = torch.zeros(sde.k, dtype=torch.float64)
+    e_x[0] = 1.0
+    return G, e_x - (G @ kern.mean_coef[..., None])[..., 0]
+
+
+def tweedie_step(sde: RecipeSDE, t):
+    r"""The jump from forward time ``t`` to t = 0 onto the posterior mean, as ``(P, R)``: ``z' = P z + R ε``.
+
+    With the package's x̂₀ = aᵀ(z - Lε)/aᵀa (the schedulers' ``pred_original_sample``, = E[x₀ | z_t] for the exact ε),
+    ``z' = G z + c x̂₀`` (:func:`posterior_mean_maps`): the x half of z' is x̂₀ itself (diffusers'
+    ``final_sigmas_type="zero"``, DDIM's last step), the auxiliary half its posterior mean. Exact in law of the
+    mean: for the exact ε, z' = E[z₀ | z_t].
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    G, c = posterior_mean_maps(sde, t)
+    kern = sde.hsm_kernel(t)
+    a = kern.mean_coef
+    w = a / (a * a).sum(-1, keepdim=True)
+    cw = c[..., :, None] * w[..., None, :]  # c wᵀ
+    return G + cw, -cw @ kern.chol

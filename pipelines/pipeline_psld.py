@@ -6,8 +6,9 @@ finds the pipeline class without ``custom_pipeline=``::
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("user/psld-digits", trust_remote_code=True)
 
-It needs the ``diffusers-psld`` package installed (``pip install diffusers-psld``) and only re-exports the
-package's classes, so components keep their real classes. ``diffusers_psld.PSLDPipeline.from_pretrained``
+It needs the ``diffusers-psld`` package installed and only re-exports its classes, so components keep their
+real classes: ``pip install "diffusers-psld>=0.1.0"`` once released; until then ``pip install -e .`` in a source
+checkout or ``pip install diffusers_psld-0.1.0-py3-none-any.whl`` (a wheel built there with ``python -m build``). ``diffusers_psld.PSLDPipeline.from_pretrained``
 needs no remote code.
 """
 from diffusers import DiffusionPipeline  # noqa: F401

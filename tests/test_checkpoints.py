@@ -14,6 +14,7 @@ import torch
 from _scripts import load_script
 
 from diffusers_psld import checkpoints as ckpt
+from diffusers_psld import training_utils
 
 train_psld = load_script("training/train_psld.py", "train_psld_ckpt_tests")
 
@@ -151,6 +152,51 @@ def test_damaged_newest_checkpoint_names_file_and_last_loadable(trained, tmp_pat
     assert res["global_step"] == 3
 
 
+def _refinalize(ck: Path):
+    """Rewrite the manifest of ``ck`` over its present files: a checkpoint whose files all verify."""
+    manifest = json.loads((ck / ckpt.MANIFEST).read_text())
+    manifest["files"] = ckpt.file_manifest(str(ck))
+    (ck / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_load_error_of_a_verified_checkpoint_is_not_called_damage(trained, tmp_path):
+    """A checkpoint whose files match its manifest but that cannot be loaded (here: a UNet config from another
+    network, as a hand edit or an incompatible version leaves it) is reported as a load error, not as damage,
+    and no other checkpoint is advertised as "the last loadable"."""
+    out = _copy(trained, tmp_path)
+    ck = out / "checkpoint-4"
+    cfg = json.loads((ck / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [c * 2 for c in cfg["block_out_channels"]]
+    (ck / "unet" / "config.json").write_text(json.dumps(cfg))
+    _refinalize(ck)
+    manifest = json.loads((ck / ckpt.MANIFEST).read_text())
+    assert manifest["versions"]["torch"] == torch.__version__  # the writer's versions are recorded
+    manifest["versions"]["diffusers"] = "0.0.1"  # as if an older diffusers had written it
+    (ck / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt.verify(str(ck)) is None
+    with pytest.raises(ValueError) as info:
+        run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    msg = str(info.value)
+    assert msg.startswith("`--resume_from_checkpoint`") and "checkpoint-4" in msg, msg
+    assert "damaged" not in msg and "last loadable" not in msg, msg
+    assert "match its manifest" in msg and "expected shape" in msg, msg  # what happened, in the loader's words
+    assert "other library versions (diffusers 0.0.1 → " in msg, msg
+
+
+def test_load_error_of_an_unverifiable_checkpoint_says_it_could_not_be_verified(trained, tmp_path):
+    out = _copy(trained, tmp_path)
+    ck = out / "checkpoint-4"
+    _truncate(ck / "optimizer.bin")
+    manifest = json.loads((ck / ckpt.MANIFEST).read_text())
+    del manifest["files"]  # written before manifests listed their files
+    (ck / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError) as info:
+        run(out, "--max_train_steps", 6, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    msg = str(info.value)
+    assert "checkpoint-4 could not be loaded" in msg and "lists no file hashes" in msg, msg
+    assert "--resume_from_checkpoint checkpoint-2" in msg, msg  # an earlier one may load
+
+
 # ----------------------------------------------------------------------------- changed settings on resume
 def test_changed_diffusion_settings_are_refused_with_the_differences(trained, tmp_path):
     out = _copy(trained, tmp_path)
@@ -210,16 +256,87 @@ def test_ema_folder_of_diffusers_save_pretrained_still_loads(tmp_path, capfd):
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_psld.load_ema(new, str(tmp_path / "legacy"))
+        training_utils.load_ema(new, str(tmp_path / "legacy"))
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]
     assert "will be ignored" not in capfd.readouterr().err
     assert new.optimization_step == ema.optimization_step == 1 and new.decay == 0.99 and new.use_ema_warmup
     assert all(torch.equal(a, b) for a, b in zip(new.shadow_params, ema.shadow_params))
     # and the new layout round-trips
-    train_psld.save_ema(ema, str(tmp_path / "new"))
+    training_utils.save_ema(ema, str(tmp_path / "new"))
     assert "decay" not in json.loads((tmp_path / "new" / "config.json").read_text())
     again = EMAModel(build_unet("tiny", 1, 2, 8).parameters(), model_cls=UNet2DModel, model_config=unet.config)
-    train_psld.load_ema(again, str(tmp_path / "new"))
+    training_utils.load_ema(again, str(tmp_path / "new"))
     assert again.state_dict().keys() == ema.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(again.shadow_params, ema.shadow_params))
     assert again.optimization_step == 1 and again.decay == 0.99
+
+
+# ----------------------------------------------------------------------------- pipeline saves are staged
+def _tiny_pipeline(tie=False):
+    from diffusers_psld import PSLDPipeline, PSLDScheduler
+    from diffusers_psld.models.unet_presets import build_unet
+
+    unet = build_unet("tiny", 1, 2, 8)
+    if tie:  # two same-shaped convolutions share one weight: safetensors refuses to save shared tensors
+        unet.down_blocks[0].resnets[0].conv2.weight = unet.down_blocks[0].resnets[0].conv1.weight
+    return PSLDPipeline(unet=unet, scheduler=PSLDScheduler())
+
+
+def test_a_failed_pipeline_save_leaves_the_directory_as_it_was(tmp_path):
+    """Tied weights: the save used to leave a directory holding only unet/config.json."""
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="share memory"):
+        _tiny_pipeline(tie=True).save_pretrained(str(fresh), safe_serialization=True)
+    assert not fresh.exists()
+    # over an earlier, complete save with other files beside it (a training output directory)
+    out = tmp_path / "run"
+    _tiny_pipeline().save_pretrained(str(out), safe_serialization=True)
+    (out / "README.md").write_text("card")
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="share memory"):
+        _tiny_pipeline(tie=True).save_pretrained(str(out), safe_serialization=True)
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_pipeline_save_replaces_its_components_and_keeps_other_files(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusers_psld import PSLDPipeline
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "x.bin").write_bytes(b"x")
+    (out / "unet").mkdir()
+    (out / "unet" / "stale.bin").write_bytes(b"old")  # a file of an older save: replaced with the whole folder
+    first, second = _tiny_pipeline(), _tiny_pipeline()
+    with torch.no_grad():
+        for p in second.unet.parameters():
+            p.add_(1.0)
+    first.save_pretrained(str(out), safe_serialization=True)
+    second.save_pretrained(str(out), safe_serialization=True)
+    assert (out / "checkpoint-2" / "x.bin").read_bytes() == b"x" and not (out / "unet" / "stale.bin").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in second.unet.state_dict().items())
+    PSLDPipeline.from_pretrained(str(out))
+
+
+def test_a_staged_push_keeps_diffusers_default_repo_id(tmp_path, monkeypatch):
+    import diffusers.pipelines.pipeline_utils as pu
+    import huggingface_hub
+
+    from diffusers_psld import PSLDPipeline
+
+    seen = {}
+
+    def fake_create_repo(repo_id, **kw):
+        seen["repo_id"] = repo_id
+        return type("Repo", (), {"repo_id": "someuser/" + repo_id})()
+
+    monkeypatch.setattr(pu, "create_repo", fake_create_repo)
+    monkeypatch.setattr(pu, "load_or_create_model_card", lambda *a, **k: huggingface_hub.ModelCard("---\n---\n"))
+    monkeypatch.setattr(PSLDPipeline, "_upload_folder", lambda self, folder, repo_id, **kw: seen.update(up=repo_id))
+    _tiny_pipeline().save_pretrained(str(tmp_path / "psld-tiny"), push_to_hub=True, token="hf_fake")
+    assert seen == {"repo_id": "psld-tiny", "up": "someuser/psld-tiny"}
+    assert (tmp_path / "psld-tiny" / "model_index.json").exists()

@@ -69,9 +69,18 @@ def test_default_training_run_needs_only_what_pip_install_e_dot_installs(tmp_pat
     assert "tensorboard" in blocked and "pytest" in blocked  # the probe really hides the extras
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import runpy, sys\n"
-        # None in sys.modules: `import x` raises ModuleNotFoundError and importlib.util.find_spec('x') is None
-        f"sys.modules.update(dict.fromkeys({json.dumps(blocked)}))\n"
+        "import importlib.abc, importlib.util, runpy, sys\n"
+        # as on a machine without them: `import x` raises ModuleNotFoundError, importlib.util.find_spec('x') is
+        # None, and 'x' stays out of sys.modules (scipy imports sphinx.ext when 'sphinx' is in sys.modules)
+        f"BLOCKED = set({json.dumps(blocked)})\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (hidden by the test)', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "_find_spec = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, package=None: (None if name.partition('.')[0] in BLOCKED\n"
+        "                                                      else _find_spec(name, package))\n"
         f"sys.argv = ['train_psld.py', '--model_preset', 'tiny', '--max_train_steps', '2', '--checkpointing_steps', '1',\n"
         f"            '--num_inference_steps', '2', '--eval_batch_size', '2', '--output_dir', {str(tmp_path / 'run')!r}]\n"
         f"runpy.run_path({str(REPO / 'training' / 'train_psld.py')!r}, run_name='__main__')\n")

@@ -65,3 +65,23 @@ def test_uploads_keep_the_generic_loader_file():
     for name in ("pipeline_psld.py", "model_index.json", "unet/diffusion_pytorch_model.safetensors"):
         assert not any(fnmatch.fnmatch(name, pat) for pat in UPLOAD_IGNORE), name
     assert any(fnmatch.fnmatch("checkpoint-2/optimizer.bin", pat) for pat in UPLOAD_IGNORE)
+
+
+def test_no_token_fails_before_any_hub_call(tmp_path, monkeypatch):
+    import pytest
+
+    RecordingApi.calls = []
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    with pytest.raises(hub.HubError, match=r"^no Hub token: pass one"):
+        hub.push_folder(tmp_path, "psld-test")
+    with pytest.raises(hub.HubError, match=r"^no Hub token"):
+        hub.create_repo("psld-test")
+    assert RecordingApi.calls == []
+    with pytest.raises(ValueError, match="hub_model_id"):
+        hub.create_repo("a/b/c", token="hf_x")
+
+
+def test_push_command_quotes_paths():
+    cmd = hub.push_command("out dir/run", "me/psld")
+    assert cmd.startswith("hf upload me/psld 'out dir/run' . --exclude 'checkpoint-*'"), cmd

@@ -168,7 +168,8 @@ def test_tweedie_correction_equals_closed_form_gradient(diffusion, t):
 
 @pytest.mark.parametrize(
     "sched, steps",
-    [(PSLDScheduler(striding="quadratic"), 200), (PSLDScheduler(sampler="pf_heun"), 100)],
+    # PF-Heun at an odd NFE: Heun steps only (an even NFE adds one probability-flow Euler step before the final call)
+    [(PSLDScheduler(striding="quadratic"), 200), (PSLDScheduler(sampler="pf_heun"), 101)],
     ids=["em", "pf_heun"],
 )
 def test_tweedie_inpainting_matches_conditional(sched, steps):
@@ -422,3 +423,22 @@ def test_tweedie_needs_an_image(pipe):
     with pytest.raises(ValueError, match="`inpaint_correction="):
         pipe(batch_size=2, num_inference_steps=2, inpaint_correction="tweedie")
     pipe(batch_size=1, num_inference_steps=2, inpaint_correction="replace", output_type="pt")  # the default: no image needed
+
+
+def test_rgb_inpainting_with_a_one_channel_mask_returns_the_known_pixels():
+    """A PIL mask is one channel; on 3-channel data the replacement must cover x and m of every channel
+    (it failed with a shape error: the mask was repeated k times instead of k·C)."""
+    import numpy as np
+    import PIL.Image
+
+    from diffusers_psld import PSLDPipeline, PSLDScheduler, build_unet
+
+    torch.manual_seed(0)
+    pipe = PSLDPipeline(unet=build_unet("tiny", 3, 2, sample_size=16), scheduler=PSLDScheduler())
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :8] = 255
+    out = pipe(image=PIL.Image.fromarray(rgb), mask_image=PIL.Image.fromarray(mask), num_inference_steps=4,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(out[0, :, :8], rgb[:, :8] / 255.0, atol=1 / 255)

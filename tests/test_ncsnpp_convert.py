@@ -238,3 +238,85 @@ def test_only_weights_only_loading(tmp_path):
     bad = fake_lightning_ckpt(tmp_path / "bad.ckpt", "vp", extra={"hyper_parameters": {"obj": NotData()}})
     with pytest.raises(SystemExit, match="not unpickled"):
         conv.load_checkpoint(str(bad))
+
+
+def _deep(n):
+    x = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+def _save_deep(path, obj):
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)  # torch.save pickles recursively
+    try:
+        torch.save(obj, path)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+BAD_FILES = {
+    "empty": (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\): not a checkpoint"),
+    "text": (lambda p: p.write_text("epoch: 7\nthis is a README\n"),
+             r"is not a PyTorch checkpoint: a text file \(it starts with 'epoch: 7\\nthis is a README\\n'\)"),
+    "4_bytes": (lambda p: p.write_bytes(b"\x01\x02\x03\x04"),
+                r"is not a PyTorch checkpoint: 4 bytes of another format \(they start with 01 02 03 04\)"),
+    "truncated_pickle": (lambda p: p.write_bytes(b"\x80\x02\x8a\x0a"), r"is truncated or corrupt: .*\(EOFError\)"),
+    "random_bytes": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), r"is not a PyTorch checkpoint: 4,096 bytes"),
+    "random_pickle_bytes": (lambda p: p.write_bytes(b"\x80\x02" + np.random.default_rng(1).bytes(4094)),
+                            r"is truncated or corrupt: .*UnpicklingError"),
+    "truncated_zip": (lambda p: p.write_bytes(_zip_head(p)), r"is truncated or corrupt"),
+    "deep_list": (lambda p: _save_deep(p, _deep(20000)), r"nests containers more than 100 levels deep"),
+    "deep_hyper_parameters": (lambda p: _save_deep(p, {"state_dict": {}, "hyper_parameters": {"config": _deep(20000)}}),
+                              r"nests containers more than 100 levels deep"),
+}
+
+
+def _zip_head(p):
+    torch.save({"state_dict": {"a": torch.zeros(1000)}}, p)
+    data = p.read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_files_give_one_line_naming_what_the_file_is(tmp_path, kind):
+    """Empty, text, junk, truncated, random bytes, hostile nesting: one `error: --checkpoint: ...` line each; random
+    bytes are never described as a pickle that "could run code"."""
+    make, pattern = BAD_FILES[kind]
+    path = tmp_path / "x.ckpt"
+    make(path)
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, "--checkpoint", path, "--dataset", "cifar10", "--output_dir", tmp_path / "out")
+    msg = str(info.value)
+    assert msg.startswith(f"error: --checkpoint: {str(path)!r} ") and "\n" not in msg, msg
+    assert __import__("re").search(pattern, msg), msg
+    assert "could run code" not in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "int64", "not_a_tensor"])
+def test_unusable_weights_are_refused_naming_the_tensor(tmp_path, kind):
+    """A NaN / inf weight (it failed only later, at sampling) or an int64 one (it was cast to float silently) is
+    refused at conversion time, naming the tensor; nothing is written."""
+    official, _ = fixture("cifar10")
+    name = sorted(k for k, v in official.items() if v.ndim == 4)[0]
+    bad = {"nan": lambda v: v.clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("nan")).reshape(v.shape),
+           "inf": lambda v: v.clone().fill_(float("-inf")),
+           "int64": lambda v: v.round().long(),
+           "not_a_tensor": lambda v: v.tolist()}[kind]
+    ckpt = fake_lightning_ckpt(tmp_path / "psld-gamma=0.01_nu=4.01.ckpt", "cifar10")
+    data = torch.load(ckpt, weights_only=True)
+    data["state_dict"]["ema_score_fn." + name] = bad(data["state_dict"]["ema_score_fn." + name])
+    torch.save(data, ckpt)
+    script = official_script(tmp_path / "s.sh", "cifar10", PSLD_SDE)
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, "--checkpoint", ckpt, "--official_script", script, "--output_dir", tmp_path / "out")
+    msg = str(info.value)
+    want = {"nan": "holds 1 NaN and 0 ±inf values", "inf": "holds 0 NaN and", "int64": "has dtype torch.int64",
+            "not_a_tensor": "is a list, not a tensor"}[kind]
+    assert msg.startswith("error: --checkpoint: the official state dict holds values that cannot be network weights")
+    assert f"'{name}' {want}" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "out").exists()

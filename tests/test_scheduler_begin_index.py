@@ -143,7 +143,7 @@ def _mc_matches(z, mean, cov):
 
 AFFINE_CASES = [  # (class, config, N, k, call k starts a step): step starts, a PF-Heun corrector, naive inner calls
     (PSLDScheduler, dict(sampler="em"), 12, 5, True), (PSLDScheduler, dict(sampler="pf_euler"), 12, 6, True),
-    (PSLDScheduler, dict(sampler="pf_heun"), 12, 4, False), (PSLDScheduler, dict(sampler="pf_heun"), 12, 3, True),
+    (PSLDScheduler, dict(sampler="pf_heun"), 12, 5, False), (PSLDScheduler, dict(sampler="pf_heun"), 12, 4, True),
     (ConjugateScheduler, dict(), 12, 5, True),
     (SplittingScheduler, dict(sampler="roba"), 12, 4, True), (SplittingScheduler, dict(sampler="nvv"), 13, 5, False),
     (SplittingScheduler, dict(sampler="noba"), 13, 5, False), (SplittingScheduler, dict(sampler="nbaoab"), 13, 4, False),
@@ -239,8 +239,8 @@ def test_every_sampler_supports_every_begin_index_and_the_timestep_lookup(cls, k
 
 def test_heun_corrector_begin_index_is_the_identity_and_continues_like_the_next_predictor():
     s = PSLDScheduler(sampler="pf_heun")
-    s.set_timesteps(10)  # calls: Euler, then (predictor, corrector) pairs
-    k = 2
+    s.set_timesteps(10)  # calls: (predictor, corrector) pairs, then one Euler step and the final call
+    k = 3
     assert s._tables.kinds[k] == 2 and s._tables.eval_times[k] == s._tables.eval_times[k + 1]
     z0 = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     s.set_begin_index(k)

@@ -30,7 +30,9 @@ the checkpoint. The checkpoint's file name (``…gamma=0.02_nu=4.02…``) is cro
 only tensors and plain containers and never imports or calls arbitrary code. If Lightning stored a non-tensor
 object (e.g. a NumPy scalar or a ``pathlib`` path in callback state), the converter retries with exactly these
 data-only types allow-listed (:data:`SAFE_GLOBALS`) and otherwise stops, naming the object — it never falls back
-to a full unpickle.
+to a full unpickle. A file that is empty, text, another format, truncated or nested more than :data:`MAX_NESTING`
+levels deep stops with one line saying so; a weight that is not a floating-point tensor or holds NaN / ±inf stops
+the conversion, naming the tensor (nothing is cast or written).
 
 **Output.** ``save_pretrained`` (safetensors) of ``PSLDPipeline(unet=NCSNppModel, scheduler=PSLDScheduler
 [, classifier=NCSNppClassifier])`` with the scheduler config reproducing the checkpoint's SDE (Γ, ν, β_min, β_max,
@@ -114,26 +116,89 @@ def _err(flag: str, msg: str):
     raise SystemExit(f"error: {flag}: {msg}")
 
 
-def load_checkpoint(path: str) -> dict:
-    """``torch.load(weights_only=True)``; one retry with :data:`SAFE_GLOBALS` allowed; never a full unpickle."""
+#: deepest container nesting accepted in a checkpoint (a Lightning checkpoint nests fewer than 10 levels); checked
+#: without recursion, so a hostile file cannot exhaust the interpreter's stack later on
+MAX_NESTING = 100
+
+
+def _cause(err: BaseException) -> str:
+    """``Type: first line`` of a load error (torch's weights-only errors: the unpickler's own sentence)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    first = " ".join(text.split())[:200]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _check_nesting(obj, path: str, flag: str) -> None:
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            _err(flag, f"{path!r} nests containers more than {MAX_NESTING} levels deep (a Lightning checkpoint nests "
+                       f"fewer than 10): not a checkpoint")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for kv in node.items() for v in kv)
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def load_checkpoint(path: str, flag: str = "--checkpoint"):
+    """Read a checkpoint with ``torch.load(weights_only=True)`` (PyTorch's restricted unpickler: tensors and plain
+    containers only, never arbitrary code); one retry with :data:`SAFE_GLOBALS` allowed when the file names a
+    non-tensor type; never a full unpickle. Every failure is one ``error: --checkpoint: ...`` line
+    (``SystemExit``) that says what the file is: missing, empty, not a PyTorch checkpoint (text, other bytes),
+    truncated or corrupt, holding a non-data object (refused: unpickling it could run code), or nested
+    beyond :data:`MAX_NESTING` levels."""
     import pickle
+    import zipfile
 
     import torch
 
     if not os.path.isfile(path):
-        _err("--checkpoint", f"{path!r} is not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first:
+        _err(flag, f"{path!r} is not a file")
+    size = os.path.getsize(path)
+    if size == 0:
+        _err(flag, f"{path!r} is empty (0 bytes): not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # torch.save writes a zip archive (PyTorch >= 1.6); older files are a pickle stream (protocol 2+: 0x80 0x0N)
+    legacy_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+    zip_archive = head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path)  # (a truncated one has no directory)
+    if not zip_archive and not legacy_pickle:
         try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as second:
-            _err("--checkpoint", f"{path!r} holds an object that weights_only loading refuses and that is not a "
-                                 f"plain data type; it is not unpickled (that could run code). Details: {second} "
-                                 f"(first attempt: {str(first).splitlines()[0]})")
+            text = head.decode("utf-8")
+            is_text = all(ch.isprintable() or ch in "\n\r\t" for ch in text)
+        except UnicodeDecodeError:
+            is_text = False
+        kind = f"a text file (it starts with {text[:40]!r})" if is_text else None
+        kind = kind or f"{size:,} bytes of another format (they start with {head[:8].hex(' ')})"
+        _err(flag, f"{path!r} is not a PyTorch checkpoint: {kind}, neither the zip archive torch.save writes nor a "
+                   f"legacy pickle")
 
+    def corrupt(err):
+        _err(flag, f"{path!r} is truncated or corrupt: it could not be read as a PyTorch checkpoint ({_cause(err)})")
 
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as first:
+            if "Unsupported global" not in str(first):
+                corrupt(first)  # a malformed stream, not a refused object
+            try:
+                with torch.serialization.safe_globals(SAFE_GLOBALS):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as second:
+                if "Unsupported global" not in str(second):
+                    corrupt(second)
+                named = re.search(r"GLOBAL (\S+)", str(second))
+                _err(flag, f"{path!r} holds an object of type {named.group(1) if named else '(unknown)'}, which is not "
+                           f"plain data: weights-only loading refuses it and it is not unpickled (that could run code)")
+    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError,
+            MemoryError, RecursionError, OSError, zipfile.BadZipFile, __import__("struct").error) as err:
+        corrupt(err)
+    _check_nesting(obj, path, flag)
+    return obj
 
 
 # ----------------------------------------------------------------------------- settings
@@ -377,7 +442,8 @@ def main(argv=None) -> dict:
 
     ckpt = load_checkpoint(args.checkpoint)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        _err("--checkpoint", "not a Lightning checkpoint (no `state_dict` mapping)")
+        _err("--checkpoint", f"{args.checkpoint!r} is a PyTorch file but not a Lightning checkpoint (no `state_dict` "
+                             f"mapping)")
     settings = resolve_settings(args, ckpt)
     d = settings["diffusion"]
     sde = d["model"]["sde"]
@@ -401,7 +467,10 @@ def main(argv=None) -> dict:
 
     classifier, clf_info = None, None
     if args.classifier_checkpoint:
-        cckpt = load_checkpoint(args.classifier_checkpoint)
+        cckpt = load_checkpoint(args.classifier_checkpoint, "--classifier_checkpoint")
+        if not isinstance(cckpt, dict) or not isinstance(cckpt.get("state_dict"), dict):
+            _err("--classifier_checkpoint", f"{args.classifier_checkpoint!r} is a PyTorch file but not a Lightning "
+                                            f"checkpoint (no `state_dict` mapping)")
         clf_cfg = settings.get("clf", {}).get("model", {}).get("clf_fn")
         if not clf_cfg:
             _err("--classifier_checkpoint", "no classifier settings: give --config with a `clf:` section and/or "

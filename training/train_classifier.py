@@ -12,10 +12,11 @@ time scale) and its UNet's ``sample_size``; ``--resolution`` may be omitted and 
 (a classifier trained at another size would be fed states it never saw). Without ``--pipeline``:
 ``PSLDScheduler()`` defaults and 16 px (the default digits model).
 
-Documented recipe for the digits PSLD model (guided accuracy: ``benchmarks/guided_accuracy.py``)::
+Documented recipe for the digits PSLD model (guided accuracy: ``benchmarks/guided_accuracy.py``); the first
+command is the Quickstart's, which writes ``outputs/psld-digits-psld``::
 
-    python training/train_psld.py --output_dir outputs/psld-digits
-    python training/train_classifier.py --pipeline outputs/psld-digits --output_dir outputs/clf-digits
+    python training/train_psld.py
+    python training/train_classifier.py --pipeline outputs/psld-digits-psld --output_dir outputs/clf-digits
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ CARD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/classifier-digits")
-    p.add_argument("--pipeline", default=None, help="PSLD pipeline dir: take its scheduler and save a copy with the classifier")
+    p.add_argument("--pipeline", default=None,
+                   help="PSLD pipeline dir (e.g. outputs/psld-digits-psld, what `python training/train_psld.py` writes): "
+                        "take its scheduler and save a copy with the classifier")
     p.add_argument("--resolution", type=int, default=None,
                    help="image size; default: the --pipeline UNet's sample_size (a different value is refused), else 16")
     p.add_argument("--max_train_steps", type=int, default=2000)

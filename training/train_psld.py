@@ -9,7 +9,7 @@ Diffusers-layout pipeline (``model_index.json``, ``unet/``, ``scheduler/``), ``s
     accelerate launch training/train_psld.py --dataset_name cifar10 --model_preset cifar10 ...
 
 Defaults: the paper's recipe (Adam 2e-4, betas (0.9, 0.999), linear warm-up from 0 over 5000 steps then
-constant, grad-norm clip 1.0, EMA 0.9999, t ~ U(1e-5, 1), fp32) for Hub / image-folder data. For the
+constant, grad-norm clip 1.0, a fixed EMA decay 0.9999, t ~ U(1e-5, 1), fp32) for Hub / image-folder data. For the
 offline digits run, where only a few thousand steps fit into minutes on a CPU, the defaults become
 lr 1e-3, warm-up 100 steps and EMA with the diffusers warm-up (decay 1 - (1 + step)^(-2/3), capped
 at ``--ema_decay``), because a fixed 0.9999 EMA would still be ~90 % the random initialisation after
@@ -25,22 +25,30 @@ run always leaves complete checkpoints only; ``--resume_from_checkpoint latest``
 checkpoint, refuses changed diffusion/network settings, and continues with exactly the loss
 trajectory of an uninterrupted run.
 
+Layout (as diffusers' ``train_unconditional.py``: ``parse_args`` then ``main``): :func:`main` reads
+``parse_args`` → :func:`setup` (accelerator, data, network, EMA, optimizer, the checkpoint to resume from, the
+Hub repo) → :func:`announce` → :func:`load_checkpoint` → :func:`train` (one optimizer step:
+:func:`train_step`; checkpoints: :func:`diffusers_psld.checkpoints.save_state`) → :func:`export` (sample grid,
+pipeline, loss curve, model card, upload). The pieces that do not depend on this command line (EMA folders,
+the Accelerate state hooks, the per-step generator, the sample grid, the loss plot) are in
+:mod:`diffusers_psld.training_utils`, the crash-safe checkpoint files in :mod:`diffusers_psld.checkpoints`.
+
 CPU threads: ``--num_threads`` (default: the usable cores minus one, at least 1; on the 2-core
 reference machine 1 thread) — torch's default of one thread per core collapses to seconds per step
 as soon as another process competes for a core (measured in the README's *Reliability* section).
 """
-from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run from a checkout without installing
@@ -53,6 +61,7 @@ PAPER_DEFAULTS = dict(learning_rate=2e-4, lr_warmup_steps=5000, ema_warmup=False
                       train_batch_size=16, checkpointing_steps=5000, save_images_steps=5000,
                       checkpoints_total_limit=None)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+GRID_IMAGES, MIN_GRID_IMAGES = 64, 4  # the sample grid: default size, and the smallest a short run scales it to
 # A larger image than this has never been a diffusion training resolution here; the data pre-resize of
 # --resolution 100000 was killed by the OOM killer at 24 GiB. Bounded before any data is touched.
 MAX_RESOLUTION = 1024
@@ -149,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training_args.json. Diffusion and network settings cannot be changed.")
     g.add_argument("--save_images_steps", type=int, default=None, help="sample grid (EMA weights) every N steps")
     g.add_argument("--num_inference_steps", type=int, default=100, help="network evaluations per sample")
-    g.add_argument("--eval_batch_size", type=int, default=64, help="images in the sample grid")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help=f"images in the sample grid (default {GRID_IMAGES}; fewer, at least {MIN_GRID_IMAGES}, when the run "
+                        f"is so short that drawing them would take longer than training: see sample_grid_size)")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN / cached login); never logged")
@@ -159,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--_crash_before_rename_at_step", type=int, default=None, help=argparse.SUPPRESS)
     a("--_debug_ranks", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse ``argv`` (None: ``sys.argv``) and fill/validate with :func:`resolve_and_validate`."""
+    return resolve_and_validate(build_parser().parse_args(argv))
 
 
 def _err(flag: str, msg: str):
@@ -236,8 +252,10 @@ def resolve_and_validate(args) -> argparse.Namespace:
     if args.diffusion == "vp" and args.sampler == "sscs":
         _err("--sampler", "sscs needs momentum (psld/cld)")
     # optimisation
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        _err("--eval_batch_size", f"must be >= 1, got {args.eval_batch_size}")
     for flag, v, lo in (("--train_batch_size", args.train_batch_size, 1), ("--gradient_accumulation_steps", args.gradient_accumulation_steps, 1),
-                        ("--num_inference_steps", args.num_inference_steps, 2), ("--eval_batch_size", args.eval_batch_size, 1),
+                        ("--num_inference_steps", args.num_inference_steps, 2),
                         ("--dataloader_num_workers", args.dataloader_num_workers, 0), ("--lr_warmup_steps", args.lr_warmup_steps, 0),
                         ("--checkpointing_steps", args.checkpointing_steps, 1), ("--save_images_steps", args.save_images_steps, 1)):
         if v < lo:
@@ -301,7 +319,8 @@ def check_output_dir(path: str):
         raise ValueError(f"`--output_dir` {path!r} is not writable: {err}") from err
 
 
-# ----------------------------------------------------------------------------- helpers
+
+
 def make_scheduler(args):
     from diffusers_psld import PSLDScheduler
 
@@ -351,58 +370,6 @@ def digits_memory(resolution: int):
     return 2 * 1797 * resolution * resolution * 4, available_memory("cpu")
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int):
-    """Generator for t, ε and label dropout of one micro-batch: a pure function of its position."""
-    import numpy as np
-    import torch
-
-    s = int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank, step, micro]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(s & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-@__import__("torch").no_grad()
-def sample_images(unet, scheduler_config: dict, n: int, data_channels: int, resolution: int, num_inference_steps: int,
-                  seed: int, class_labels=None, device="cpu"):
-    """Sample ``n`` images (data half in [-1, 1]) with the standard loop (scheduler copy, own generator:
-    no global RNG is consumed, so sampling never changes the training trajectory)."""
-    import torch
-
-    from diffusers_psld import PSLDScheduler
-
-    sched = PSLDScheduler.from_config(scheduler_config)
-    k = sched.num_components
-    g = torch.Generator().manual_seed(seed)
-    sched.set_timesteps(num_inference_steps)
-    dtype = next(unet.parameters()).dtype
-    z = sched.sample_prior((n, k * data_channels, resolution, resolution), generator=g).to(device)
-    kw = {}
-    if unet.config.num_class_embeds is not None:
-        if class_labels is None:
-            class_labels = torch.full((n,), unet.config.num_class_embeds - 1, dtype=torch.long)
-        kw["class_labels"] = class_labels.to(device)
-    for t in sched.timesteps:
-        eps = unet(sched.scale_model_input(z, t).to(dtype), sched.model_time(t, n).to(device), **kw).sample
-        z = sched.step(eps.float(), t, z, generator=g).prev_sample
-    return z[:, :data_channels].clamp(-1, 1)
-
-
-def make_grid(x, nrow=None):
-    """``[N, C, H, W]`` in [-1, 1] → PIL grid (2 px gaps, nearest-upscaled to at least 256 px wide)."""
-    import numpy as np
-    import PIL.Image
-
-    n, c, h, w = x.shape
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    ncol = int(math.ceil(n / nrow))
-    pad = 2
-    grid = np.ones((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.float32)
-    arr = ((x.float().cpu().numpy() + 1) / 2).transpose(0, 2, 3, 1)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[i]
-    img = PIL.Image.fromarray((grid[:, :, 0] if c == 1 else grid).clip(0, 1).__mul__(255).round().astype(np.uint8))
-    scale = max(1, math.ceil(256 / img.width))
-    return img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST) if scale > 1 else img
 
 
 def list_checkpoints(output_dir: str):
@@ -413,101 +380,13 @@ def list_checkpoints(output_dir: str):
     return ckpt.list_checkpoints(output_dir)
 
 
-def save_checkpoint(accelerator, args, step: int, extra: dict):
-    """Crash-safe ``save_state``: write ``.tmp-checkpoint-<step>`` (all ranks: accelerate writes weights on
-    the main process and one RNG file per rank); the main process adds the manifest (file sizes and
-    SHA-256, the run's settings) as the last file, renames the directory with ``os.replace`` and prunes
-    old checkpoints beyond ``--checkpoints_total_limit`` (atomic rename to trash, then delete).
-
-    Raises:
-        CheckpointError: the write failed (disk full or another I/O error); the message names the
-            checkpoint and says whether the disk is full; the temporary directory is removed.
-    """
-    from diffusers_psld import checkpoints as ckpt
-
-    out = args.output_dir
-    final = os.path.join(out, f"checkpoint-{step}")
-    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    previous = list_checkpoints(out)
-
-    def failed(err):
-        free = shutil.disk_usage(out).free if os.path.isdir(out) else None  # measured before the cleanup
-        needed = max([ckpt.dir_size(p) for _, p in previous] + [ckpt.dir_size(tmp), 1 << 20])
-        shutil.rmtree(tmp, ignore_errors=True)
-        return ckpt.CheckpointError(ckpt.describe_write_failure(err, final, free, needed,
-                                                                previous[-1][1] if previous else None))
-
-    try:
-        accelerator.save_state(tmp)
-    except Exception as err:  # noqa: BLE001  (re-raised with the checkpoint named)
-        raise failed(err) from err
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if args._crash_before_rename_at_step == step:  # test hook: a kill after the write, before the rename
-            raise RuntimeError(f"injected crash between temp write and rename at step {step}")
-        try:
-            ckpt.finalize(tmp, final, dict(step=step, **extra))
-        except Exception as err:  # noqa: BLE001
-            raise failed(err) from err
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        ckpt.prune(out, args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return final
-
-
-EMA_STATE = "ema_state.json"
-
-
-def save_ema(ema, path: str):
-    """Save an ``EMAModel`` as a plain model folder (``UNet2DModel`` / ``NCSNppModel``; its config holds only model keys) plus
-    ``ema_state.json`` (decay, optimization_step, warm-up …). diffusers' ``EMAModel.save_pretrained``
-    writes the EMA keys into the UNet's config.json instead, and every later load then warns that they
-    "were passed to UNet2DModel … will be ignored"."""
-    from diffusers import UNet2DModel
-
-    model_cls = ema.model_cls or UNet2DModel  # UNet2DModel or NCSNppModel (the class training built)
-    model = model_cls.from_config(dict(ema.model_config))
-    ema.copy_to(model.parameters())
-    model.save_pretrained(path, safe_serialization=True)
-    state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    with open(os.path.join(path, EMA_STATE), "w") as f:
-        json.dump(state, f, indent=1)
-
-
-def load_ema(ema, path: str):
-    """Load :func:`save_ema`'s folder (or one written by ``EMAModel.save_pretrained``, EMA keys in
-    config.json) into ``ema``: shadow parameters from the safetensors weights, the EMA counters from
-    ``ema_state.json``. Reads only safetensors; no diffusers warning (the config is split by hand)."""
-    from diffusers import UNet2DModel
-    from safetensors.torch import load_file
-
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    ema_keys = set(ema.state_dict()) - {"shadow_params"}
-    if os.path.exists(os.path.join(path, EMA_STATE)):
-        with open(os.path.join(path, EMA_STATE)) as f:
-            state = json.load(f)
-    else:  # EMAModel.save_pretrained layout
-        state = {k: config[k] for k in ema_keys if k in config}
-    config = {k: v for k, v in config.items() if k not in ema_keys}
-    weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights} is missing (EMA weights are read from safetensors only)")
-    model = (ema.model_cls or UNet2DModel).from_config(config)
-    model.load_state_dict(load_file(weights))
-    ema.load_state_dict({**state, "shadow_params": [p.detach().clone() for p in model.parameters()]})
-
-
+# ----------------------------------------------------------------------------- checkpoints and resume
 def public_settings(args) -> dict:
     """The run's settings as written to training_args.json and into every checkpoint's manifest (JSON
     values, the Hub token redacted)."""
     from diffusers_psld import hub
 
-    raw = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "defaults_used"}
+    raw = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("defaults_used", "notes")}
     return json.loads(json.dumps(hub.redact(raw), default=str))
 
 
@@ -528,8 +407,31 @@ def _intact_hint(args, step: int, parent: str) -> str:
                 f"without --resume_from_checkpoint).")
     inside = os.path.abspath(parent) == os.path.abspath(args.output_dir)
     return (f"The last loadable checkpoint is {prev}: resume from it with "
-            f"`--resume_from_checkpoint {os.path.basename(prev) if inside else prev}` (the damaged one is left in "
-            f"place for inspection).")
+            f"`--resume_from_checkpoint {os.path.basename(prev) if inside else prev}` (this one is left in place "
+            f"for inspection).")
+
+
+def _load_failure(args, path: str, err: BaseException) -> str:
+    """The message for checkpoint ``path`` that :func:`resolve_resume` accepted but ``load_state`` could not
+    load. It is called damaged only when its files fail verification now; a checkpoint whose files match
+    its manifest is reported as intact but not loadable by this code (with the versions that wrote it, when
+    the manifest records them); one whose manifest lists no files is said to be unverifiable."""
+    from diffusers_psld import checkpoints as ckpt
+
+    step = int(CHECKPOINT_RE.match(os.path.basename(path)).group(1))
+    what = f"`--resume_from_checkpoint`: {path} could not be loaded ({type(err).__name__}: {err})"
+    problem = ckpt.verify(path, _required_files(args))
+    if problem:  # changed after the check at start
+        return f"{what}. It is damaged: {problem}. {_intact_hint(args, step, os.path.dirname(path))}"
+    manifest = ckpt.read_manifest(path)
+    if not isinstance(manifest.get("files"), dict):
+        return (f"{what}. Its manifest lists no file hashes (written by an older version), so its files cannot be "
+                f"verified. {_intact_hint(args, step, os.path.dirname(path))}")
+    then, now = manifest.get("versions") or {}, ckpt.library_versions()
+    changed = ", ".join(f"{k} {then[k]} → {now.get(k, 'not installed')}" for k in sorted(then) if then[k] != now.get(k))
+    way_out = (f"It was written with other library versions ({changed}): resume with those, or start a new run in "
+               f"another --output_dir." if changed else "Start a new run in another --output_dir.")
+    return f"{what}. Its files are intact (they match its manifest), but this training code cannot load them. {way_out}"
 
 
 def resolve_resume(args):
@@ -605,70 +507,46 @@ def resolve_resume(args):
     return path
 
 
-def _rewrite_log(path: str, upto_step: int):
-    """Keep only the loss-log lines with step <= ``upto_step`` (a resumed run rewrites the rest)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= upto_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+
+# ----------------------------------------------------------------------------- set-up
+@dataclass
+class Training:
+    """One run's objects after :func:`setup` (what diffusers' ``train_unconditional.py`` keeps as locals of
+    ``main``). ``unet`` is the prepared model (wrapped in ``DistributedDataParallel`` on several processes;
+    ``accelerator.unwrap_model(unet)`` is the ``UNet2DModel`` / ``NCSNppModel``)."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    scheduler: Any
+    ds: Any
+    channels: int
+    unet: Any
+    ema: Any
+    optimizer: Any
+    lr_scheduler: Any
+    n_params: int
+    public_args: dict
+    resume_path: Optional[str]
+    batches_per_epoch: int
+    log_path: str
+    hub_repo_id: Optional[str] = None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
-def plot_loss(log_path: str, out_png: str):
-    """Loss curve (raw and 50-step moving average) from ``train_log.jsonl``; skipped without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        return None
-    rows = [json.loads(ln) for ln in open(log_path) if ln.strip()]
-    if not rows:
-        return None
-    s = np.array([r["step"] for r in rows])
-    v = np.array([r["loss"] for r in rows])
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(s, v, lw=0.5, alpha=0.4, label="loss")
-    w = min(50, len(v))
-    if w > 1:
-        ax.plot(s[w - 1:], np.convolve(v, np.ones(w) / w, mode="valid"), lw=1.5, label=f"{w}-step mean")
-    ax.set_xlabel("step")
-    ax.set_ylabel("HSM ε loss")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
-
-
-# ----------------------------------------------------------------------------- main
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    resolve_and_validate(args)
-
-    import numpy as np
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
-
-    from diffusers_psld import data as psld_data
-    from diffusers_psld import hub
-    from diffusers_psld.losses import hsm_loss
-
-    from diffusers_psld.models.unet_presets import build_unet
-
-    from diffusers_psld import checkpoints as ckpt
-
-    torch.set_num_threads(args.num_threads)
-    scheduler = make_scheduler(args)  # validates the SDE parameters again (RecipeSDE)
+def choose_logger(args) -> str:
+    """``--report_to`` as it really happens: TensorBoard falls back to ``none`` (with a note) when it is not
+    installed; both values are recorded (training_args.json, the model card)."""
     args.report_to_requested = args.report_to
     if args.report_to == "tensorboard":
         try:
@@ -677,28 +555,77 @@ def main(argv=None):
             print("note: TensorBoard is not installed (pip install tensorboard), so this run logs to train_log.jsonl "
                   "only; training_args.json and the model card record report_to = none", file=sys.stderr, flush=True)
             args.report_to = "none"
-    report_to = args.report_to  # what really happens: recorded in training_args.json and the model card
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    return args.report_to
+
+
+def sample_grid_size(args, world: int) -> Optional[str]:
+    """Default ``--eval_batch_size``: :data:`GRID_IMAGES` images, unless drawing them would cost more network
+    evaluations than the whole training run (``max_train_steps × global batch × 3``, a backward pass costing
+    about two forward passes): then as many as that budget allows at ``--num_inference_steps``, at least
+    :data:`MIN_GRID_IMAGES`. The inference steps are never reduced (they decide what the samples look like).
+    A 4-step run on an image folder otherwise drew a 64-image, 100-step grid for 137 s after 4 training steps.
+    Returns a note for the start banner when the grid was scaled (None otherwise or when the flag is given)."""
+    if args.eval_batch_size is not None:
+        return None
+    budget = args.max_train_steps * args.train_batch_size * world * args.gradient_accumulation_steps * 3
+    args.eval_batch_size = int(min(GRID_IMAGES, max(MIN_GRID_IMAGES, budget // args.num_inference_steps)))
+    if args.eval_batch_size == GRID_IMAGES:
+        return None
+    return (f"sample grid: {args.eval_batch_size} images × {args.num_inference_steps} steps, not {GRID_IMAGES}, so that "
+            f"drawing it costs no more than this short run's training (--eval_batch_size sets it)")
+
+
+def warmup_note(args) -> Optional[str]:
+    """A note for the start banner when the linear LR warm-up is longer than the run: the learning rate then
+    never reaches ``--learning_rate`` (the folder/Hub default warm-up is the paper's 5000 steps). The warm-up
+    is not scaled to ``--max_train_steps``: that would change the LR schedule of a run that is later resumed
+    with a larger ``--max_train_steps``, and resuming must continue the same run exactly."""
+    if args.lr_warmup_steps <= args.max_train_steps:
+        return None
+    frac = args.max_train_steps / args.lr_warmup_steps
+    return (f"note: the learning-rate warm-up ({args.lr_warmup_steps} steps) is longer than this run "
+            f"({args.max_train_steps} steps): the learning rate rises from 0 to only {args.learning_rate * frac:.3g} "
+            f"({100 * frac:.2g} % of {args.learning_rate:g}) by the end; for a short run pass a smaller --lr_warmup_steps")
+
+
+def setup(args) -> Training:
+    """Accelerator, output directory, the checkpoint to resume from (verified, settings compared), data,
+    network, EMA, optimizer and LR schedule, prepared by Accelerate with the checkpoint hooks registered.
+    Raises ``ValueError`` naming the flag for every input problem, before anything is trained."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_psld import checkpoints as ckpt
+    from diffusers_psld import data as psld_data
+    from diffusers_psld.models.unet_presets import build_unet
+    from diffusers_psld.training_utils import register_state_hooks
+
+    torch.set_num_threads(args.num_threads)
+    scheduler = make_scheduler(args)  # validates the SDE parameters again (RecipeSDE)
+    report_to = choose_logger(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=None if report_to == "none" else report_to,
-                              project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
-    is_main = accelerator.is_main_process
-    if is_main:
+                              project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                                  logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    if accelerator.is_main_process:
         check_output_dir(args.output_dir)
         stale = ckpt.remove_stale(args.output_dir)
         if stale:
             print(f"removed leftovers of an interrupted run: {', '.join(stale)}", flush=True)
     accelerator.wait_for_everyone()
     resume_path = resolve_resume(args)  # verified, settings compared (ValueError naming the flag otherwise)
+    hub_repo_id = create_hub_repo(args, accelerator)  # --push_to_hub: token and repo checked before training
     ds, channels = load_data(args)
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = args.train_batch_size * world
-    if len(ds) < global_batch:
+    if len(ds) < args.train_batch_size * world:
         _err("--train_batch_size", f"the data set has {len(ds)} images, fewer than one global batch "
                                    f"({args.train_batch_size} × {world} processes)")
     batches_per_epoch = len(psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0))
-    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_epochs * steps_per_epoch
+        args.max_train_steps = args.num_epochs * max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    args.notes = [n for n in (warmup_note(args), sample_grid_size(args, world)) if n]
     set_seed(args.seed)  # model initialisation identical on every rank
 
     num_class_embeds = ds.num_classes + 1 if args.class_conditional else None
@@ -709,31 +636,12 @@ def main(argv=None):
     n_params = sum(p.numel() for p in unet.parameters())
     ema = None
     if args.use_ema:
+        # without warm-up the decay is fixed (min_decay = decay), as the paper's code (a constant τ = 0.9999);
+        # EMAModel's own default would ramp it as min(decay, (1 + step) / (10 + step)) over ~90k steps
         ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
-                       power=2 / 3, model_cls=type(unet), model_config=unet.config)
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            if ema is not None:
-                save_ema(ema, os.path.join(output_dir, "unet_ema"))
-            for m in models:
-                accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "unet"))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        if ema is not None:
-            load_ema(ema, os.path.join(input_dir, "unet_ema"))
-            ema.to(accelerator.device)
-        while models:
-            m = models.pop()
-            loaded = type(unet).from_pretrained(input_dir, subfolder="unet")
-            m.register_to_config(**loaded.config)
-            m.load_state_dict(loaded.state_dict())
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+                       power=2 / 3, min_decay=0.0 if args.ema_warmup else args.ema_decay, model_cls=type(unet),
+                       model_config=unet.config)
+    register_state_hooks(accelerator, ema)
 
     optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -742,189 +650,293 @@ def main(argv=None):
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
+    return Training(args=args, accelerator=accelerator, scheduler=scheduler, ds=ds, channels=channels, unet=unet,
+                    ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, n_params=n_params,
+                    public_args=public_settings(args), resume_path=resume_path, batches_per_epoch=batches_per_epoch,
+                    log_path=os.path.join(args.output_dir, "train_log.jsonl"), hub_repo_id=hub_repo_id)
 
-    public_args = public_settings(args)
-    if is_main:
-        print(f"diffusers-psld training: {args.diffusion} on {args.dataset_label} ({len(ds)} images, "
-              f"{args.resolution}px, C={channels}, k={scheduler.num_components}); preset {args.model_preset} "
-              f"({n_params:,} params); {world} process(es) × batch {args.train_batch_size} × accumulation "
+
+def create_hub_repo(args, accelerator) -> Optional[str]:
+    """``--push_to_hub``: check the token and create the Hub repo (an existing one is fine) before anything
+    is trained, as diffusers' training examples do; returns the repo id the Hub reports (None without
+    ``--push_to_hub``). The main process asks the Hub; every process gets the outcome.
+
+    Raises:
+        ValueError: ``error: `--push_to_hub`: ...`` naming the cause (no token, offline, refused).
+    """
+    if not args.push_to_hub:
+        return None
+    from diffusers_psld import hub
+
+    outcome = [None, None]  # repo id, error message
+    if accelerator.is_main_process:
+        repo_id = args.hub_model_id or Path(args.output_dir).name
+        try:
+            outcome = [hub.create_repo(repo_id, token=args.hub_token, private=args.hub_private_repo), None]
+        except hub.HubError as err:
+            outcome = [None, f"`--push_to_hub`: {err}; nothing was trained"]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    if outcome[1]:
+        raise ValueError(outcome[1])
+    return outcome[0]
+
+
+def announce(t: Training):
+    """The start banner and the defaults used (main process), training_args.json, the trackers."""
+    args = t.args
+    if t.is_main:
+        print(f"diffusers-psld training: {args.diffusion} on {args.dataset_label} ({len(t.ds)} images, "
+              f"{args.resolution}px, C={t.channels}, k={t.scheduler.num_components}); preset {args.model_preset} "
+              f"({t.n_params:,} params); {t.world} process(es) × batch {args.train_batch_size} × accumulation "
               f"{args.gradient_accumulation_steps}; {args.max_train_steps} steps", flush=True)
         if args.defaults_used:
             why = "offline digits defaults (short CPU run)" if args.offline_digits else "paper defaults"
             print(f"{why}: " + ", ".join(f"{k}={v}" for k, v in args.defaults_used.items()), flush=True)
+        for note in args.notes:
+            print(note, flush=True)
         with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(public_args, f, indent=1, default=str)
-    if report_to != "none":
-        accelerator.init_trackers("psld", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                  for k, v in public_args.items()})
+            json.dump(t.public_args, f, indent=1, default=str)
+    if args.report_to != "none":
+        t.accelerator.init_trackers("psld", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                    for k, v in t.public_args.items()})
 
-    # ---------------- resume (checked before anything was written: resolve_resume)
+
+# ----------------------------------------------------------------------------- resume
+def load_checkpoint(t: Training) -> int:
+    """Load the checkpoint :func:`resolve_resume` chose (every process) and cut the loss log back to it.
+    Returns the step to continue from (0 for a new run).
+
+    Raises:
+        ValueError: naming ``--resume_from_checkpoint`` when the checkpoint does not load (:func:`_load_failure`).
+    """
+    from diffusers_psld.training_utils import rewrite_log
+
+    args, path = t.args, t.resume_path
     global_step = 0
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
-    if resume_path is None and args.resume_from_checkpoint and is_main:
+    if path is None and args.resume_from_checkpoint and t.is_main:
         print("no checkpoint found in --output_dir: starting a new run", flush=True)
-    if resume_path is not None:
+    if path is not None:
         try:
-            accelerator.load_state(resume_path)
-        except Exception as err:  # noqa: BLE001  (a damage the manifest did not catch: name it and the way out)
-            step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
-            raise ValueError(f"`--resume_from_checkpoint`: {resume_path} could not be loaded ({type(err).__name__}: "
-                             f"{err}). {_intact_hint(args, step, os.path.dirname(resume_path))}") from err
-        global_step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
-        if is_main:
-            print(f"resumed from {resume_path} at step {global_step}", flush=True)
-    if is_main:
-        if global_step == 0 and os.path.exists(log_path):
-            os.remove(log_path)
-        _rewrite_log(log_path, global_step)
-    accelerator.wait_for_everyone()
+            t.accelerator.load_state(path)
+        except Exception as err:  # noqa: BLE001  (re-raised with the checkpoint named and what its files say)
+            raise ValueError(_load_failure(args, path, err)) from err
+        global_step = int(CHECKPOINT_RE.match(os.path.basename(path)).group(1))
+        if t.is_main:
+            print(f"resumed from {path} at step {global_step}", flush=True)
+    if t.is_main:
+        if global_step == 0 and os.path.exists(t.log_path):
+            os.remove(t.log_path)
+        rewrite_log(t.log_path, global_step)
+    t.accelerator.wait_for_everyone()
+    return global_step
 
-    # ---------------- data order: pure function of (seed, epoch)
-    def batches_from(micro_index: int):
-        epoch, offset = divmod(micro_index, batches_per_epoch)
-        while True:
-            ds.set_epoch(epoch)
-            idx = psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, epoch)[offset:]
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=idx, collate_fn=psld_data.collate,
-                                                 num_workers=args.dataloader_num_workers)
-            for b in loader:
-                yield epoch, b
-            epoch, offset = epoch + 1, 0
 
+# ----------------------------------------------------------------------------- the training loop
+def batches_from(t: Training, micro_index: int):
+    """Endless ``(epoch, batch)`` stream of this rank from micro-batch ``micro_index`` on: the order of epoch e
+    is a pure function of (seed, e), so a resumed run sees what the uninterrupted one saw."""
+    import torch
+
+    from diffusers_psld import data as psld_data
+
+    args = t.args
+    epoch, offset = divmod(micro_index, t.batches_per_epoch)
+    while True:
+        t.ds.set_epoch(epoch)
+        idx = psld_data.epoch_batches(len(t.ds), args.train_batch_size, t.world, t.rank, args.seed, epoch)[offset:]
+        loader = torch.utils.data.DataLoader(t.ds, batch_sampler=idx, collate_fn=psld_data.collate,
+                                             num_workers=args.dataloader_num_workers)
+        for b in loader:
+            yield epoch, b
+        epoch, offset = epoch + 1, 0
+
+
+def train_step(t: Training, batch_iter, global_step: int):
+    """One optimizer step (``--gradient_accumulation_steps`` micro-batches, gradients synchronised on the
+    last): HSM loss, backward, clip, Adam, LR schedule, EMA. Returns ``(loss, logs, epoch)``, the loss averaged
+    over processes and micro-batches.
+
+    Raises:
+        FloatingPointError: a non-finite loss on any process; names the step and the last good checkpoint.
+    """
+    import numpy as np
+    import torch
+
+    from diffusers_psld import data as psld_data
+    from diffusers_psld.losses import hsm_loss
+    from diffusers_psld.training_utils import step_generator
+
+    args, acc, unet = t.args, t.accelerator, t.unet
     accum = args.gradient_accumulation_steps
-    batch_iter = batches_from(global_step * accum)
-    null_class = ds.num_classes if args.class_conditional else None
-    sched_config = dict(scheduler.config)
-    grid_labels = (torch.arange(args.eval_batch_size) % ds.num_classes) if args.class_conditional else None
+    step_losses, comp = [], {}
+    for micro in range(accum):
+        epoch, batch = next(batch_iter)
+        x0 = batch["input"].to(acc.device)
+        g = step_generator(args.seed, t.rank, global_step, micro)
+        labels = None
+        if args.class_conditional:
+            labels = batch["label"].clone()
+            drop = torch.rand(labels.shape[0], generator=g) < args.cond_drop_prob
+            labels[drop] = t.ds.num_classes  # the null class
+            labels = labels.to(acc.device)
+        if args._debug_ranks and global_step == 0 and micro == 0:
+            print(f"[rank {t.rank}/{t.world}] first batch indices "
+                  f"{psld_data.epoch_batches(len(t.ds), args.train_batch_size, t.world, t.rank, args.seed, 0)[0]}",
+                  flush=True)
+        with acc.autocast():
+            loss, stats = hsm_loss(unet, t.scheduler, x0, generator=g, class_labels=labels, return_stats=True,
+                                   snr_gamma=args.snr_gamma)
+        if args._inject_nan_at_step == global_step + 1:
+            loss = loss * float("nan")
+        gathered = acc.gather(loss.detach().float().reshape(1))
+        if not bool(gathered.isfinite().all()):
+            ck = list_checkpoints(args.output_dir)
+            raise FloatingPointError(
+                f"non-finite loss ({gathered.tolist()}) at step {global_step + 1} (epoch {epoch}); training stopped. "
+                f"Last good checkpoint: {ck[-1][1] if ck else 'none'}")
+        step_losses.append(gathered.double().mean().item())
+        for kname, v in stats.items():
+            if kname.startswith("loss_"):
+                comp[kname] = comp.get(kname, 0.0) + acc.gather(v.float().reshape(1)).mean().item() / accum
+        if micro < accum - 1:
+            with acc.no_sync(unet):
+                acc.backward(loss / accum)
+        else:
+            acc.backward(loss / accum)
+    if args.max_grad_norm is not None:
+        acc.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+    lr_now = t.optimizer.param_groups[0]["lr"]
+    t.optimizer.step()
+    t.lr_scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.ema is not None:
+        t.ema.step(unet.parameters())
+    loss_val = float(np.mean(step_losses))
+    logs = {"loss": loss_val, "lr": lr_now, **comp}
+    if t.ema is not None:
+        logs["ema_decay"] = t.ema.cur_decay_value if t.ema.cur_decay_value is not None else 0.0
+    return loss_val, logs, epoch
 
-    def save_samples(step):
-        if not is_main:
-            return None
-        model = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        was_training = model.training
-        model.eval()
-        x = sample_images(model, sched_config, args.eval_batch_size, channels, args.resolution,
-                          args.num_inference_steps, seed=args.seed, class_labels=grid_labels, device=accelerator.device)
-        if was_training:
-            model.train()
-        if ema is not None:
-            ema.restore(model.parameters())
-        img = make_grid(x)
-        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-        img.save(os.path.join(args.output_dir, "samples", f"step-{step:07d}.png"))
-        if report_to == "tensorboard":
-            tb = accelerator.get_tracker("tensorboard", unwrap=True)
-            tb.add_images("samples", ((x.cpu() + 1) / 2).clamp(0, 1), step)
-        return img
 
-    unet.train()
-    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not is_main, desc="steps")
+def save_samples(t: Training, step: int, progress: bool = False):
+    """The sample grid with the EMA weights (main process; None elsewhere): ``samples/step-<step>.png`` and
+    TensorBoard. Uses its own generator: the training trajectory does not change."""
+    from diffusers_psld.training_utils import make_grid, sample_images
+
+    if not t.is_main:
+        return None
+    import torch
+
+    args = t.args
+    model = t.accelerator.unwrap_model(t.unet)
+    if t.ema is not None:
+        t.ema.store(model.parameters())
+        t.ema.copy_to(model.parameters())
+    was_training = model.training
+    model.eval()
+    labels = (torch.arange(args.eval_batch_size) % t.ds.num_classes) if args.class_conditional else None
+    x = sample_images(model, dict(t.scheduler.config), args.eval_batch_size, t.channels, args.resolution,
+                      args.num_inference_steps, seed=args.seed, class_labels=labels, device=t.accelerator.device,
+                      progress=progress)
+    if was_training:
+        model.train()
+    if t.ema is not None:
+        t.ema.restore(model.parameters())
+    img = make_grid(x)
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    img.save(os.path.join(args.output_dir, "samples", f"step-{step:07d}.png"))
+    if args.report_to == "tensorboard":
+        tb = t.accelerator.get_tracker("tensorboard", unwrap=True)
+        tb.add_images("samples", ((x.cpu() + 1) / 2).clamp(0, 1), step)
+    return img
+
+
+def train(t: Training, global_step: int):
+    """The loop: optimizer steps from ``global_step`` to ``--max_train_steps`` with logging (progress bar,
+    train_log.jsonl, trackers), checkpoints every ``--checkpointing_steps`` and sample grids every
+    ``--save_images_steps``. Returns ``(global_step, last_losses, wall_seconds)``."""
+    from tqdm.auto import tqdm
+
+    from diffusers_psld import checkpoints as ckpt
+
+    args = t.args
+    batch_iter = batches_from(t, global_step * args.gradient_accumulation_steps)
+
+    def crash_hook(step):  # test hook: a kill after the write, before the rename
+        if args._crash_before_rename_at_step == step:
+            def crash():
+                raise RuntimeError(f"injected crash between temp write and rename at step {step}")
+            return crash
+        return None
+
+    t.unet.train()
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not t.is_main, desc="steps")
     t_start, steps_done, last_losses = time.time(), 0, []
     try:  # close the bar on any exit: an unclosed bar is printed again when it is garbage collected
         while global_step < args.max_train_steps:
-            step_losses, comp = [], {}
-            for micro in range(accum):
-                epoch, batch = next(batch_iter)
-                x0 = batch["input"].to(accelerator.device)
-                g = step_generator(args.seed, rank, global_step, micro)
-                labels = None
-                if args.class_conditional:
-                    labels = batch["label"].clone()
-                    drop = torch.rand(labels.shape[0], generator=g) < args.cond_drop_prob
-                    labels[drop] = null_class
-                    labels = labels.to(accelerator.device)
-                if args._debug_ranks and global_step == 0 and micro == 0:
-                    print(f"[rank {rank}/{world}] first batch indices "
-                          f"{psld_data.epoch_batches(len(ds), args.train_batch_size, world, rank, args.seed, 0)[0]}", flush=True)
-                with accelerator.autocast():
-                    loss, stats = hsm_loss(unet, scheduler, x0, generator=g, class_labels=labels, return_stats=True,
-                                           snr_gamma=args.snr_gamma)
-                if args._inject_nan_at_step == global_step + 1:
-                    loss = loss * float("nan")
-                gathered = accelerator.gather(loss.detach().float().reshape(1))
-                if not torch.all(torch.isfinite(gathered)):
-                    ck = list_checkpoints(args.output_dir)
-                    raise FloatingPointError(
-                        f"non-finite loss ({gathered.tolist()}) at step {global_step + 1} (epoch {epoch}); training stopped. "
-                        f"Last good checkpoint: {ck[-1][1] if ck else 'none'}")
-                step_losses.append(gathered.double().mean().item())
-                for kname, v in stats.items():
-                    if kname.startswith("loss_"):
-                        comp[kname] = comp.get(kname, 0.0) + accelerator.gather(v.float().reshape(1)).mean().item() / accum
-                if micro < accum - 1:
-                    with accelerator.no_sync(unet):
-                        accelerator.backward(loss / accum)
-                else:
-                    accelerator.backward(loss / accum)
-            if args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(unet.parameters())
+            loss_val, logs, epoch = train_step(t, batch_iter, global_step)
             global_step += 1
             steps_done += 1
-            loss_val = float(np.mean(step_losses))
             last_losses = (last_losses + [loss_val])[-100:]
-            rate = steps_done / max(time.time() - t_start, 1e-9)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", steps_per_s=f"{rate:.2f}")
-            logs = {"loss": loss_val, "lr": lr_now, **comp}
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value if ema.cur_decay_value is not None else 0.0
-            if is_main:
-                with open(log_path, "a") as f:
+            progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{logs['lr']:.2e}",
+                                 steps_per_s=f"{steps_done / max(time.time() - t_start, 1e-9):.2f}")
+            if t.is_main:
+                with open(t.log_path, "a") as f:
                     f.write(json.dumps({"step": global_step, **logs}) + "\n")
-            if report_to != "none":
-                accelerator.log(logs, step=global_step)
+            if args.report_to != "none":
+                t.accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step, {"epoch": epoch, "loss": loss_val, "settings": public_args})
+                ckpt.save_state(t.accelerator, args.output_dir, global_step,
+                                {"epoch": epoch, "loss": loss_val, "settings": t.public_args,
+                                 "versions": ckpt.library_versions()},
+                                keep=args.checkpoints_total_limit, before_rename=crash_hook(global_step))
             if global_step % args.save_images_steps == 0 and global_step < args.max_train_steps:
-                save_samples(global_step)
-                accelerator.wait_for_everyone()
+                save_samples(t, global_step)
+                t.accelerator.wait_for_everyone()
     finally:
         progress.close()
-    wall = time.time() - t_start
-
     if args._debug_ranks:
-        w = accelerator.unwrap_model(unet)
-        tot = sum(p.double().sum().item() for p in w.parameters())
-        print(f"[rank {rank}/{world}] param_checksum={tot!r}", flush=True)
+        w = t.accelerator.unwrap_model(t.unet)
+        print(f"[rank {t.rank}/{t.world}] param_checksum={sum(p.double().sum().item() for p in w.parameters())!r}",
+              flush=True)
+    return global_step, last_losses, time.time() - t_start
 
-    # ---------------- final pipeline, samples, card (main process only)
-    accelerator.wait_for_everyone()
-    if is_main:
-        img = save_samples(global_step)
-        if img is not None:
-            img.save(os.path.join(args.output_dir, "samples.png"))
-        model = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(model.parameters())  # the saved pipeline carries the EMA weights
-        save_pipeline(model, make_scheduler(args), args.output_dir)
-        plot_loss(log_path, os.path.join(args.output_dir, "loss_curve.png"))
-        fields = card_fields(args, public_args, n_params, world, global_step, last_losses, wall, channels,
-                             scheduler.num_components, ema)
-        hub.write_model_card(args.output_dir, fields)
-        if args.push_to_hub:
-            repo_id = args.hub_model_id or Path(args.output_dir).name
-            token = args.hub_token or os.environ.get("HF_TOKEN")
-            rid = hub.push_folder(args.output_dir, repo_id, token=token, private=args.hub_private_repo,
-                                  commit_message=f"PSLD {args.diffusion} on {args.dataset_label}, step {global_step}")
-            print(f"pushed {args.output_dir} to the Hub repo {rid}", flush=True)
-        print(f"done: {global_step} steps in {wall:.1f} s; pipeline, samples.png and README.md in {args.output_dir}", flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    result = {"global_step": global_step, "output_dir": args.output_dir, "wall_s": wall}
-    if world == 1:  # allow several in-process runs (tests)
-        from accelerate.state import AcceleratorState
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return result
+# ----------------------------------------------------------------------------- final export
+def export(t: Training, global_step: int, last_losses: list, wall: float):
+    """Main process: the final sample grid (samples.png), the pipeline with the EMA weights, loss_curve.png,
+    the model card and the Hub upload."""
+    from diffusers_psld import hub
+    from diffusers_psld.training_utils import plot_loss
+
+    args = t.args
+    print(f"drawing the final sample grid: {args.eval_batch_size} images × {args.num_inference_steps} steps", flush=True)
+    img = save_samples(t, global_step, progress=True)
+    img.save(os.path.join(args.output_dir, "samples.png"))
+    model = t.accelerator.unwrap_model(t.unet)
+    if t.ema is not None:
+        t.ema.copy_to(model.parameters())  # the saved pipeline carries the EMA weights
+    save_pipeline(model, make_scheduler(args), args.output_dir)
+    plot_loss(t.log_path, os.path.join(args.output_dir, "loss_curve.png"))
+    fields = card_fields(args, t.public_args, t.n_params, t.world, global_step, last_losses, wall, t.channels,
+                         t.scheduler.num_components, t.ema)
+    if t.hub_repo_id is not None:
+        fields["repo_or_path"] = t.hub_repo_id  # as the Hub names it ('user/name')
+    hub.write_model_card(args.output_dir, fields)
+    print(f"done: {global_step} steps in {wall:.1f} s; pipeline, samples.png and README.md in {args.output_dir}",
+          flush=True)
+    if t.hub_repo_id is not None:
+        try:
+            hub.upload_folder(args.output_dir, t.hub_repo_id, token=args.hub_token,
+                              commit_message=f"PSLD {args.diffusion} on {args.dataset_label}, step {global_step}")
+        except hub.HubError as err:
+            raise hub.HubError(f"`--push_to_hub`: {err}. The local files in {args.output_dir} are complete; push them "
+                               f"later with: {hub.push_command(args.output_dir, t.hub_repo_id)}") from err
+        print(f"pushed {args.output_dir} to the Hub repo {t.hub_repo_id}", flush=True)
 
 
 def save_pipeline(unet, scheduler, output_dir: str):
@@ -974,14 +986,43 @@ def card_fields(args, public_args, n_params, world, steps, last_losses, wall, ch
     )
 
 
-if __name__ == "__main__":
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    """Train as the command line ``argv`` says (None: ``sys.argv``); returns ``{"global_step", "output_dir",
+    "wall_s"}``. Input problems raise ``ValueError`` naming the flag (the script prints ``error: ...``)."""
+    args = parse_args(argv)
+    t = setup(args)
+    announce(t)
+    global_step = load_checkpoint(t)
+    global_step, last_losses, wall = train(t, global_step)
+    t.accelerator.wait_for_everyone()
+    if t.is_main:
+        export(t, global_step, last_losses, wall)
+    t.accelerator.wait_for_everyone()
+    t.accelerator.end_training()
+    if t.world == 1:  # allow several in-process runs (tests)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return {"global_step": global_step, "output_dir": args.output_dir, "wall_s": wall}
+
+
+def cli(argv=None) -> int:
+    """The command line: :func:`main`, with the errors a user can act on printed as one ``error: ...`` line
+    (bad input: exit code 2; a checkpoint that could not be written or a failed Hub upload: exit code 1)."""
+    from diffusers_psld.checkpoints import CheckpointError
+    from diffusers_psld.hub import HubError
+
     try:
-        main()
-    except ValueError as err:  # bad input: one clear line, exit code 2
+        main(argv)
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as err:  # a checkpoint could not be written (disk full, I/O): one clear line, exit code 1
-        if type(err).__name__ != "CheckpointError":
-            raise
+        return 2
+    except (CheckpointError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

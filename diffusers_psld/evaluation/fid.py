@@ -494,13 +494,13 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
                        striding: Optional[str] = None, num_inference_steps: int = 100,
                        device: Union[str, torch.device] = "cpu", torch_dtype=None,
                        project_eps: Optional[bool] = None):
-    """A :data:`SampleFn` for a saved pipeline directory, with an optional scheduler swap.
+    """A ``SampleFn`` for a saved pipeline directory, with an optional scheduler swap.
 
     The directory is a ``PSLDPipeline.save_pretrained`` output (``model_index.json``); a bare
     ``unet/`` + ``scheduler/`` layout is also accepted and sampled with the standard Diffusers loop.
 
     Args:
-        scheduler: a key of :data:`SCHEDULER_CLASSES` (``"psld"``, ``"sscs"``, ``"gddim"``, ``"conjugate"``,
+        scheduler: one of (``"psld"``, ``"sscs"``, ``"gddim"``, ``"conjugate"``,
             ``"splitting"``) or ``None`` (keep the saved one). The SDE parameters and ``prediction_type`` come
             from the saved scheduler config (``from_config``).
         sampler: a sampler of that class (``PSLDScheduler``: ``em``, ``pf_euler``, ``pf_heun``, ``sscs``;
@@ -555,9 +555,12 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
         pipe.set_progress_bar_config(disable=True)
 
     k = sched.num_components
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    data_channels = unet.config.in_channels // k
+    if pipe is not None:  # the pipeline knows its layout (also for a wrapped diffusers network, `from_vp`)
+        size, data_channels = tuple(pipe._sample_hw()), pipe.data_channels
+    else:
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        data_channels = unet.config.in_channels // k
 
     @torch.no_grad()
     def sample_fn(batch_size: int, generator: torch.Generator):

@@ -6,19 +6,19 @@ CIFAR-10 / CelebA-64, Fourier features of log t **without** dividing the output 
 resampling on both paths), so :class:`NCSNppModel` composes the pieces diffusers ships for its own score-SDE
 models:
 
-==============================  =====================================================================
-NCSN++ piece                    diffusers building block
-==============================  =====================================================================
-Fourier features of log t       ``embeddings.GaussianFourierProjection(log=True)``
-sinusoidal embedding of t       ``embeddings.Timesteps(flip_sin_to_cos=False, downscale_freq_shift=1)``
-time MLP (2 dense + SiLU)       ``embeddings.TimestepEmbedding``
-BigGAN residual block           ``resnet.ResnetBlock2D`` (``kernel="fir"`` or ``"sde_vp"``, ``up``/``down``,
-                                ``output_scale_factor=√2`` = ``skip_rescale``)
-FIR down-sampling with 3×3 conv ``downsampling.FirDownsample2D`` (residual input pyramid)
-FIR resampling without conv     ``downsampling.downsample_2d`` / ``upsampling.upsample_2d`` (``upfirdn2d_native``)
-non-FIR down-sampling + conv    ``downsampling.Downsample2D(padding=0)``
-self-attention (NIN q/k/v/out)  ``attention_processor.Attention`` (1 head, GroupNorm, residual, ÷√2)
-==============================  =====================================================================
+================================  =====================================================================
+NCSN++ piece                      diffusers building block
+================================  =====================================================================
+Fourier features of log t         ``embeddings.GaussianFourierProjection(log=True)``
+sinusoidal embedding of t         ``embeddings.Timesteps(flip_sin_to_cos=False, downscale_freq_shift=1)``
+time MLP (2 dense + SiLU)         ``embeddings.TimestepEmbedding``
+BigGAN residual block             ``resnet.ResnetBlock2D`` (``kernel="fir"`` or ``"sde_vp"``, ``up``/``down``,
+                                  ``output_scale_factor=√2`` = ``skip_rescale``)
+FIR down-sampling with 3×3 conv   ``downsampling.FirDownsample2D`` (residual input pyramid)
+FIR resampling without conv       ``downsampling.downsample_2d`` / ``upsampling.upsample_2d`` (``upfirdn2d_native``)
+non-FIR down-sampling + conv      ``downsampling.Downsample2D(padding=0)``
+self-attention (NIN q/k/v/out)    ``attention_processor.Attention`` (1 head, GroupNorm, residual, ÷√2)
+================================  =====================================================================
 
 Time input: the network receives what :meth:`PSLDScheduler.model_time` returns, ``t · time_scale``. The
 official PSLD networks receive the raw forward time t ∈ [1e-5, 1] (Fourier embedding: log t), so the
@@ -312,14 +312,16 @@ class NCSNppEncoder(nn.Module):
         return hs
 
     def reset_parameters_ncsnpp(self, init_scale: float) -> None:
-        """NCSN++ initialisation of the encoder (see :func:`ncsnpp_init_`)."""
+        """NCSN++ initialisation of the encoder (see ``ncsnpp_init_``)."""
         ncsnpp_init_(self, init_scale)
 
 
 class NCSNppModel(ModelMixin, ConfigMixin):
     r"""NCSN++ score network (ε-prediction) as the PSLD paper's official code configures it.
 
-    Args (the names are score_sde's / the official config's ``model.score_fn`` keys):
+    The argument names are score_sde's / the official config's ``model.score_fn`` keys.
+
+    Args:
         sample_size (`int`): image resolution the attention levels are computed from.
         in_channels (`int`): ``k·C`` (6 for RGB PSLD/CLD, 3 for VP).
         out_channels (`int`): ``k·C``; equal to ``in_channels`` for use in :class:`PSLDPipeline`.

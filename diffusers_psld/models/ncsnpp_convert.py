@@ -108,6 +108,25 @@ def _our_name(model, prefix: str, kind: str, rest: str) -> Optional[tuple]:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
+def _unusable(value) -> Optional[str]:
+    """Why ``value`` cannot be a network weight (None if it can)."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, not a tensor"
+    if not value.is_floating_point():
+        return f"has dtype {value.dtype}; network weights are floating point"
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(value).sum())
+        return f"holds {n_nan} NaN and {int((~finite).sum()) - n_nan} ±inf values (of {value.numel()})"
+    return None
+
+
+def _listed(problems) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return "\n  " + "\n  ".join(problems[:20]) + (f"\n  (+{len(problems) - 20} more)" if len(problems) > 20 else "")
+
+
 def convert_state_dict(official: Mapping[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
     """Official network state dict (``all_modules.<i>.<param>``, prefix already stripped) → ``model``'s keys.
 
@@ -119,10 +138,16 @@ def convert_state_dict(official: Mapping[str, torch.Tensor], model) -> Dict[str,
         A state dict for ``model.load_state_dict(..., strict=True)`` (tensors keep their dtype).
 
     Raises:
-        ValueError: unknown, unused or missing tensors, or shape mismatches (all listed in one message).
+        ValueError: a value that is not a floating-point tensor (e.g. int64: a cast would hide a wrong file) or
+            that holds NaN / ±inf, naming each; unknown, unused or missing tensors, or shape mismatches (all
+            listed in one message).
     """
     if not isinstance(model, (NCSNppModel, NCSNppClassifier)):
         raise ValueError(f"`model` must be an NCSNppModel or NCSNppClassifier, got {type(model).__name__}")
+    unusable = [f"{key!r} {why}" for key, tensor in official.items() for why in [_unusable(tensor)] if why]
+    if unusable:
+        raise ValueError("the official state dict holds values that cannot be network weights (nothing was "
+                         "converted): " + _listed(unusable))
     layout = model.official_layout
     ours = model.state_dict()
     out: Dict[str, torch.Tensor] = {}

@@ -23,6 +23,7 @@ from typing import Dict, Optional
 
 __all__ = ["NCSNPP_PRESETS", "NCSNPP_TIME_SCALE", "build_ncsnpp", "ncsnpp_preset_config"]
 
+#: ``time_scale`` of every NCSN++ preset: the official networks receive the raw forward time t.
 NCSNPP_TIME_SCALE = 1.0
 
 _COMMON = dict(nf=128, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan", progressive="none",

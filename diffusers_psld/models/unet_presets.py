@@ -4,16 +4,16 @@ A PSLD or CLD state has ``k = 2`` components (data x and momentum m) stacked on 
 VP state ``k = 1``; the UNet maps ``k*C`` channels to ``k*C`` channels of ε (for CLD the ε_x half is
 ignored by the loss, see :func:`diffusers_psld.losses.hsm_loss`).
 
-===============  ======  ====================================================================
-preset           px      purpose
-===============  ======  ====================================================================
-``tiny``         16      unit tests (< 1M parameters, no attention)
-``digits``       16      offline default (scikit-learn digits); trains on 2 CPU cores in minutes
-``cifar10``      32      DDPM CIFAR-10 network (Ho et al. 2020), ~35.7M parameters
-``cifar10-large``32      wider / deeper DDPM-style network, ~60M parameters
-``celeba64``     64      DDPM-style network for CelebA 64×64
-``afhqv2-128``   128     DDPM-style network for AFHQv2 128×128
-===============  ======  ====================================================================
+=================  ======  ====================================================================
+preset             px      purpose
+=================  ======  ====================================================================
+``tiny``           16      unit tests (< 1M parameters, no attention)
+``digits``         16      offline default (scikit-learn digits); trains on 2 CPU cores in minutes
+``cifar10``        32      DDPM CIFAR-10 network (Ho et al. 2020), ~35.7M parameters
+``cifar10-large``  32      wider / deeper DDPM-style network, ~60M parameters
+``celeba64``       64      DDPM-style network for CelebA 64×64
+``afhqv2-128``     128     DDPM-style network for AFHQv2 128×128
+=================  ======  ====================================================================
 
 :func:`list_presets` returns each preset with its parameter count (for C = 3 data channels and
 k = 2 components unless asked otherwise).
@@ -32,6 +32,7 @@ _D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D
 # DDPM CIFAR-10 settings from ecosystem_facts §4 (35,746,307 params with 3 channels).
 _DDPM = dict(attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6)
 
+#: The named UNet configurations (see the table above), and the NCSN++ presets of :mod:`.ncsnpp_presets`.
 PRESETS: Dict[str, dict] = {
     "tiny": dict(
         sample_size=16, block_out_channels=(16, 32), layers_per_block=1,
@@ -101,7 +102,7 @@ def check_resolution(preset: str, resolution: int) -> int:
 def preset_config(preset: str, data_channels: int, num_components: int, sample_size: Optional[int] = None,
                   num_class_embeds: Optional[int] = None, out_channels: Optional[int] = None) -> dict:
     """The model keyword arguments of a preset with ``in_channels = k * C`` and ``out_channels`` (default ``k * C``;
-    pass ``scheduler.output_channels(C)``, i.e. ``C`` for the C-channel ``prediction_type``s)."""
+    pass ``scheduler.output_channels(C)``, i.e. ``C`` for the C-channel ``prediction_type`` values)."""
     if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1):
         raise ValueError(f"`out_channels` must be a positive integer, got {out_channels!r}")
     cfg = copy.deepcopy(_get(preset))

@@ -83,7 +83,7 @@ def available_memory(device="cpu") -> Optional[int]:
 
 def check_batch_memory(batch_size: int, channels: int, hw: Tuple[int, int], device) -> None:
     """Refuse a ``batch_size`` whose float32 state ``[batch_size, channels, H, W]`` alone exceeds the free memory
-    of ``device`` (:func:`available_memory`; skipped where unknown), before anything of that size is allocated.
+    of ``device`` (``available_memory``; skipped where unknown), before anything of that size is allocated.
     Sampling needs several such copies plus the network's activations, so passing this check is necessary, not
     sufficient."""
     need = int(batch_size) * int(channels) * int(hw[0]) * int(hw[1]) * 4

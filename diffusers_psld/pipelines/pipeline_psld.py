@@ -1,18 +1,20 @@
 r"""``PSLDPipeline``: unconditional, class-guided, classifier-free-guided and inpainting sampling.
 
 The module path ``diffusers_psld.pipelines.pipeline_psld`` is imported by the ``pipeline_psld.py`` file that
-:meth:`PSLDPipeline.save_pretrained` writes next to ``model_index.json`` (the generic loader, see
+``PSLDPipeline.save_pretrained`` writes next to ``model_index.json`` (the generic loader, see
 :mod:`.remote_code`), so keep it stable.
 
 Where each concern lives:
 
 * argument checks and image / mask / label / ``latents`` preparation: :mod:`.inputs`;
-* the ε handed to the scheduler, composed from the UNet (:meth:`PSLDPipeline._unet_eps`, the one place where
+* the ε handed to the scheduler, composed from the UNet (``PSLDPipeline._unet_eps``, the one place where
   the network output becomes ε), classifier-free guidance, classifier guidance (PSLD Eq. 13-14) and the Tweedie
   inpainting correction: :mod:`.guidance`;
 * the denoising loop, shared with :class:`~.pipeline_psld_img2img.PSLDImg2ImgPipeline`: :mod:`.denoising`;
 * inpainting's step hook (known pixels of x **and** m replaced by a forward-kernel draw after every step) and
-  the correction's math: :mod:`diffusers_psld.inpainting`.
+  the correction's math: :mod:`diffusers_psld.inpainting`;
+* diffusers' VP / EDM networks as the ``unet`` (``from_vp``, ``from_vp_pretrained``) and this pipeline's network
+  for diffusers' samplers (``to_vp``): :mod:`.vp_bridge`, with the math in :mod:`diffusers_psld.denoisers`.
 
 Conventions: the state is ``z = [x ; m]`` (``k*C`` channels; k = 2 for PSLD/CLD, 1 for VP), kept in float32
 whatever the UNet's dtype (cast at the network boundary). Only x is returned, mapped from [-1, 1] to [0, 1];
@@ -36,6 +38,9 @@ from diffusers.utils import logging
 
 # Component modules must be imported so that diffusers' loader finds them in ``sys.modules``.
 from .. import inpainting as _inpainting
+from ..checkpoints import staged_directory as _staged_directory
+from ..denoisers import Denoiser
+from ..denoisers import bridge as _bridge
 from ..models import classifier as _classifier_module  # noqa: F401
 from ..models.classifier import TimeDependentClassifier
 from ..models.ncsnpp import NCSNppModel
@@ -44,9 +49,10 @@ from ..schedulers import PSLDScheduler
 from . import guidance as _guidance
 from . import inputs as _inputs
 from . import remote_code as _remote_code
+from . import vp_bridge as _vp_bridge
 from .denoising import denoise, to_output
 
-__all__ = ["PSLDPipeline", "PSLDPipelineOutput"]
+__all__ = ["PSLDPipeline", "PSLDPipelineOutput", "set_schedule"]
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -126,13 +132,44 @@ def _check_safetensors(folder: str, use_safetensors, passed=()) -> None:
             )
 
 
+#: ``num_inference_steps`` when a call names no schedule and the scheduler stores none
+DEFAULT_INFERENCE_STEPS = 100
+
+
+def set_schedule(scheduler, num_inference_steps: Optional[int] = None, timesteps=None, sigmas=None, device=None) -> int:
+    """diffusers' ``retrieve_timesteps`` for the pipelines: ``scheduler.set_timesteps`` with at most one of
+    ``num_inference_steps``, ``timesteps``, ``sigmas``; with none, the scheduler's stored custom schedule
+    (``custom_timesteps`` / ``custom_sigmas``) or ``DEFAULT_INFERENCE_STEPS`` (100) calls. Returns the NFE
+    (``len(scheduler.timesteps)``).
+
+    Raises:
+        ValueError: more than one of the three given (the message names them); the scheduler's errors for a bad
+            list name the argument, the offending index and value, and the allowed range.
+    """
+    given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                  ("sigmas", sigmas)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of `num_inference_steps`, `timesteps` and `sigmas`, got "
+                         f"{' and '.join(f'`{g}`' for g in given)}")
+    if not given:
+        stored = any(scheduler.config.get(key) is not None for key in ("custom_timesteps", "custom_sigmas"))
+        if stored:
+            scheduler.set_timesteps(device=device)
+        else:
+            scheduler.set_timesteps(DEFAULT_INFERENCE_STEPS, device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas)
+    return len(scheduler.timesteps)
+
+
 class PSLDPipeline(DiffusionPipeline):
     r"""Sampling pipeline for PSLD / CLD / VP diffusions trained with ε-prediction on ``[x ; m]`` states.
 
     Components:
         unet (:class:`~diffusers.UNet2DModel`): ε-network with ``k*C`` input and output channels.
             Optionally class-conditional (``num_class_embeds = n_classes + 1``, last index = null class)
-            for classifier-free guidance.
+            for classifier-free guidance. Or a :class:`~diffusers_psld.denoisers.Denoiser` ``D(y; σ)`` over the
+            C data channels (a diffusers VP / EDM network wrapped by :meth:`from_vp`), which any recipe samples.
         scheduler (:class:`~diffusers_psld.PSLDScheduler` or another scheduler of this package):
             swap with e.g. ``SSCSScheduler.from_config(pipe.scheduler.config)``.
         classifier (:class:`~diffusers_psld.models.classifier.TimeDependentClassifier`, *optional*):
@@ -151,17 +188,21 @@ class PSLDPipeline(DiffusionPipeline):
     #: diagnostics of the last call with ``inpaint_correction="tweedie"`` (one ``TweedieInfo`` per model call), else None
     inpaint_info = None
 
-    def __init__(self, unet: Union[UNet2DModel, NCSNppModel], scheduler: PSLDScheduler,
+    def __init__(self, unet: Union[UNet2DModel, NCSNppModel, Denoiser], scheduler: PSLDScheduler,
                  classifier: Optional[Union[TimeDependentClassifier, NCSNppClassifier]] = None):
         super().__init__()
         k = getattr(scheduler, "num_components", None)
         if k is None or not hasattr(scheduler, "check_unet"):
             raise ValueError(f"`scheduler` must be a diffusers_psld scheduler (PSLDScheduler/SSCSScheduler), got {type(scheduler).__name__}")
-        # in_channels = k*C, out_channels = k*C ("epsilon") or C ("sample" / "sufficient_epsilon"): ValueError otherwise
-        scheduler.check_unet(unet)
-        if classifier is not None and classifier.config.in_channels != unet.config.in_channels:
+        if isinstance(unet, Denoiser):  # D(y; σ) over C channels: any recipe samples it (see `from_vp`)
+            state_channels = k * unet.data_channels
+        else:
+            # in_channels = k*C, out_channels = k*C ("epsilon") or C ("sample" / "sufficient_epsilon"): ValueError otherwise
+            scheduler.check_unet(unet)
+            state_channels = unet.config.in_channels
+        if classifier is not None and classifier.config.in_channels != state_channels:
             raise ValueError(
-                f"`classifier` must take the full state ({unet.config.in_channels} channels), got "
+                f"`classifier` must take the full state ({state_channels} channels), got "
                 f"in_channels={classifier.config.in_channels}"
             )
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
@@ -203,6 +244,79 @@ class PSLDPipeline(DiffusionPipeline):
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
+    def from_vp(cls, unet, vp_scheduler, scheduler=None, **denoiser_kwargs) -> "PSLDPipeline":
+        r"""Sample a diffusers VP / EDM network with this package's samplers (exact, through the sufficient statistic).
+
+        The network is wrapped as a :class:`~diffusers_psld.denoisers.Denoiser` D(y; σ) by
+        :func:`~diffusers_psld.denoisers.denoiser_for_scheduler`; at every call the pipeline reduces the state z_t to
+        ``y_t = σ_t² a_tᵀΣ_t⁻¹ z_t`` (= x₀ + σ_t n), takes x̂₀ = D(y_t; σ_t) = E[x₀ | z_t] and hands the scheduler
+        ``ε = L_t⁻¹(z_t - a_t x̂₀)``. The pipeline keeps ``generator``, ``latents``, output types, callbacks,
+        inpainting, img2img (``PSLDImg2ImgPipeline(**pipe.components)``) and class conditioning (classifier-free
+        guidance needs a null class: ``null_class=True``); ``save_pretrained`` / ``from_pretrained`` round-trip it.
+
+        Args:
+            unet: a diffusers ``UNet2DModel``-like network (``unet(x, timestep, class_labels=None).sample``) with
+                ``config.in_channels`` = ``out_channels`` = C (2C out for a learned variance) and ``sample_size``; or a
+                :class:`~diffusers_psld.denoisers.Denoiser` (then ``vp_scheduler`` may be None).
+            vp_scheduler: the diffusers scheduler it was trained with, or its config: DDPM-family (``DDPMScheduler``,
+                ``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, ``PNDMScheduler``,
+                ``EulerDiscreteScheduler``, …; ``prediction_type`` ``epsilon``, ``v_prediction`` or ``sample``) or EDM
+                (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``).
+            scheduler: the scheduler of this package to sample with (any class and recipe: PSLD, CLD, VP); default
+                ``GDDIMMultistepScheduler()``.
+            **denoiser_kwargs: options of the wrapper, e.g. ``null_class=True`` (the network's last class index is
+                an unconditional class).
+
+        Raises:
+            ValueError: the network's channels do not fit (C in, C out), an unknown scheduler family or
+                ``beta_schedule``, a ``prediction_type`` the wrapper cannot read, ``vp_scheduler`` is a scheduler of
+                this package (its networks load with :meth:`from_pretrained`), or ``scheduler`` is not one.
+        """
+        return _vp_bridge.from_vp(cls, unet, vp_scheduler, scheduler=scheduler, **denoiser_kwargs)
+
+    @classmethod
+    def from_vp_pretrained(cls, path_or_hub_id: Union[str, os.PathLike], scheduler=None, **kwargs) -> "PSLDPipeline":
+        """:meth:`from_vp` for a saved DDPM-style diffusers pipeline (``model_index.json`` with a ``UNet2DModel`` in
+        ``unet/`` and its scheduler config in ``scheduler/``), a local directory or a Hub id (fetched with
+        ``huggingface_hub.snapshot_download`` first, as :meth:`from_pretrained` does). Safetensors weights only,
+        unless ``use_safetensors=False`` is passed.
+
+        Keyword arguments: the download options of :meth:`from_pretrained` (``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``, ``force_download``, ``proxies``), the network loading options ``torch_dtype`` and
+        ``variant``, and the denoiser options of :meth:`from_vp` (``null_class``).
+
+        Raises:
+            FileNotFoundError: neither a directory nor a fetchable Hub id.
+            ValueError: not a pipeline directory with a ``UNet2DModel`` and a scheduler config; pickle-only weights;
+                and the errors of :meth:`from_vp`.
+        """
+        return _vp_bridge.from_vp_pretrained(cls, path_or_hub_id, scheduler=scheduler, **kwargs)
+
+    def to_vp(self, scheduler_config: Optional[dict] = None, residual: str = "sample", residual_seed: Optional[int] = None):
+        r"""This pipeline's network as a diffusers VP ε-model: ``(unet, scheduler)`` for diffusers' pipelines and samplers.
+
+        ``unet`` is a :class:`~diffusers_psld.denoisers.VPEpsilonModel` (a ``ModelMixin`` with diffusers' UNet call
+        signature ``unet(sample, timestep, class_labels=None).sample`` and ``config.in_channels`` = ``out_channels`` =
+        C, ``sample_size``) that returns E[ε | x_τ] on the DDPM schedule of ``scheduler``, a ``DDPMScheduler``
+        (default :func:`~diffusers_psld.denoisers.default_vp_config`: diffusers' default linear schedule, T = 1000,
+        σ ∈ [0.0100, 157.4], ``clip_sample=False``). So
+        ``DDPMPipeline(unet, DPMSolverMultistepScheduler.from_config(scheduler.config))()`` samples this network, and
+        so does DDIM; UniPC and PNDM (whose ``step`` takes no ``generator``, which ``DDPMPipeline`` passes) run in the
+        standard loop, and Euler-type schedulers in a loop that calls ``scale_model_input`` and starts from
+        ``init_noise_sigma`` (``DDPMPipeline`` does neither; see the bridge documentation).
+
+        Args:
+            scheduler_config: entries replacing the default schedule's (e.g. ``{"num_train_timesteps": 2000}``).
+            residual, residual_seed: for a network of this package (:class:`~diffusers_psld.denoisers.RecipeDenoiser`):
+                how the part of the state that carries no information about x₀ is filled; ``"sample"`` (default) draws
+                it from its exact law, reproducibly with ``residual_seed``.
+
+        Works for PSLD, CLD and VP networks of every ``prediction_type``, and for a pipeline made by :meth:`from_vp`
+        (its denoiser is reused). The returned ``unet`` shares this pipeline's network (no copy).
+        """
+        return _vp_bridge.to_vp(self, scheduler_config, residual=residual, residual_seed=residual_seed)
+
+    @classmethod
     def load_config(cls, *args, **kwargs):
         """diffusers' ``load_config``; a ``["pipeline_psld", "<Class>"]`` ``_class_name`` is read as ``"<Class>"``,
         so loading through this class never executes the directory's ``pipeline_psld.py``."""
@@ -211,6 +325,15 @@ class PSLDPipeline(DiffusionPipeline):
         if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
             config["_class_name"] = _remote_code.class_name_of(config)
         return out
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+        """diffusers' ``save_pretrained`` into a temporary directory whose entries replace those of
+        ``save_directory`` only once every file is written (:func:`~diffusers_psld.checkpoints.staged_directory`):
+        a failure, e.g. tied weights that safetensors refuses, leaves ``save_directory`` as it was."""
+        if kwargs.get("push_to_hub") and "repo_id" not in kwargs:  # diffusers' default: the directory's name
+            kwargs["repo_id"] = os.path.basename(os.path.normpath(os.fspath(save_directory)))
+        with _staged_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
 
     def save_config(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs):
         """Write ``model_index.json`` naming ``["pipeline_psld", "<Class>"]`` and the ``pipeline_psld.py`` file
@@ -225,12 +348,14 @@ class PSLDPipeline(DiffusionPipeline):
 
     @property
     def data_channels(self) -> int:
+        if isinstance(self.unet, Denoiser):
+            return self.unet.data_channels
         return self.unet.config.in_channels // self.num_components
 
     @property
     def is_class_conditional(self) -> bool:
         """True when the UNet has class embeddings (classifier-free guidance; last index = null class)."""
-        return self.unet.config.num_class_embeds is not None
+        return _vp_bridge.class_layout(self.unet)[0] is not None
 
     @property
     def num_timesteps(self):
@@ -241,7 +366,7 @@ class PSLDPipeline(DiffusionPipeline):
         return getattr(self, "_interrupt", False)
 
     def _sample_hw(self):
-        size = self.unet.config.sample_size
+        size = _vp_bridge.network_of(self.unet).config.sample_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
     # ------------------------------------------------------------------ model calls
@@ -255,12 +380,22 @@ class PSLDPipeline(DiffusionPipeline):
         per ``__call__`` by the caller, because diffusers' ``ModelMixin.dtype`` walks every submodule (~0.6 ms per
         query on the digits preset: ~2.5 % of a CPU step).
 
+        A :class:`~diffusers_psld.denoisers.Denoiser` (``from_vp``) is called on the state's sufficient statistic instead:
+        ``(y, σ)`` = :func:`~diffusers_psld.denoisers.bridge.sufficient_statistic` (no ``scale_model_input``: the
+        denoiser scales its own input), x̂₀ = D(y; σ), and ε = L⁻¹(z - a x̂₀)
+        (:func:`~diffusers_psld.denoisers.bridge.denoised_to_eps`), exact for the exact denoiser.
+
         Raises:
-            NonFiniteError: the UNet output has a NaN / inf.
+            NonFiniteError: the UNet (denoiser) output has a NaN / inf.
         """
+        kwargs = {} if labels is None else {"class_labels": labels}
+        if isinstance(self.unet, Denoiser):  # (z, t) -> (y, σ) -> x̂₀ = D(y; σ) -> ε = L⁻¹(z - a x̂₀)  (exact)
+            y, sigma = _bridge.sufficient_statistic(self.scheduler, z, t)
+            x0 = _guidance.check_finite(self.unet(y, sigma, **kwargs), "the denoiser output x̂₀",
+                                        "denoiser output non-finite: check the network's weights, dtype and input")
+            return _bridge.denoised_to_eps(self.scheduler, x0.to(z.dtype), z, t)
         B = z.shape[0]
         tm = self.scheduler.model_time(t, B, device=z.device)
-        kwargs = {} if labels is None else {"class_labels": labels}
         net_in = self.scheduler.scale_model_input(z, t)  # identity unless `input_preconditioning`
         out = self.unet(net_in.to(unet_dtype), tm, **kwargs).sample
         out = _guidance.check_finite(out, f"the UNet output ({unet_dtype})",
@@ -277,7 +412,7 @@ class PSLDPipeline(DiffusionPipeline):
                       callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict=True):
         """Validate the arguments both pipelines share; returns ``(batch_size, steps, generator, tensor_inputs)``."""
         batch_size = _inputs.as_int(batch_size, "batch_size", 1)
-        steps = _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
+        steps = None if num_inference_steps is None else _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
         _inputs.check_output_type(output_type)
         _inputs.check_bool(return_dict, "return_dict")
         return_momentum = _inputs.check_bool(return_momentum, "return_momentum")
@@ -315,7 +450,16 @@ class PSLDPipeline(DiffusionPipeline):
         if guidance_type == "cfg":
             if not self.is_class_conditional:
                 raise ValueError("`guidance_type='cfg'` needs a class-conditional UNet (num_class_embeds = n_classes + 1)")
-            n_cls = self.unet.config.num_class_embeds - 1
+            _, n_cls, has_null = _vp_bridge.class_layout(self.unet)
+            if not has_null:  # a wrapped diffusers network without an unconditional class: conditional sampling only
+                if class_labels is None or scale != 1.0:
+                    raise ValueError(
+                        "this class-conditional network has no null (unconditional) class, so it cannot sample without "
+                        "`class_labels` nor run classifier-free guidance (guidance_scale other than 1): pass `class_labels` "
+                        "and leave `guidance_scale` at 1, or, if its last class index is an unconditional class, wrap it "
+                        "with `null_class=True` (PSLDPipeline.from_vp(..., null_class=True))")
+                labels = _inputs.prepare_labels(class_labels, batch_size, n_cls, device, "class-conditional network")
+                return (lambda z, t: unet_eps(z, t, labels)), lambda fn: fn
             null = torch.full((batch_size,), n_cls, dtype=torch.long, device=device)
             labels = None if class_labels is None else _inputs.prepare_labels(
                 class_labels, batch_size, n_cls, device, "class-conditional UNet (last index is the null class)")
@@ -345,7 +489,7 @@ class PSLDPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        num_inference_steps: int = 100,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Union[Callable[[Any, int, float, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]] = None,
@@ -361,6 +505,8 @@ class PSLDPipeline(DiffusionPipeline):
         inpaint_cg_tol: float = 1e-3,
         inpaint_ridge: float = 1e-3,
         latents: Optional[torch.Tensor] = None,
+        timesteps: Optional[List[float]] = None,
+        sigmas: Optional[List[float]] = None,
     ) -> Union[PSLDPipelineOutput, tuple]:
         r"""Generate images.
 
@@ -371,10 +517,17 @@ class PSLDPipeline(DiffusionPipeline):
                 check is skipped where that is unknown).
             generator (`torch.Generator` or a list of `batch_size` of them, *optional*): for reproducibility;
                 the same generator state gives identical outputs (anything else: TypeError).
-            num_inference_steps (`int`, defaults to 100): exact number of UNet evaluations (>= 2),
-                including the final denoising step (doubled by classifier-free guidance with scale ≠ 0, 1).
+            num_inference_steps (`int`, *optional*): exact number of UNet evaluations (>= 2) on the scheduler's named
+                time grid, including the final denoising step (doubled by classifier-free guidance with scale ≠ 0, 1).
                 1 is refused by design: the single call would be the final denoising step from
-                ``sampling_eps`` alone, skipping the whole reverse process.
+                ``sampling_eps`` alone, skipping the whole reverse process. Default: the custom schedule stored in
+                the scheduler config (``custom_timesteps`` / ``custom_sigmas``) if it has one, else 100.
+            timesteps (`List[float]`, *optional*): a custom schedule of descending forward times in (0, 1]
+                (diffusers' ``timesteps=``; :meth:`~diffusers_psld.PSLDScheduler.set_timesteps`): one step between
+                consecutive times and the final call at the last one. Not with `num_inference_steps` or `sigmas`.
+            sigmas (`List[float]`, *optional*): the same by noise levels σ_t (EDM / Karras / Align-Your-Steps lists;
+                a trailing 0 is accepted). Both are stored in the scheduler config, so a saved pipeline samples with
+                them again.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (``[B, H, W, C]`` float32) or
                 `"pt"` (``[B, C, H, W]``); values in [0, 1].
             return_dict (`bool`, defaults to True; bools only): return a :class:`PSLDPipelineOutput` instead of a tuple
@@ -455,11 +608,11 @@ class PSLDPipeline(DiffusionPipeline):
         x_known = mask = None
         if image is not None:
             x_known = _inputs.prepare_image(image, C, batch_size, device)
-            _inputs.check_spatial_size(tuple(x_known.shape[-2:]), self.unet, "image")
+            _inputs.check_spatial_size(tuple(x_known.shape[-2:]), _vp_bridge.network_of(self.unet), "image")
             mask = _inputs.prepare_mask(mask_image, x_known, device)
         if latents is not None:
             z = _inputs.check_latents(latents, batch_size, k * C, device, None if x_known is None else x_known.shape[-2:])
-            _inputs.check_spatial_size(tuple(z.shape[-2:]), self.unet, "latents")
+            _inputs.check_spatial_size(tuple(z.shape[-2:]), _vp_bridge.network_of(self.unet), "latents")
             hw = tuple(z.shape[-2:])
         else:
             hw = self._sample_hw() if x_known is None else tuple(x_known.shape[-2:])
@@ -467,7 +620,7 @@ class PSLDPipeline(DiffusionPipeline):
         eps_fn, add_classifier_guidance = self._guided_eps_fn(
             class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
 
-        self.scheduler.set_timesteps(steps, device=device)
+        set_schedule(self.scheduler, steps, timesteps, sigmas, device)
         if latents is None:
             z = self.scheduler.sample_prior((batch_size, k * C, *hw), generator=generator, device=device, dtype=torch.float32)
         after_step = None

@@ -28,8 +28,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import inputs as _inputs
+from . import vp_bridge as _vp_bridge
 from .denoising import denoise
-from .pipeline_psld import PSLDPipeline, PSLDPipelineOutput
+from .pipeline_psld import PSLDPipeline, PSLDPipelineOutput, set_schedule
 
 __all__ = ["PSLDImg2ImgPipeline", "begin_index_for_strength"]
 
@@ -91,7 +92,7 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         self,
         image: Union[PIL.Image.Image, List[PIL.Image.Image], np.ndarray, torch.Tensor] = None,
         strength: float = 0.8,
-        num_inference_steps: int = 100,
+        num_inference_steps: Optional[int] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -102,6 +103,8 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         guidance_scale: Optional[float] = None,
         guidance_type: Optional[str] = None,
         batch_size: Optional[int] = None,
+        timesteps: Optional[List[float]] = None,
+        sigmas: Optional[List[float]] = None,
     ) -> Union[PSLDPipelineOutput, tuple]:
         r"""Denoise ``image`` from ``t ≈ strength``.
 
@@ -112,7 +115,10 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
             strength (`float` in (0, 1], defaults to 0.8): how far into the forward process the image is pushed;
                 the run starts at the first call whose state time is <= strength (module docstring). Small: close
                 to the input; 1: unconditional sampling.
-            num_inference_steps (`int` >= 2, defaults to 100): calls of the *full* schedule (see `strength`).
+            num_inference_steps (`int` >= 2, *optional*): calls of the *full* schedule (see `strength`); default: the
+                scheduler's stored custom schedule if it has one, else 100.
+            timesteps, sigmas (`List[float]`, *optional*): the *full* schedule as forward times or noise levels σ_t, as
+                in :meth:`PSLDPipeline.__call__` (at most one of `num_inference_steps`, `timesteps`, `sigmas`).
             generator, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
             return_momentum, class_labels, guidance_scale, guidance_type: as in :meth:`PSLDPipeline.__call__`
                 (the callback's step index counts the calls of this run from 0).
@@ -138,12 +144,12 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         k, C = self.num_components, self.data_channels
         x0 = _inputs.prepare_image(image, C, batch_size, device)
         hw = tuple(x0.shape[-2:])
-        _inputs.check_spatial_size(hw, self.unet, "image")
+        _inputs.check_spatial_size(hw, _vp_bridge.network_of(self.unet), "image")
         _inputs.check_batch_memory(batch_size, k * C, hw, device)
         eps_fn, add_classifier_guidance = self._guided_eps_fn(
             class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)
 
-        self.scheduler.set_timesteps(steps, device=device)
+        set_schedule(self.scheduler, steps, timesteps, sigmas, device)
         begin = begin_index_for_strength(self.scheduler, strength)
         if begin:
             self.scheduler.set_begin_index(begin)  # so that state_time(begin) is the time this start expects

@@ -7,8 +7,8 @@ diffusers resolves a pipeline whose ``model_index.json`` has ``"_class_name": ["
 
 works for a local directory and for a Hub repo that a push uploaded the folder to. The file (:data:`SOURCE`,
 identical to the repository's ``pipelines/pipeline_psld.py``) only re-exports this package's classes, so the
-components keep their real classes; it needs ``pip install diffusers-psld`` (diffusers' import check says so
-otherwise). :class:`PSLDPipeline` reads both forms of ``_class_name`` (directories saved before this change
+components keep their real classes; it needs the package installed (``pip install "diffusers-psld>=0.1.0"``, or
+from a source checkout / built wheel until a release exists; diffusers' import check says so otherwise). :class:`PSLDPipeline` reads both forms of ``_class_name`` (directories saved before this change
 hold the plain class name) and never executes the file.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = ["FILE_STEM", "SOURCE", "install", "class_name_of"]
 #: stem of the file written next to ``model_index.json``
 FILE_STEM = "pipeline_psld"
 
+#: the text of the file (identical to the repository's ``pipelines/pipeline_psld.py``)
 SOURCE = '''"""Hub custom-pipeline entry point for diffusers-psld checkpoints (written by ``save_pretrained``).
 
 ``model_index.json`` names this file (``"_class_name": ["pipeline_psld", "<Class>"]``), so the generic loader
@@ -30,8 +31,9 @@ finds the pipeline class without ``custom_pipeline=``::
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("user/psld-digits", trust_remote_code=True)
 
-It needs the ``diffusers-psld`` package installed (``pip install diffusers-psld``) and only re-exports the
-package's classes, so components keep their real classes. ``diffusers_psld.PSLDPipeline.from_pretrained``
+It needs the ``diffusers-psld`` package installed and only re-exports its classes, so components keep their
+real classes: ``pip install "diffusers-psld>=0.1.0"`` once released; until then ``pip install -e .`` in a source
+checkout or ``pip install diffusers_psld-0.1.0-py3-none-any.whl`` (a wheel built there with ``python -m build``). ``diffusers_psld.PSLDPipeline.from_pretrained``
 needs no remote code.
 """
 from diffusers import DiffusionPipeline  # noqa: F401

@@ -64,7 +64,7 @@ conjugate steps on a uniform or quadratic grid plus the final step.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import scipy.integrate
@@ -304,6 +304,13 @@ class ConjugateScheduler(PSLDScheduler):
         prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
         input_preconditioning: bool = False,
         sigma_data: float = 0.5,
+        time_grid: Optional[Literal["uniform", "power", "logsnr", "edm"]] = None,
+        rho: Optional[float] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        final_step: Literal["euler", "tweedie"] = "euler",
+        custom_timesteps: Optional[List[float]] = None,
+        custom_sigmas: Optional[List[float]] = None,
         conjugate_b: Literal["zero", "identity", "ones"] = "ones",
         conjugate_lambda: float = 0.0,
         quadrature_nodes: int = _GL_NODES,
@@ -328,7 +335,8 @@ class ConjugateScheduler(PSLDScheduler):
         super()._setup()
 
     def _build_calls(self, n: int) -> list:
-        """Grid with ``n - 1`` conjugate steps down to sampling_eps, then one to 0."""
+        """Grid with ``n - 1`` conjugate steps down to the last grid time, then the final call to 0 (the conjugate step
+        itself for ``final_step="euler"``)."""
         cfg = self.config
         times = torch.cat([self._grid(n - 1), torch.zeros(1, dtype=torch.float64)])
         mu = {"zero": 0.0, "identity": 1.0, "ones": float(self.sde.k)}[cfg.conjugate_b]  # largest eigenvalue of B/λ
@@ -336,4 +344,6 @@ class ConjugateScheduler(PSLDScheduler):
                                   context=f" with conjugate_b={cfg.conjugate_b!r} at num_inference_steps={n}")
         P, Q = conjugate_coefficients(self.sde, times, cfg.conjugate_b, float(cfg.conjugate_lambda),
                                       cfg.quadrature_nodes, cfg.eps_basis)
+        if cfg.final_step != "euler":  # the last interval (to 0) is the conjugate step itself unless replaced
+            P[-1], Q[-1] = self._final_map(float(times[-2]))
         return [(_AFFINE, float(times[i]), P[i], Q[i], None, float(times[i] - times[i + 1])) for i in range(n)]

@@ -37,9 +37,11 @@ DPM-Solver, for N < 15) the last steps drop to orders 1–2. The final (N-th) ca
 ``sampling_eps`` to 0 at first order: its x half is x̂₀ (Tweedie's denoiser at sampling_eps), its
 momentum half Ψ(0, ε)(z - a x̂₀). ``num_inference_steps`` is the exact NFE.
 
-Needs Γ > 0 or VP (the gDDIM basis; see ``scheduling_conjugate``). Time grids: ``time_spacing="power"``
-(default; t = ε + (1 - ε) s^ρ, s uniform, ρ = ``spacing_power`` = 2.5; ρ = 2 is the quadratic striding),
-``"logsnr"`` (uniform in ρ(t) between t = 1 and sampling_eps) or ``"striding"`` (the shared ``striding``).
+Needs Γ > 0 or VP (the gDDIM basis; see ``scheduling_conjugate``). Time grids: the shared ``time_grid`` when set
+(:mod:`.time_grids`: "uniform", "power", "logsnr", "edm"; or a ``timesteps=`` / ``sigmas=`` list), else the legacy
+``time_spacing="power"`` (default; t = ε + (1 - ε) s^ρ, s uniform, ρ = ``spacing_power`` = 2.5; ρ = 2 is the
+quadratic striding), ``"logsnr"`` (uniform in ρ(t) between t = 1 and sampling_eps) or ``"striding"`` (the shared
+``striding``). The orders of the updates: :func:`multistep_orders`; the final call: ``final_step``.
 The uniform grid is a poor choice for every order (large errors below ~40 NFE, measured).
 """
 from __future__ import annotations
@@ -47,14 +49,15 @@ from __future__ import annotations
 from typing import List, Literal, Optional, Tuple, Union
 
 import numpy as np
-import scipy.optimize
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (name needed by diffusers' loader)
 
+from .. import sampling
 from ..sde import RecipeSDE, blocks
 from .scheduling_conjugate import _PIECE_RATIO, _rotation, gauss_legendre_sqrt, gddim_angle, gddim_transition
 from .scheduling_psld import _AFFINE, PSLDScheduler, PSLDSchedulerOutput, _Calls
+from .time_grids import named_grid
 from .validation import check_generator, check_quadrature_nodes, check_real
 
 #: largest ``spacing_power``: already at ρ = 8 the grid puts ~60 % of the steps below t = 0.01 (ρ = 2-3 is the useful
@@ -62,7 +65,8 @@ from .validation import check_generator, check_quadrature_nodes, check_real
 #: repeated times), which the constructor refuses instead of ``set_timesteps``
 MAX_SPACING_POWER = 8.0
 
-__all__ = ["GDDIMMultistepScheduler", "multistep_coefficients", "log_snr", "spacing_grid", "TIME_SPACINGS"]
+__all__ = ["GDDIMMultistepScheduler", "multistep_coefficients", "multistep_orders", "log_snr", "spacing_grid",
+           "TIME_SPACINGS"]
 
 TIME_SPACINGS = ("striding", "logsnr", "power")
 INTERPOLATIONS = ("logsnr", "time")
@@ -77,25 +81,28 @@ def log_snr(sde: RecipeSDE, t) -> np.ndarray:
 
 
 def spacing_grid(sde: RecipeSDE, n: int, eps: float, spacing: str, power: float = 2.0) -> torch.Tensor:
-    """``n + 1`` descending float64 forward times from 1 to ``eps`` for ``spacing`` in ("logsnr", "power")."""
-    frac = (n - np.arange(n + 1, dtype=np.float64)) / n  # 1 -> 0
-    if spacing == "power":
-        grid = eps + (1.0 - eps) * frac ** power
-    elif spacing == "logsnr":
-        lo, hi = log_snr(sde, [1.0, eps])
-        targets = hi + (lo - hi) * frac  # ρ uniform, from ρ(1) down to ρ(eps) reversed in t
-        grid = np.empty(n + 1)
-        for i, r in enumerate(targets):
-            if i == 0 or i == n:
-                continue
-            grid[i] = scipy.optimize.brentq(lambda t: log_snr(sde, [t])[0] - r, eps, 1.0, xtol=1e-15, rtol=1e-14)
-    else:
+    """``n + 1`` descending float64 forward times from 1 to ``eps`` for the legacy ``time_spacing`` in
+    ("logsnr", "power") (:func:`~diffusers_psld.schedulers.time_grids.named_grid`)."""
+    if spacing not in ("logsnr", "power"):
         raise ValueError(f"`time_spacing` must be one of {TIME_SPACINGS}, got {spacing!r}")
-    grid[0], grid[-1] = 1.0, eps
-    if not np.all(np.diff(grid) < 0):
-        raise ValueError(f"the {spacing!r} time grid with {n} steps (spacing_power={power}) repeats times near "
-                         f"sampling_eps={eps} in float64: lower `spacing_power` or `num_inference_steps`")
-    return torch.from_numpy(grid)
+    return named_grid(sde, spacing, n, eps, 1.0, power if spacing == "power" else None,
+                      f"{spacing!r} time grid with {n} steps (spacing_power={power})")
+
+
+def multistep_orders(n_steps: int, solver_order: int, lower_order_final: bool, euler_at_final: bool = False) -> list:
+    """The order of each of the ``n_steps`` multistep updates (the final call to 0 is first order, not listed):
+    warm-up min(solver_order, i + 1); with ``lower_order_final`` and N = n_steps + 1 < 15 calls, order <= 2 on the
+    second-to-last and 1 on the last update (Diffusers' DPM-Solver rule); ``euler_at_final``: 1 on the last update
+    for any N."""
+    orders = [min(solver_order, i + 1) for i in range(n_steps)]
+    if lower_order_final and n_steps + 1 < 15:
+        if n_steps >= 1:
+            orders[-1] = 1
+        if n_steps >= 2:
+            orders[-2] = min(orders[-2], 2)
+    if euler_at_final and n_steps >= 1:
+        orders[-1] = 1
+    return orders
 
 
 def _lagrange(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -160,10 +167,16 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             order 1 on the last update to sampling_eps (as Diffusers' DPM-Solver).
         time_spacing (`str`, defaults to `"power"`): `"power"` (t = ε + (1 - ε) s^ρ, s uniform, ρ =
             `spacing_power`; ρ = 2 is the quadratic striding), `"logsnr"` (uniform in ρ(t)) or `"striding"`
-            (the shared `striding` option, which the other two ignore).
+            (the shared `striding` option, which the other two ignore). Used while the shared `time_grid` is None.
         spacing_power (`float`, defaults to 2.5): exponent of `time_spacing="power"`, in (0, 8] (tuned on the
             benchmark mixture at 10-20 NFE; 2-3 are all close; larger powers collapse the grid onto sampling_eps).
         quadrature_nodes (`int`, defaults to 16): Gauss–Legendre nodes per quadrature piece, in [4, 64].
+        euler_at_final (`bool`, defaults to False): the last multistep update (to the last grid time) at first order
+            for any N (Diffusers' DPM-Solver option; `lower_order_final` does it only for N < 15).
+
+    The time grid: `time_grid` (shared by every class) when set, else `time_spacing` / `spacing_power`; the final
+    call: `final_step` (`"euler"`: the first-order gDDIM step above; `"tweedie"`: x = x̂₀ as well, the momentum its
+    posterior mean instead of Ψ(0, t)(z - a x̂₀)). The orders of the updates: :func:`multistep_orders`.
     """
 
     @register_to_config
@@ -185,12 +198,20 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
         input_preconditioning: bool = False,
         sigma_data: float = 0.5,
+        time_grid: Optional[Literal["uniform", "power", "logsnr", "edm"]] = None,
+        rho: Optional[float] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        final_step: Literal["euler", "tweedie"] = "euler",
+        custom_timesteps: Optional[List[float]] = None,
+        custom_sigmas: Optional[List[float]] = None,
         solver_order: int = 3,
         interpolation: Literal["logsnr", "time"] = "time",
         lower_order_final: bool = True,
         time_spacing: Literal["striding", "logsnr", "power"] = "power",
         spacing_power: float = 2.5,
         quadrature_nodes: int = 16,
+        euler_at_final: bool = False,
     ):
         self._setup()
 
@@ -205,8 +226,9 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             raise ValueError(f"`solver_order` must be 1, 2 or 3, got {o!r}")
         if cfg.interpolation not in INTERPOLATIONS:
             raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}")
-        if not isinstance(cfg.lower_order_final, bool):
-            raise ValueError(f"`lower_order_final` must be a bool, got {cfg.lower_order_final!r}")
+        for name in ("lower_order_final", "euler_at_final"):
+            if not isinstance(getattr(cfg, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(cfg, name)!r}")
         if cfg.time_spacing not in TIME_SPACINGS:
             raise ValueError(f"`time_spacing` must be one of {TIME_SPACINGS}, got {cfg.time_spacing!r}")
         check_real(cfg.spacing_power, "spacing_power", 0.0, strict=True, high=MAX_SPACING_POWER)
@@ -217,32 +239,33 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         super()._setup()
         self._history: List[torch.Tensor] = []
 
-    def _grid(self, n: int) -> torch.Tensor:
+    def _legacy_grid(self):
+        """gDDIM's legacy keys: ``time_spacing`` "power" (``spacing_power``), "logsnr", or "striding" (the shared one)."""
         cfg = self.config
         if cfg.time_spacing == "striding":
-            return super()._grid(n)
-        return spacing_grid(self.sde, n, cfg.sampling_eps, cfg.time_spacing, float(cfg.spacing_power))
+            return super()._legacy_grid()
+        if cfg.time_spacing == "power":
+            return "power", float(cfg.spacing_power), "spacing_power"
+        return "logsnr", None, "time_spacing"
 
     def _orders(self, n_steps: int) -> list:
         cfg = self.config
-        orders = [min(cfg.solver_order, i + 1) for i in range(n_steps)]
-        if cfg.lower_order_final and n_steps + 1 < 15:
-            if n_steps >= 1:
-                orders[-1] = 1
-            if n_steps >= 2:
-                orders[-2] = min(orders[-2], 2)
-        return orders
+        return multistep_orders(n_steps, cfg.solver_order, cfg.lower_order_final, cfg.euler_at_final)
 
     def _build_calls(self, n: int) -> list:
-        eps, sde, k = self.config.sampling_eps, self.sde, self.sde.k
+        sde, k = self.sde, self.sde.k
         ts = self._grid(n - 1)
+        eps = float(ts[-1])
         orders = self._orders(n - 1)
         psi, W = multistep_coefficients(sde, ts, orders, self.config.interpolation, self.config.quadrature_nodes)
-        # final first-order step eps -> 0: W = a_0 - Ψ(0, eps) a_eps
-        psi0 = gddim_transition(sde, [0.0], [eps])
-        a0, ae = sde.hsm_kernel(torch.tensor([0.0, eps], dtype=torch.float64)).mean_coef
         W0 = torch.zeros(1, 3, k, dtype=torch.float64)
-        W0[0, 0] = a0 - psi0[0] @ ae
+        if self.config.final_step == "tweedie":  # z' = G z + c x̂₀ (the posterior mean)
+            G, c = sampling.posterior_mean_maps(sde, eps)
+            psi0, W0[0, 0] = G[None], c
+        else:  # final first-order step eps -> 0: W = a_0 - Ψ(0, eps) a_eps
+            psi0 = gddim_transition(sde, [0.0], [eps])
+            a0, ae = sde.hsm_kernel(torch.tensor([0.0, eps], dtype=torch.float64)).mean_coef
+            W0[0, 0] = a0 - psi0[0] @ ae
         self._psi, self._W = torch.cat([psi, psi0]), torch.cat([W, W0])
         self._orders_used = orders + [1]
         self._grid_times, self._full = ts, (self._W, list(self._orders_used))  # for warm-ups from a begin index

@@ -5,14 +5,16 @@ CLD, k = 1 for VP); the model predicts ε for all ``k*C`` channels. With Γ = 0 
 cannot influence the reverse dynamics (``D L⁻ᵀ`` has a zero column), so it is ignored here and
 excluded from the loss (:func:`diffusers_psld.losses.hsm_loss`): one shape contract for every preset.
 
-Time: ``timesteps`` are continuous forward times t in [sampling_eps, 1] (float, descending); the UNet
+Time: ``timesteps`` are continuous forward times t (float, descending; by default in [sampling_eps, 1]); the UNet
 receives :meth:`PSLDScheduler.model_time` ``(t) = t * time_scale`` as a float tensor (a raw t in
 [0, 1] barely moves UNet2DModel's sinusoidal embedding, and a Python float would be cast to int).
 Training uses the same function.
 
-``num_inference_steps`` is the exact number of model evaluations: N - 1 reverse steps on
-[sampling_eps, 1] (for Heun, pairs of evaluations) and one final noiseless denoising step from
-``sampling_eps`` to 0 (the mean of an Euler(-Maruyama) step, as in the paper's code).
+``num_inference_steps`` is the exact number of model evaluations: N - 1 reverse steps on the time grid
+(for Heun, pairs of evaluations) and one final noiseless step from the last grid time (``sampling_eps`` by default)
+to 0 (``final_step``; by default the mean of an Euler(-Maruyama) step, as in the paper's code). The grid is a
+named grid (``time_grid``, :mod:`.time_grids`) or a custom list given to ``set_timesteps(timesteps=...)`` /
+``set_timesteps(sigmas=...)`` (noise levels σ_t, the σ of VP / EDM models), see :meth:`PSLDScheduler.set_timesteps`.
 
 Every step except Heun's is the affine map ``z' = P z + R ε + S ξ`` with k×k float64 matrices built
 in :meth:`set_timesteps` (see :mod:`diffusers_psld.sampling`), so a step costs three small einsums.
@@ -30,13 +32,22 @@ The standard Diffusers loop drives every sampler::
         inp = scheduler.scale_model_input(z, t)
         eps = unet(inp, scheduler.model_time(t, batch)).sample
         z = scheduler.step(eps, t, z, generator=g).prev_sample
+
+Where each concern of the scheduler base lives (this module keeps the configuration, ``set_timesteps`` and
+``step``; the other classes of the package subclass it):
+
+* the float64 step tables, the builders of the step samplers and the mid-schedule entry maps: :mod:`.step_tables`;
+* the time grids and the noise level σ_t ↔ t: :mod:`.time_grids`; the schedule config keys, the grid / NFE / final
+  call / first state of a schedule: :mod:`.schedule_options`;
+* ``set_begin_index`` / the index-by-timestep rule / ``state_time``: :mod:`.mid_schedule`;
+* the prior, ``add_noise`` and the kernel maps at a time (guidance, inpainting): :mod:`.forward_process`;
+* ``model_time``, ``scale_model_input`` and the ``prediction_type`` maps: :mod:`.network_boundary`;
+* swapping classes with ``from_config``: :mod:`.config_swap`; argument checks: :mod:`.validation`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple, Union
-
-import math
 
 import numpy as np
 import torch
@@ -46,22 +57,26 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import parameterization, sampling
-from ..sde import RecipeSDE, blocks, kernels
-from ..sde.recipe import HSMKernel
-from .validation import (SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_finite, check_float_tensor,
-                         check_generator, check_real, check_steps, plain_config_values, timestep_value)
+from ..sde import RecipeSDE, blocks
+from .config_swap import SAMPLER_MEMORY_KEY, choose_sampler  # noqa: F401  (re-exported)
+from .forward_process import ForwardProcessMixin
+from .mid_schedule import MidScheduleMixin
+from .network_boundary import NetworkBoundaryMixin
+from .step_tables import AFFINE as _AFFINE, HEUN_CORR as _HEUN_CORR, HEUN_PRED as _HEUN_PRED  # noqa: F401
+from .step_tables import CastTables as _Cast, Calls as _Calls, StepTables as _StepTables  # noqa: F401
+from .step_tables import all_finite as _all_finite, em_calls, entry_maps, pf_euler_calls, pf_heun_calls, sscs_calls
+from .schedule_options import CUSTOM_KEYS, ScheduleMixin, schedule_options
+from .time_grids import STRIDINGS, check_custom_grid, noise_level, time_grid  # noqa: F401  (time_grid re-exported)
+from .validation import (SIGMA_DATA_RANGE, TIME_SCALE_RANGE, check_batch, check_float_tensor, check_generator,
+                         check_real, check_steps, plain_config_values, timestep_value)
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 __all__ = ["PSLDScheduler", "PSLDSchedulerOutput", "SAMPLERS", "STRIDINGS"]
 
 SAMPLERS = ("em", "pf_euler", "pf_heun", "sscs")
-STRIDINGS = ("uniform", "quadratic")
 DIFFUSIONS = ("psld", "vp")
 _PRESET_BETA = {"psld": (8.0, 8.0), "vp": (0.1, 20.0)}
-
-# kinds of model-evaluation calls in a step table
-_AFFINE, _HEUN_PRED, _HEUN_CORR = 0, 1, 2
 
 
 @dataclass
@@ -77,50 +92,8 @@ class PSLDSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-def time_grid(n: int, eps: float, striding: str) -> torch.Tensor:
-    """``n + 1`` descending float64 forward times from 1 to ``eps`` (uniform or quadratic)."""
-    frac = (n - torch.arange(n + 1, dtype=torch.float64)) / n  # 1 → 0
-    if striding == "uniform":
-        grid = eps + (1.0 - eps) * frac
-    elif striding == "quadratic":
-        grid = eps + (1.0 - eps) * frac ** 2
-    else:
-        raise ValueError(f"`striding` must be one of {STRIDINGS}, got {striding!r}")
-    grid[0], grid[-1] = 1.0, eps  # exact end points
-    return grid
-
-
-SAMPLER_MEMORY_KEY = "_sampler_by_class"
-
-
-def choose_sampler(cls, config) -> dict:
-    """The config ``cls.from_config`` should use (a copy) so that swapping classes never loses a sampler.
-
-    Records the sampler the config's own class (``_class_name``) runs in the hidden key ``_sampler_by_class``
-    (Diffusers keeps unknown ``_`` keys through ``from_config`` and ``save_pretrained``), then picks for ``cls``:
-    the sampler remembered for ``cls`` if it runs it, else the config's sampler if ``cls`` runs it (an implicit
-    default stays a default: Diffusers' ``_use_default_values`` rule), else ``cls``'s default (key dropped).
-    """
-    config = dict(config)
-    src = config.get("_class_name", cls.__name__)
-    memory = dict(config.get(SAMPLER_MEMORY_KEY) or {})
-    if isinstance(src, str) and src != cls.__name__ and "sampler" in config:  # crossing classes: remember
-        memory[src] = config["sampler"]
-    remembered = memory.get(cls.__name__)
-    defaults = list(config.get("_use_default_values", []))
-    if src != cls.__name__ and remembered in cls._samplers:
-        config["sampler"] = remembered
-        if "sampler" in defaults:
-            config["_use_default_values"] = [k for k in defaults if k != "sampler"]
-    elif config.get("sampler", cls._samplers[0]) not in cls._samplers:
-        logger.info(f"{cls.__name__}.from_config: sampler {config['sampler']!r} -> this class's default")
-        config.pop("sampler")
-    if memory:
-        config[SAMPLER_MEMORY_KEY] = memory
-    return config
-
-
-class PSLDScheduler(SchedulerMixin, ConfigMixin):
+class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, NetworkBoundaryMixin, SchedulerMixin,
+                    ConfigMixin):
     r"""Samplers for PSLD / CLD / VP diffusions (PSLD paper Eq. 11-12) with ε-prediction.
 
     Args:
@@ -135,7 +108,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         time_scale (`float`, defaults to 1000): the UNet receives t · time_scale; in [1e-6, 1e9] (so that
             the float32 model times stay finite and distinguishable).
         sampler (`str`, defaults to `"em"`): `"em"`, `"pf_euler"`, `"pf_heun"` or `"sscs"`.
-        striding (`str`, defaults to `"uniform"`): `"uniform"` or `"quadratic"` time grid.
+        striding (`str`, defaults to `"uniform"`): `"uniform"` or `"quadratic"` time grid (used while `time_grid` is
+            None; `"quadratic"` is `time_grid="power"` with ρ = 2).
         sscs_score_time (`str`, defaults to `"start"`): SSCS evaluates the score on the half-stepped
             state at the interval `"start"` time (as the official code) or at its `"midpoint"`. Both are
             first order (the score part is an Euler step); with exact scores `"start"` measured slightly
@@ -155,6 +129,30 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             c_in(t) z with c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} per pixel (training uses the same function).
         sigma_data (`float`, defaults to 0.5): σ_data of ``input_preconditioning``, the per-pixel std of the data, in [1e-6, 1e6]
             (c_in z stays finite in float32; a value outside is a units error).
+        time_grid (`str`, *optional*): the time grid of ``set_timesteps(num_inference_steps)``
+            (:mod:`~diffusers_psld.schedulers.time_grids`): `"uniform"` (in t), `"power"` (t = t_lo + (t_hi - t_lo) s^ρ,
+            s uniform), `"logsnr"` (uniform in log σ_t) or `"edm"` (EDM's ρ-schedule in σ_t). `None` (default) keeps
+            the legacy `striding` (and gDDIM's `time_spacing`), which then mean what they always meant.
+        rho (`float`, *optional*): ρ of `time_grid="power"` (default 2, in (0, 8]) or `"edm"` (default 7, in (0, 1000]).
+        sigma_min (`float`, *optional*), sigma_max (`float`, *optional*): the noise levels σ_t = (aᵀΣ_t⁻¹a)^{-1/2} of
+            the last and the first grid time (default: σ(sampling_eps) and σ(1)); each within the recipe's range
+            [σ(t_min), σ(1)], t_min = min(1e-5, sampling_eps) (e.g. [8.9e-4, 257.7] for the PSLD preset, [1.0e-3, 152.2]
+            for VP).
+        final_step (`str`, defaults to `"euler"`): the final call, from the last grid time to t = 0: `"euler"` (the
+            sampler's own noiseless first-order step, as the paper's code) or `"tweedie"` (the posterior mean
+            E[z₀ | z_t] from this call's x̂₀: x = x̂₀, diffusers' `final_sigmas_type="zero"`;
+            :func:`~diffusers_psld.sampling.tweedie_step`). See :mod:`~diffusers_psld.schedulers.schedule_options`.
+        custom_timesteps (`List[float]`, *optional*), custom_sigmas (`List[float]`, *optional*): a stored custom
+            schedule (descending forward times, or noise levels σ_t with an optional trailing 0), written by
+            ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)`` so that a saved pipeline samples with it
+            again; ``set_timesteps()`` without arguments uses it.
+
+    Schedules and NFE: ``set_timesteps(num_inference_steps=N)`` builds the named grid for exactly N model calls;
+    ``set_timesteps(timesteps=[t_0, ..., t_M-1])`` / ``set_timesteps(sigmas=[σ_0, ..., σ_M-1])`` run the steps between
+    consecutive listed times and the final call at the last one, N = (M - 1)·``calls_per_step`` + 1 model calls
+    (M for single-call samplers, 2M - 1 for PF-Heun); ``len(timesteps)`` is always N (one entry per model call, as
+    ``retrieve_timesteps`` of diffusers' pipelines expects). A schedule that starts below t = 1 draws its first state
+    from the data-free kernel marginal (:meth:`sample_prior`).
 
     Swapping samplers: ``compatibles`` lists every scheduler class of this package that accepts this
     configuration (all share the ε-network and the shared arguments), and
@@ -195,7 +193,6 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
     #: names resolved in ``diffusers_psld.schedulers`` by :meth:`_get_compatibles` (Diffusers only looks in ``diffusers``)
     _compatibles: List[str] = ["PSLDScheduler", "SSCSScheduler", "ConjugateScheduler", "GDDIMMultistepScheduler",
                                "SplittingScheduler"]
-    order = 1
     #: sampler names this class runs; a subclass that adds samplers sets its own tuple and overrides
     #: :meth:`_build_calls` (see ``scheduling_conjugate.py``, ``scheduling_splitting.py``)
     _samplers: Tuple[str, ...] = SAMPLERS
@@ -222,6 +219,13 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
         input_preconditioning: bool = False,
         sigma_data: float = 0.5,
+        time_grid: Optional[Literal["uniform", "power", "logsnr", "edm"]] = None,
+        rho: Optional[float] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        final_step: Literal["euler", "tweedie"] = "euler",
+        custom_timesteps: Optional[List[float]] = None,
+        custom_sigmas: Optional[List[float]] = None,
     ):
         self._setup()
 
@@ -230,7 +234,7 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Diffusers' ``from_config``, so that ``NewScheduler.from_config(pipe.scheduler.config)`` swaps between
         this package's schedulers. The shared settings (diffusion, Γ, ν, β, ε, striding, ...) carry over; the
-        ``sampler`` is chosen by :func:`choose_sampler`: an explicit ``sampler=`` keyword always wins (and is
+        ``sampler`` is chosen by ``choose_sampler``: an explicit ``sampler=`` keyword always wins (and is
         validated); otherwise the sampler this class ran when the config last passed through it (hidden key
         ``_sampler_by_class``), else the config's own one if this class runs it, else this class's default."""
         if isinstance(config, dict) and "sampler" not in kwargs:
@@ -301,10 +305,14 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
         check_real(cfg.sigma_data, "sigma_data", SIGMA_DATA_RANGE[0], high=SIGMA_DATA_RANGE[1])
         if cfg.project_eps and cfg.prediction_type == "epsilon":  # the consistent types need no check (identity)
             sampling.check_eps_projection(self.sde)
+        self._schedule = schedule_options(cfg, self.sde, *self._legacy_grid())
         self._prior_scale = torch.diag(self.sde.masses.sqrt())  # float64, CPU; cast once per draw
+        self._init_scale = None  # the first state's law when the schedule starts below t = 1 (see `sample_prior`)
+        self._custom_grid = None  # the grid `_grid` returns while `set_timesteps` builds a custom schedule
         self.init_noise_sigma = 1.0  # not used: the prior is anisotropic, see `sample_prior`
         self.num_inference_steps = None
         self.timesteps = None
+        self.sigmas = None
         self._tables = None
         self._step_index = None
         self._begin_index = None
@@ -313,16 +321,8 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def num_components(self) -> int:
-        """k: 1 for VP, 2 for PSLD/CLD. The state has ``k * C`` channels."""
+        """The number of components k, 1 for VP and 2 for PSLD/CLD. The state has ``k * C`` channels."""
         return self.sde.k
-
-    @property
-    def step_index(self):
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        return self._begin_index
 
     @property
     def exact_timesteps(self) -> torch.Tensor:
@@ -331,404 +331,141 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call `set_timesteps(num_inference_steps)` first")
         return torch.tensor(self._tables.eval_times, dtype=torch.float64)
 
-    def set_begin_index(self, begin_index: int = 0):
-        """Start the next sampling loop at call ``begin_index`` (img2img / SDEdit; call after ``set_timesteps``).
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                      timesteps: Optional[List[float]] = None, sigmas: Optional[List[float]] = None):
+        """Build the time grid and the float64 step tables (CPU) for a schedule; diffusers' signature, pass one of
+        ``num_inference_steps``, ``timesteps`` or ``sigmas`` (``diffusers`` pipelines' ``retrieve_timesteps`` works).
 
-        Any k in [0, ``num_inference_steps``) is valid for every sampler; the state handed to that call is taken
-        to be at forward time ``timesteps[k]`` (see the class docstring for calls inside a multi-call step)."""
-        if isinstance(begin_index, (bool, np.bool_)) or not isinstance(begin_index, (int, np.integer)):
-            raise ValueError(f"`begin_index` must be an int, got {begin_index!r}")
-        begin_index = int(begin_index)
-        n = self.num_inference_steps
-        if begin_index < 0 or (n is not None and begin_index >= n):
-            raise ValueError(f"`begin_index` must be in [0, {n if n is not None else 'num_inference_steps'}), got {begin_index}")
-        self._begin_index = begin_index
+        Args:
+            num_inference_steps (`int`): exactly this many model calls on the configured named grid (``time_grid``,
+                ``sigma_min`` / ``sigma_max``); an int (NumPy integers accepted) in [2, ``MAX_INFERENCE_STEPS``] =
+                [2, 100000]. Replaces a stored custom schedule (with a warning).
+            device: where ``timesteps`` (a float32 tensor) goes; the float64 tables stay on the CPU.
+            timesteps (`list`, 1-D array or tensor of floats): a custom grid of forward times t_0 > ... > t_{M-1} in
+                [t_min, 1], t_min = min(1e-5, sampling_eps): steps between consecutive times, the final call at
+                t_{M-1} (``final_step``). N = (M - 1)·``calls_per_step`` + 1 model calls. Stored in the config
+                (``custom_timesteps``).
+            sigmas (`list`, 1-D array or tensor of floats): the same grid given by its noise levels σ_t
+                (:func:`~diffusers_psld.schedulers.time_grids.noise_level`; VP / EDM / Karras σ), strictly
+                decreasing within [σ(t_min), σ(1)], mapped to times in float64. A trailing 0 (diffusers' and
+                k-diffusion's "final sigma" marker) is accepted and dropped: every schedule here ends at σ = 0 with its
+                final call, which is not listed. Stored in the config (``custom_sigmas``, as given).
 
-    def index_for_timestep(self, timestep) -> int:
-        """The call index of ``timestep`` in this schedule (Diffusers' index-by-timestep rule).
+        With none of the three, the custom schedule stored in the config is used (``ValueError`` if there is none).
+        ``len(self.timesteps)`` is the exact NFE; ``self.sigmas`` (float32, diffusers' convention) holds σ_t of every
+        call's time and a trailing 0. Classes whose tables come from quadratures (gDDIM, conjugate,
+        splitting) cost about ``_setup_seconds_per_step`` per step to set up: above ``_SLOW_SETUP_STEPS`` steps a
+        warning states the expected set-up time.
 
-        Matches within a relative 2e-6 (``timesteps`` is float32); of the closest matches, the call that starts
-        a step is taken (PF-Heun's corrector at t_{n+1} and the next predictor share a time: Diffusers' Heun
-        also takes the second). ``ValueError`` if the time is not in the schedule."""
-        if self._tables is None:
-            raise ValueError("call `set_timesteps(num_inference_steps)` before `step`")
-        t = timestep_value(timestep)
-        times = self._tables.eval_array
-        dist = np.abs(times - t)
-        close = np.nonzero(dist <= 2e-6 * np.maximum(times, 1e-12))[0]
-        if len(close) == 0:
-            j = int(np.argmin(dist))
-            raise ValueError(f"`timestep` {t:.6g} is not one of `scheduler.timesteps` (nearest: call {j} at "
-                             f"{times[j]:.6g}); pass an entry of `scheduler.timesteps`, or call `set_begin_index`")
-        best = close[dist[close] <= dist[close].min() + 1e-12]  # the same time up to float64 rounding
-        starts = [int(i) for i in best if self._tables.starts[int(i)]]
-        return starts[-1] if starts else int(best[0])
-
-    # ------------------------------------------------------------------ time
-    def model_time(self, t, batch_size: Optional[int] = None, device=None) -> torch.Tensor:
-        """What the UNet (and a time-dependent classifier) receives for forward time ``t``.
-
-        Returns a float32 tensor ``t * time_scale`` of shape ``[batch_size]`` (or ``t``'s shape), on ``device``
-        (default: ``t``'s device for a tensor, else the CPU). A float32 tensor ``t`` is scaled where it is (the
-        float32 product is correctly rounded, equal to the float64 route for ``time_scale`` = 1000); numbers and
-        float64 tensors are scaled in float64 on the CPU. Use this everywhere (training, sampling, guidance) so
-        the network sees one convention. ``ValueError`` if ``t`` has neither 1 nor ``batch_size`` entries.
+        Raises:
+            ValueError: more than one of the three given, or none without a stored schedule; a bad
+                ``num_inference_steps``; a ``timesteps`` / ``sigmas`` list that is too short, not finite, not strictly
+                decreasing, out of range or too fine for float32 (the message names the argument, the index and value,
+                and the allowed range). ``TypeError``: a list of non-numbers.
         """
-        scale = float(self.config.time_scale)
-        if batch_size is not None and (isinstance(batch_size, (bool, np.bool_))
-                                       or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-            raise ValueError(f"`batch_size` must be a positive int (or None), got {batch_size!r}")
-        if isinstance(t, torch.Tensor):
-            if t.dtype == torch.bool or t.is_complex():
-                raise TypeError(f"`t` must hold real forward times, got a {t.dtype} tensor")
-            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                raise ValueError(f"`t` must be finite forward times >= 0, got {t!r}")
-            if t.dtype == torch.float64 or not torch.is_floating_point(t):
-                out = (t.detach().to("cpu").to(torch.float64) * scale).to(torch.float32)
-                device = t.device if device is None else device
-            else:
-                out = t.detach().to(torch.float32) * scale
+        given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                      ("sigmas", sigmas)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`, got "
+                             f"{' and '.join(f'`{g}`' for g in given)}")
+        opts = self._schedule
+        grid, store = None, None  # `store`: the config's new custom-schedule keys, written once the tables are built
+        if given and given[0] != "num_inference_steps":
+            kind = given[0]
+            values = timesteps if kind == "timesteps" else sigmas
+            grid, _ = check_custom_grid(values, kind, self.sde, opts.t_min)
+            n = self._calls_for_grid(grid, kind)
+            stored = values.detach().to("cpu", torch.float64).reshape(-1).tolist() if isinstance(values, torch.Tensor) \
+                else [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+            store = ({key: stored if name == kind else None for name, key in CUSTOM_KEYS.items()},
+                     opts.with_custom(grid, kind))
+        elif not given:
+            if opts.custom is None:
+                raise ValueError("`set_timesteps` needs one of `num_inference_steps`, `timesteps` or `sigmas` (the "
+                                 "scheduler config stores no custom schedule)")
+            grid = opts.custom
+            n = self._calls_for_grid(grid, opts.custom_name)
         else:
-            # any finite t >= 0 (adaptive ODE solvers, e.g. torchdiffeq's dopri5, evaluate stages past t = 1)
-            out = torch.tensor(timestep_value(t, "t", upper=math.inf) * scale, dtype=torch.float32)
-        if batch_size is not None:
-            if out.numel() == 1:
-                out = out.reshape(-1).expand(int(batch_size))
-            elif out.numel() == int(batch_size):
-                out = out.reshape(int(batch_size))
-            else:
-                raise ValueError(f"`t` has {out.numel()} entries but `batch_size` is {batch_size}: pass one time or one per sample")
-        return out if device is None else out.to(device)
-
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
-        """Build the time grid and the float64 step tables (CPU) for exactly ``num_inference_steps`` model calls.
-
-        ``num_inference_steps``: an int (NumPy integers accepted) in [2, ``MAX_INFERENCE_STEPS``] = [2, 100000].
-        ``timesteps`` becomes a float32 tensor on ``device`` (see the module docstring). Classes whose tables come
-        from quadratures (gDDIM, conjugate, splitting) cost about ``_setup_seconds_per_step`` per step to set up: above
-        ``_SLOW_SETUP_STEPS`` steps a warning states the expected set-up time."""
-        n = check_steps(num_inference_steps)
+            n = check_steps(num_inference_steps)
+            if opts.custom is not None:
+                key = CUSTOM_KEYS[opts.custom_name]
+                logger.warning(f"{type(self).__name__}.set_timesteps(num_inference_steps={n}) replaces the custom schedule "
+                               f"stored in the config (`{key}`, {self._calls_for_grid(opts.custom, opts.custom_name)} "
+                               f"calls) by the named grid; pass `num_inference_steps=None` to sample with the stored one")
+                store = ({k: None for k in CUSTOM_KEYS.values()}, opts.with_custom(None, None))
         if self._setup_seconds_per_step and n > self._SLOW_SETUP_STEPS:
             logger.warning(f"{type(self).__name__}.set_timesteps({n}): building the step tables takes about "
                            f"{n * self._setup_seconds_per_step:.0f} s (~{1e3 * self._setup_seconds_per_step:.0g} ms per "
                            f"step, quadrature coefficients); every sampler here has converged by ~1000 steps")
-        self._install_calls(self._build_calls(n), n, device)
+        self._custom_grid = grid
+        try:
+            runs = self._build_calls(n)
+        finally:
+            self._custom_grid = None
+        self._install_calls(runs, n, device)
+        if store is not None:  # only a schedule that was built goes into the config
+            self._store_schedule(**store[0])
+            self._schedule = store[1]
 
     def _build_calls(self, n_calls: int) -> list:
-        """The step tables for ``n_calls`` model calls, the final denoising call included.
+        """The step tables for ``n_calls`` model calls, the final call included.
 
         Returns a list of :class:`_Calls` runs (or ``(kind, t_eval, P, R, S, h[, t_state])`` tuples, one
         call each). Subclasses that add samplers override this.
         """
-        eps, sde = self.config.sampling_eps, self.sde
         builder = {"em": self._build_em, "pf_euler": self._build_pf, "pf_heun": self._build_heun,
                    "sscs": self._build_sscs}[self.config.sampler]
         calls = builder(n_calls - 1)
-        # final noiseless denoising step from eps to 0 (EM mean, or PF Euler for the ODE samplers)
-        if self.config.sampler in ("em", "sscs"):
-            P, R, _ = sampling.em_step(sde, eps, 0.0, noise=False)
-        else:
-            P, R, _ = sampling.pf_euler_step(sde, eps, 0.0)
-        calls.append(_Calls([_AFFINE], [eps], P[None], R[None], None, [0.0]))
+        t_last = self._grid_end
+        P, R = self._final_map(t_last)
+        calls.append(_Calls([_AFFINE], [t_last], P[None], R[None], None, [0.0]))
         return calls
 
     def _install_calls(self, runs, n_calls: int, device=None):
         """Install step tables built by :meth:`_build_calls` and reset the step state."""
-        runs = [r if isinstance(r, _Calls) else _Calls.single(*r) for r in runs]  # tuples: see _Calls.single
-        tables = _StepTables(self.sde, _Calls.cat(runs))
+        tables = _StepTables(self.sde, _Calls.of(runs))
         tables.add_model_maps(self.config.prediction_type,
                               self.config.sigma_data if self.config.input_preconditioning else None)
         if len(tables.kinds) != n_calls:
             raise RuntimeError(f"{type(self).__name__} built {len(tables.kinds)} calls for num_inference_steps={n_calls}")
-        tables.add_entry_steps(self._entry_steps(tables))
+        tables.add_entry_steps(entry_maps(self.sde, tables))
+        self._init_scale = self._initial_scale(self._grid_start, tables.state_times[0])
         self._tables = tables
         self.num_inference_steps = n_calls
         self.timesteps = torch.tensor(tables.eval_times, dtype=torch.float32, device=device)
+        # diffusers' `sigmas`: the noise level σ_t of each call's time, then the 0 the final call ends at (float32)
+        sig = noise_level(self.sde, tables.eval_array).tolist() + [0.0]
+        self.sigmas = torch.tensor(sig, dtype=torch.float32, device=device)
         self._step_index = None
         self._begin_index = None
         self._heun_cache = None
         self._run_start = None
 
-    def _entry_steps(self, tables: "_StepTables"):
-        """Float64 replacement maps ``(P, R, S)`` ``[n, k, k]`` and their noise flags for the first call i > 0 of a
-        loop that begins with a state at forward time ``eval_times[i]`` (see the class docstring):
-
-        * a call inside a multi-call step: one Euler step to the step's end (probability-flow Euler, or
-          Euler–Maruyama for noisy calls) — the identity for a PF-Heun corrector, which evaluates at that end;
-        * an SSCS call whose state lives at the interval midpoint (``sscs_score_time="start"``): the model output
-          was evaluated at the state at ``eval_times[i]`` itself, so the step is the score part S(h) there followed
-          by the exact linear part A from ``eval_times[i]`` to the next call's state time (Lie order A(h)∘S(h)
-          for this one step instead of A(h/2)∘S(h)∘A(h/2): both first order, as the score part is);
-        * any other call: the call's own map (unused).
-        """
-        n, sde = len(tables.kinds), self.sde
-        t_eval = torch.tensor(tables.eval_times, dtype=torch.float64)
-        t_end = torch.tensor(tables.step_end, dtype=torch.float64)
-        Pp, Rp, _ = sampling.pf_euler_step(sde, t_eval, t_end)
-        Pem, Rem, Sem = sampling.em_step(sde, t_eval, t_end)
-        noisy = torch.tensor(tables.noisy)[:, None, None]
-        P, R = torch.where(noisy, Pem, Pp), torch.where(noisy, Rem, Rp)
-        S = torch.where(noisy, Sem, torch.zeros_like(Sem))
-        part_noisy = list(tables.noisy)
-        t_state = torch.tensor(tables.state_times, dtype=torch.float64)
-        moved = ((t_state - t_eval).abs() > 0).nonzero().reshape(-1).tolist()
-        if moved:  # SSCS "start": S(h) at eval time, then A from eval time to the next call's state time
-            i = torch.tensor(moved)
-            h = 2.0 * (t_eval[i] - t_state[i])  # the state sits at the midpoint of [t_i - h, t_i]
-            Ps, Rs = sampling.sscs_score_step(sde, h, t_eval[i])
-            phi, L = sampling.sscs_linear(sde, t_eval[i], t_state[i + 1])
-            P[i], R[i], S[i] = phi @ Ps, phi @ Rs, L
-            for j in moved:
-                part_noisy[j] = True
-        return P, R, S, part_noisy
-
-    def _grid(self, n: int) -> torch.Tensor:
-        return time_grid(n, self.config.sampling_eps, self.config.striding)
-
     def _build_em(self, n):
-        ts = self._grid(n)
-        P, R, S = sampling.em_step(self.sde, ts[:-1], ts[1:])
-        return [_Calls([_AFFINE] * n, ts[:-1].tolist(), P, R, S, [0.0] * n)]
+        return [em_calls(self.sde, self._grid(n))]
 
     def _build_pf(self, n):
-        ts = self._grid(n)
-        P, R, _ = sampling.pf_euler_step(self.sde, ts[:-1], ts[1:])
-        return [_Calls([_AFFINE] * n, ts[:-1].tolist(), P, R, None, [0.0] * n)]
+        return [pf_euler_calls(self.sde, self._grid(n))]
 
     def _build_heun(self, n_evals):
-        # n_evals model calls before the denoising step: pairs of Heun calls, one Euler call first if odd
+        # n_evals model calls before the final call: pairs of Heun calls, then one Euler step if n_evals is odd (last,
+        # so that every `order`-th call starts a step)
         n_heun, n_euler = divmod(n_evals, 2)
-        ts = self._grid(n_heun + n_euler)
-        calls = []
-        if n_euler:
-            P, R, _ = sampling.pf_euler_step(self.sde, ts[:1], ts[1:2])
-            calls.append(_Calls([_AFFINE], ts[:1].tolist(), P, R, None, [0.0]))
-        t, tn = ts[n_euler:-1], ts[n_euler + 1:]
-        if n_heun:
-            Pa, Ra = sampling.pf_drift(self.sde, t)
-            Pb, Rb = sampling.pf_drift(self.sde, tn)
-            h = (t - tn).tolist()
-            # interleave predictor (slope at t) and corrector (slope at t_next) calls
-            P = torch.stack([Pa, Pb], 1).reshape(-1, self.sde.k, self.sde.k)
-            R = torch.stack([Ra, Rb], 1).reshape(-1, self.sde.k, self.sde.k)
-            times = torch.stack([t, tn], 1).reshape(-1).tolist()
-            calls.append(_Calls([_HEUN_PRED, _HEUN_CORR] * n_heun, times, P, R, None, [x for x in h for _ in (0, 1)],
-                                starts=[True, False] * n_heun))
-        return calls
+        return pf_heun_calls(self.sde, self._grid(n_heun + n_euler), n_euler)
 
     def _build_sscs(self, n):
-        ts = self._grid(n)
-        hs = ts[:-1] - ts[1:]
-        mids = ts[:-1] - 0.5 * hs
-        t_eval = mids if self.config.sscs_score_time == "midpoint" else ts[:-1]
-        Ps, Rs = sampling.sscs_score_step(self.sde, hs, t_eval)
-        # trailing half-step of step i merged with the leading half-step of step i + 1 (exact), so the
-        # state handed to call i lives at mids[i]; the last call ends at ts[-1] = sampling_eps
-        t_to = torch.cat([mids[1:], ts[-1:]])
-        phi, L = sampling.sscs_linear(self.sde, mids, t_to)
-        return [_Calls([_AFFINE] * n, t_eval.tolist(), phi @ Ps, phi @ Rs, L, [0.0] * n, mids.tolist())]
+        return [sscs_calls(self.sde, self._grid(n), self.config.sscs_score_time)]
 
-    # ------------------------------------------------------------------ forward process
-    def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-        """Draw from the prior N(0, diag(masses)) per component (x ~ N(0, I), m ~ N(0, M I)).
+    def denoiser_to_model_output(self, denoiser, sample: torch.Tensor, timestep, class_labels=None) -> torch.Tensor:
+        """The model output :meth:`step` expects when the network is a denoiser ``D(y; σ) → x̂₀`` (e.g. a diffusers VP
+        network wrapped by :mod:`diffusers_psld.denoisers`): the state's sufficient statistic (y, σ) goes to the
+        denoiser and x̂₀ comes back as this scheduler's ``prediction_type`` (exact for the exact denoiser). See
+        :func:`diffusers_psld.denoisers.bridge.denoiser_to_model_output`."""
+        from ..denoisers.bridge import denoiser_to_model_output  # late: the denoisers package imports the schedulers lazily too
 
-        ``shape`` is ``[B, k*C, ...]``; ``generator`` is None, a ``torch.Generator`` or a list of B of them
-        (``TypeError`` otherwise). With the SSCS sampler this is also exact for the state the first step
-        expects (the SSCS linear part keeps the prior invariant, so its leading half-step needs no simulation).
-        """
-        shape = tuple(shape)
-        blocks._check(torch.empty(shape[:2] + (0,)), self.num_components, "shape")
-        generator = check_generator(generator, shape[0])
-        noise = randn_tensor(shape, generator=generator, device=torch.device(device) if device else None, dtype=dtype)
-        return blocks.apply(self._prior_scale, noise)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """z_t = a(t) x₀ + L_t ε from the HSM kernel p(z_t | x₀) (paper Eq. 10), for training and mid-schedule starts.
-
-        Args:
-            original_samples: data x₀ ``[B, C, ...]`` (floating-point tensor).
-            noise: ε ``[B, k*C, ...]`` (floating-point tensor).
-            timesteps: forward times in [0, 1]: a number, or a tensor of 1 or B entries (one entry is broadcast).
-
-        Returns ``[B, k*C, ...]`` in ``noise``'s dtype, computed in float32 (float64 if an input is float64) on
-        ``noise``'s device; the kernel is computed in float64 on the CPU and only cast copies reach the device.
-        Raises ``TypeError`` for non-tensors or integer/bool tensors, ``ValueError`` for shapes or times.
-        """
-        check_float_tensor(original_samples, "original_samples")
-        check_float_tensor(noise, "noise")
-        check_batch(original_samples, "original_samples")
-        check_finite(original_samples, "original_samples")
-        check_finite(noise, "noise")
-        k = self.num_components
-        if noise.ndim < 2 or noise.shape[0] != original_samples.shape[0] or noise.shape[1] != k * original_samples.shape[1] \
-                or noise.shape[2:] != original_samples.shape[2:]:
-            raise ValueError(
-                f"`noise` must have shape [B, {k}*C, ...] for `original_samples` of shape [B, C, ...]: got "
-                f"noise {tuple(noise.shape)} and original_samples {tuple(original_samples.shape)}"
-            )
-        t = self._check_times(timesteps, original_samples.shape[0])
-        kern = self.sde.hsm_kernel(t)
-        work = torch.float64 if torch.float64 in (noise.dtype, original_samples.dtype) else torch.float32
-        z = blocks.apply(kern.chol.to(device=noise.device, dtype=work), noise.to(work))
-        x0 = original_samples.to(device=noise.device, dtype=work).reshape(noise.shape[0], 1, -1)
-        z = z + (kern.mean_coef.to(device=noise.device, dtype=work)[:, :, None] * x0).reshape(noise.shape)
-        return z.to(noise.dtype)
-
-    @staticmethod
-    def _check_times(timesteps, batch: int) -> torch.Tensor:
-        """Forward times as a float64 CPU tensor ``[batch]`` (a single time is broadcast)."""
-        if isinstance(timesteps, torch.Tensor):
-            if timesteps.dtype == torch.bool or timesteps.is_complex():
-                raise TypeError(f"`timesteps` must hold real forward times, got a {timesteps.dtype} tensor")
-            t = timesteps.detach().to("cpu").to(torch.float64)
-        else:
-            if isinstance(timesteps, str) or timesteps is None:
-                raise TypeError(f"`timesteps` must be forward times in [0, 1] (a number or a tensor), got {timesteps!r}")
-            try:
-                t = torch.as_tensor(np.asarray(timesteps, dtype=np.float64))
-            except (TypeError, ValueError) as err:
-                raise TypeError(f"`timesteps` must be forward times in [0, 1] (a number or a tensor), got {timesteps!r}") from err
-        if t.numel() == 1:
-            t = t.reshape(()).expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"`timesteps` must be a scalar or have shape [{batch}] (or one entry), got {tuple(t.shape)}")
-        if not torch.all(torch.isfinite(t)) or torch.any(t < 0) or torch.any(t > 1):
-            raise ValueError(f"`timesteps` must be forward times in [0, 1], got range "
-                             f"[{t.min().item():.4g}, {t.max().item():.4g}]")
-        return t
-
-    def hsm_kernel_at(self, t: float) -> HSMKernel:
-        """The float64 HSM kernel (``mean_coef``, ``cov``, ``chol``) at forward time ``t``: taken from the
-        step tables when ``t`` is the current call's time (the per-step case of guidance and inpainting),
-        computed otherwise."""
-        i = self._call_index_for(t)
-        if i is not None:  # the call's own time: the exact float64 table entry
-            k = self._tables.kernel
-            return HSMKernel(k.mean_coef[i], k.cov[i], k.chol[i])
-        return self.sde.hsm_kernel(float(t))
-
-    def _call_index_for(self, t) -> Optional[int]:
-        """The index of the current (or, before the loop, the first) call when ``t`` is its time, else None.
-
-        ``t`` (a number or one-element tensor) matches within a relative 2e-6, so the float32 entries of
-        ``timesteps`` find their exact float64 table entry: per-step helpers (kernels, network-boundary maps)
-        should look their tables up through this, not by exact equality."""
-        tab = self._tables
-        if tab is None:
-            return None
-        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        if isinstance(t, torch.Tensor):
-            if t.numel() != 1:
-                return None
-            t = t.reshape(())
-        if i < len(tab.eval_times) and abs(tab.eval_times[i] - float(t)) <= 2e-6 * tab.eval_times[i]:
-            return i
-        return None
-
-    def _chol(self, t: float) -> torch.Tensor:
-        return self.hsm_kernel_at(t).chol
-
-    def eps_to_score(self, eps: torch.Tensor, t: float) -> torch.Tensor:
-        """score = -L_t^{-T} ε (HSM kernel factor at forward time ``t``)."""
-        return blocks.apply(-kernels.lower_inverse_transpose(self._chol(t)), eps)
-
-    def consistent_eps(self, sample: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
-        """The ``project_eps`` map at forward time ``t``: ε' = L⁻¹(z - a x̂₀), x̂₀ = aᵀ(z - Lε)/aᵀa, in
-        ``eps``'s dtype (see :func:`diffusers_psld.sampling.eps_projection`). Applied regardless of the
-        config flag; for score functions outside :meth:`step` (likelihood)."""
-        kern = self.hsm_kernel_at(t)
-        Mz, Me = sampling.eps_projection(kern.mean_coef, kern.chol)
-        return blocks.apply(Mz, sample.to(eps.dtype)) + blocks.apply(Me, eps)
-
-    def score_to_eps_shift(self, grad: torch.Tensor, t: float) -> torch.Tensor:
-        """``Lᵀ g``: adding ``g`` to the score equals subtracting ``Lᵀ g`` from ε (used for guidance)."""
-        return blocks.apply(self._chol(t).transpose(-1, -2), grad)
-
-    # ------------------------------------------------------------------ network boundary
-    def output_channels(self, data_channels: int) -> int:
-        """Output channels of the network for data of ``data_channels`` = C channels: ``k*C`` for
-        ``prediction_type="epsilon"``, ``C`` for ``"sample"`` / ``"sufficient_epsilon"``."""
-        if isinstance(data_channels, bool) or not isinstance(data_channels, int) or data_channels <= 0:
-            raise ValueError(f"`data_channels` must be an int > 0, got {data_channels!r}")
-        return parameterization.output_components(self.config.prediction_type, self.num_components) * data_channels
-
-    def check_unet(self, unet, what: str = "unet") -> int:
-        """Raise ``ValueError`` unless ``unet`` (anything with ``config.in_channels``/``out_channels``) matches this
-        config: ``in_channels = k*C`` and ``out_channels = output_channels(C)``. Returns C."""
-        cfg = getattr(getattr(unet, "module", unet), "config", unet)
-        return parameterization.check_unet_channels(getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None),
-                                                    self.num_components, self.config.prediction_type, what)
-
-    def _maps_at(self, timestep, work, device):
-        """``(OutputMaps, c_in or None)`` at ``timestep``: this call's table entry when it matches, else computed."""
-        i = self._call_index_for(timestep) if not isinstance(timestep, str) else None
-        if i is not None:  # the current call's time (float32 ``timesteps`` entries included): its float64 table entry
-            cast = self._tables.on(device, work)
-            return cast.out_maps[i], (cast.c_in[i] if cast.c_in is not None else None)
-        t = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
-        if not torch.all(torch.isfinite(t)) or torch.any(t < 0):  # past t = 1 is fine (adaptive ODE stages)
-            raise ValueError(f"`timestep` must be finite forward times >= 0, got {timestep!r}")
-        kern = self.sde.hsm_kernel(t)
-        maps = parameterization.output_maps(self.config.prediction_type, kern.mean_coef, kern.chol)
-        c_in = (parameterization.input_scaling(kern.mean_coef, kern.cov, self.config.sigma_data)
-                if self.config.input_preconditioning else None)
-        if t.numel() == 1:
-            maps, c_in = maps[0], (None if c_in is None else c_in[0])
-        return maps.to(device, work), (None if c_in is None else c_in.to(device, work))
-
-    def model_output_to_eps(self, model_output: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """ε ``[B, k*C, ...]`` from the network output (``prediction_type``) at state ``sample`` and forward
-        time ``timestep`` (scalar or ``[B]``); identity for ``"epsilon"``. Differentiable; in ``sample``'s dtype
-        (float32 at least). ``TypeError`` for non-float inputs, ``ValueError`` for a wrong shape."""
-        check_float_tensor(model_output, "model_output")
-        check_float_tensor(sample, "sample")
-        self._check_output_shape(model_output, sample)
-        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        maps, _ = self._maps_at(timestep, work, sample.device)
-        return maps.to_eps(model_output.to(work), sample.to(work))
-
-    def eps_to_model_output(self, eps: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """The network output that gives ``eps`` (``prediction_type``; identity for ``"epsilon"``). For the
-        C-channel types an inconsistent ε is projected (the result lifts back to ``project_eps``'s ε').
-        ``TypeError`` for non-float inputs, ``ValueError`` unless ``eps`` has ``sample``'s shape."""
-        check_float_tensor(eps, "eps")
-        check_float_tensor(sample, "sample")
-        self._check_output_shape(eps, sample, "eps", self.num_components)
-        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        maps, _ = self._maps_at(timestep, work, sample.device)
-        return maps.from_eps(eps.to(work), sample.to(work))
+        return denoiser_to_model_output(self, denoiser, sample, timestep, class_labels)
 
     # ------------------------------------------------------------------ sampling
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """What the network receives for state ``sample`` ``[B, k*C, ...]`` at forward time ``timestep``
-        (scalar or ``[B]``): the state itself, or with ``input_preconditioning`` the whitened state
-        c_in(t) z, c_in(t) = (Σ_t + σ_data² a_t a_tᵀ)^{-1/2} (float64 tables, product in ``sample``'s dtype).
-        Training (:func:`diffusers_psld.losses.hsm_loss`) calls the same function. ``TypeError`` unless ``sample``
-        is a floating-point tensor."""
-        check_float_tensor(sample, "sample")
-        if not self.config.input_preconditioning:
-            return sample
-        if timestep is None:
-            raise ValueError("`timestep` is required by scale_model_input when `input_preconditioning=True`")
-        _, c_in = self._maps_at(timestep, sample.dtype, sample.device)
-        return blocks.apply(c_in, sample)
-
-    def state_time(self, index: Optional[int] = None) -> float:
-        """Forward time of the state passed to call ``index`` (default: the next call).
-
-        Equals ``timesteps[index]`` except for SSCS with ``sscs_score_time='start'``, where the state
-        sits at the interval midpoint (but not on the first call of a mid-schedule start, which receives the
-        state at ``timesteps[index]``), and after the final call (0.0).
-        """
-        if index is None:
-            index = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        if index >= self.num_inference_steps:
-            return 0.0
-        start = self._run_start if self._run_start is not None else self._begin_index
-        if start and index == start:  # a mid-schedule start hands over the state at timesteps[start]
-            return self._tables.eval_times[index]
-        return self._tables.state_times[index]
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -785,19 +522,6 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
             out = out + blocks.apply(S, noise)
         return out
 
-    def _call_mode(self, i: int) -> str:
-        """How call ``i`` runs: ``"normal"``; ``"first"`` (first call of a mid-schedule start inside a multi-call
-        step, or at an SSCS step whose state time differs from ``timesteps[i]``: the maps of :meth:`_entry_steps`);
-        ``"skip"`` (the later calls of a step that such a first call completed). See the class docstring."""
-        start, tab = self._run_start, self._tables
-        if not start:  # None or 0: a loop from the first call
-            return "normal"
-        if i == start:
-            return "first" if not tab.starts[i] or tab.state_times[i] != tab.eval_times[i] else "normal"
-        if not tab.starts[start] and not any(tab.starts[start + 1: i + 1]):
-            return "skip"
-        return "normal"
-
     def _begin_step(self, model_output, timestep, sample):
         """Shared start of ``step``: checks, the call index, the working dtype (float32, or float64 if the
         sample is), the cast tables and x̂₀ = aᵀ(z - L ε)/aᵀa from this call's ε (exact when ε is); with
@@ -853,20 +577,6 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
                      "scheduler configuration amplifies the state (an unstable step size or parameter) or the inputs are huge")
         raise FloatingPointError(f"{where}: {cause}")
 
-    def _check_output_shape(self, model_output, sample, name: str = "model_output", j: Optional[int] = None):
-        """``ValueError`` unless ``sample`` is ``[B, k*C, ...]`` and ``model_output`` (called ``name``) has ``j*C``
-        channels (default: the ``prediction_type``'s output components) and ``sample``'s other dimensions."""
-        k = self.num_components
-        if sample.ndim < 2 or sample.shape[1] % k != 0:
-            raise ValueError(f"`sample` must have shape [B, {k}*C, ...] ({k} stacked components), got {tuple(sample.shape)}")
-        if j is None:
-            j = parameterization.output_components(self.config.prediction_type, k)
-        expected_shape = (sample.shape[0], j * (sample.shape[1] // k), *sample.shape[2:])
-        if tuple(model_output.shape) != expected_shape:
-            what = (f"predict ε for all {sample.shape[1]} channels of the state" if j == k else
-                    f"have C = {sample.shape[1] // k} channels for prediction_type={self.config.prediction_type!r}")
-            raise ValueError(f"`{name}` must {what}, i.e. have shape {expected_shape}; got {tuple(model_output.shape)}")
-
     def _check_step_inputs(self, model_output, timestep, sample, i):
         check_batch(sample, "sample")
         self._check_output_shape(model_output, sample)
@@ -877,92 +587,3 @@ class PSLDScheduler(SchedulerMixin, ConfigMixin):
                 f"`timestep` {t:.6g} does not match call {i} of this schedule (expected {expected:.6g}); "
                 "pass the entries of `scheduler.timesteps` in order"
             )
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether every entry is finite: one sum (NaN/inf propagate; ~10x cheaper than ``isfinite(x).all()``), and the
-    exact check only when the sum is not finite (it can overflow on huge finite entries)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(torch.sum(x, dtype=acc))) or bool(torch.isfinite(x).all())
-
-
-class _Calls:
-    """A run of model calls: kinds, evaluation times, P/R/S ``[n, k, k]`` (S may be None), h, state times, and
-    whether each call starts a step (False for a PF-Heun corrector or a later call of a naive splitting step)."""
-
-    def __init__(self, kinds, eval_times, P, R, S, h, state_times=None, starts=None):
-        self.kinds, self.eval_times, self.h = list(kinds), [float(x) for x in eval_times], [float(x) for x in h]
-        self.P, self.R = P, R
-        self.noisy = [S is not None] * len(self.kinds)
-        self.S = S if S is not None else torch.zeros_like(P)
-        self.state_times = [float(x) for x in (state_times if state_times is not None else eval_times)]
-        self.starts = [bool(x) for x in starts] if starts is not None else [True] * len(self.kinds)
-
-    @classmethod
-    def single(cls, kind, t_eval, P, R, S, h, t_state=None, starts=True):
-        """One call from ``[k, k]`` matrices (S may be None)."""
-        return cls([kind], [t_eval], P[None], R[None], None if S is None else S[None], [h],
-                   None if t_state is None else [t_state], [starts])
-
-    @staticmethod
-    def cat(runs):
-        out = _Calls([], [], torch.cat([r.P for r in runs]), torch.cat([r.R for r in runs]), None, [])
-        out.S = torch.cat([r.S for r in runs])
-        for name in ("kinds", "eval_times", "h", "noisy", "state_times", "starts"):
-            setattr(out, name, [x for r in runs for x in getattr(r, name)])
-        return out
-
-
-class _StepTables:
-    """Per-call float64 coefficient tables, with cached copies per (device, dtype)."""
-
-    def __init__(self, sde: RecipeSDE, calls: _Calls):
-        for name in ("kinds", "eval_times", "noisy", "h", "state_times", "starts", "P", "R", "S"):
-            setattr(self, name, getattr(calls, name))
-        self.eval_array = np.asarray(self.eval_times, dtype=np.float64)  # exact times for the timestep lookup
-        # the state time after each call's step (next step-starting call's state time; 0 after the last)
-        self.step_end, nxt = [0.0] * len(self.kinds), 0.0
-        for i in range(len(self.kinds) - 1, -1, -1):
-            self.step_end[i] = nxt
-            if self.starts[i]:
-                nxt = self.state_times[i]
-        kern = sde.hsm_kernel(torch.tensor(self.eval_times, dtype=torch.float64))
-        self.kernel = kern  # per-call float64 kernels (guidance / inpainting reuse them)
-        a = kern.mean_coef  # [n, k]
-        self.x0_w = a / (a * a).sum(-1, keepdim=True)  # aᵀ / aᵀa
-        self.x0_L = kern.chol
-        self.proj_z, self.proj_e = sampling.eps_projection(a, kern.chol)  # ``project_eps``
-        self._cache = {}
-
-    def add_entry_steps(self, maps):
-        """Install the mid-schedule first-call maps of :meth:`PSLDScheduler._entry_steps`."""
-        self.part_P, self.part_R, self.part_S, self.part_noisy = maps
-        self._cache = {}
-
-    def add_model_maps(self, prediction_type: str, sigma_data):
-        """Per-call float64 tables of the network boundary: output → ε maps and (``sigma_data`` not None) c_in."""
-        kern = self.kernel
-        self.out_maps = parameterization.output_maps(prediction_type, kern.mean_coef, kern.chol)
-        self.c_in = None if sigma_data is None else parameterization.input_scaling(kern.mean_coef, kern.cov, sigma_data)
-        self._cache = {}
-
-    def on(self, device, dtype):
-        key = (str(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = _Cast(self, device, dtype)
-        return self._cache[key]
-
-    def project_x0(self, tab, i, z, eps):
-        v = z - blocks.apply(tab.x0_L[i], eps)
-        k = tab.x0_w.shape[-1]
-        comps = v.reshape(v.shape[0], k, -1)
-        x0 = torch.einsum("j,bjn->bn", tab.x0_w[i], comps)
-        return x0.reshape(v.shape[0], v.shape[1] // k, *v.shape[2:])
-
-
-class _Cast:
-    def __init__(self, tables: _StepTables, device, dtype):
-        for name in ("P", "R", "S", "x0_w", "x0_L", "proj_z", "proj_e", "part_P", "part_R", "part_S"):
-            setattr(self, name, getattr(tables, name).to(device=device, dtype=dtype))
-        self.out_maps = tables.out_maps.to(device, dtype)
-        self.c_in = None if tables.c_in is None else tables.c_in.to(device=device, dtype=dtype)

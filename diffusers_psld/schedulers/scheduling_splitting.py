@@ -15,25 +15,25 @@ probability-flow ODE, 1 for the reverse SDE), in recipe form ``-β F = β (D + Q
 Sub-flows (each one an affine map of (z, ε, ξ) with k×k float64 coefficients):
 
 * deterministic: **A** = the whole x-row (m frozen), **B** = the whole m-row (x frozen), w = ½;
-* stochastic:    **O** = x self-term + x score (weight w_x) + x noise λ_s √(2βD_xx h) ξ;
-                 **B** = whole m-row with score weight 1 and noise √(2βD_mm h) ξ;
-                 **A** = x transport -(β/2)M⁻¹ m only.
+* stochastic: **O** = x self-term + x score (weight w_x) + x noise λ_s √(2βD_xx h) ξ;
+  **B** = whole m-row with score weight 1 and noise √(2βD_mm h) ξ;
+  **A** = x transport -(β/2)M⁻¹ m only.
   λ_s (``lambda_s``) scales the x-space noise. With ``lambda_s_mode="marginal"`` (default) the x score
   weight is w_x = ½(1 + λ_s²) so the O-flow keeps the marginals for any λ_s (λ_s = 1: reverse SDE in
   x; λ_s = 0: probability flow in x); ``"scale"`` keeps w_x = 1 and only scales the noise.
 
 Schemes (``sampler``): sequences of (sub-flow, fraction of h)
 
-=============  ===================================  ===================================
-name           sequence                             model calls per step
-=============  ===================================  ===================================
-nse / rse      A(h) B(h)                            2 / 1
-nvv / rvv      B(h/2) A(h) B(h/2)                   3 / 1
-noba / roba    O(h) B(h) A(h)                       2 / 1
-nbaoab/rbaoab  B(h/2) A(h/2) O(h) A(h/2) B(h/2)     3 / 1
-cse, cvv       A(h) B(h) / B(h/2) A(h) B(h/2), conj 1
-coba           O(h) B(h) A(h), O and B conjugate    1
-=============  ===================================  ===================================
+=============  =====================================  ====================
+name           sequence                               model calls per step
+=============  =====================================  ====================
+nse / rse      A(h) B(h)                              2 / 1
+nvv / rvv      B(h/2) A(h) B(h/2)                     3 / 1
+noba / roba    O(h) B(h) A(h)                         2 / 1
+nbaoab/rbaoab  B(h/2) A(h/2) O(h) A(h/2) B(h/2)       3 / 1
+cse, cvv       A(h) B(h) / B(h/2) A(h) B(h/2), conj   1
+coba           O(h) B(h) A(h), O and B conjugate      1
+=============  =====================================  ====================
 
 * **Naive** (n…): a fresh model evaluation before every score-using sub-flow, at the current
   (partially updated) state; its time is the clock of the A sub-flow (time advances with position
@@ -51,14 +51,16 @@ coba           O(h) B(h) A(h), O and B conjugate    1
 Each step's sub-flows between two model calls compose into one affine map ``z' = P z + R ε + S ξ``
 (independent noises merged into one Cholesky factor: the same law, per coordinate), so the base
 class's :meth:`PSLDScheduler.step` runs every scheme. ``num_inference_steps`` is the exact NFE: with
-c calls per step, ``N - 1 = c·n + r`` gives n full steps preceded by r reduced steps, then the final
-denoising call (EM mean for stochastic schemes, probability-flow Euler for deterministic ones, as in
-:class:`PSLDScheduler`; the conjugate deterministic schemes use the exponential-integrator step to 0).
+c calls per step, ``N - 1 = c·n + r`` gives n full steps followed by r reduced steps, then the final
+call (``final_step``: by default the EM mean for stochastic schemes, probability-flow Euler for deterministic ones,
+as in :class:`PSLDScheduler`, and the exponential-integrator step to 0 for the conjugate deterministic schemes).
+``order`` = c, so every c-th call starts a step (diffusers' img2img slice ``timesteps[t_start * order:]``).
+A custom grid of M times (``set_timesteps(timesteps=...)``) runs M - 1 full steps: N = c·(M - 1) + 1.
 β and L in plain Euler sub-flows are taken at the step's evaluation time.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -155,7 +157,8 @@ def splitting_calls(sde: RecipeSDE, times, scheme: str, lambda_s: float = 1.0, m
                     lam: float = 0.0, nodes: int = 24, reduced_steps: int = 0):
     """Affine call tuples for the splitting scheme on the descending grid ``times`` (no final step).
 
-    The first ``reduced_steps`` intervals use the scheme's reduced variant (1 call each)."""
+    The last ``reduced_steps`` intervals use the scheme's reduced variant (1 call each; last, so that every
+    ``calls_per_step``-th call starts a step: diffusers' ``order`` convention)."""
     seq, naive, conj, stoch = _SCHEMES[scheme]
     k = sde.k
     t = [float(v) for v in times]
@@ -172,7 +175,7 @@ def splitting_calls(sde: RecipeSDE, times, scheme: str, lambda_s: float = 1.0, m
     linvt_grid = sde.hsm_kernel(torch.tensor(t, dtype=torch.float64)).inv_chol_t().numpy()
     for i in range(len(t) - 1):
         t0, h = t[i], t[i] - t[i + 1]
-        fresh = naive and i >= reduced_steps
+        fresh = naive and i < len(t) - 1 - reduced_steps
         clock = {"A": 0.0, "B": 0.0, "O": 0.0}
         P, R, C = np.eye(k), np.zeros((k, k)), np.zeros((k, k))
         t_eval, used, state_time = t0, False, t0
@@ -243,6 +246,13 @@ class SplittingScheduler(PSLDScheduler):
         prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
         input_preconditioning: bool = False,
         sigma_data: float = 0.5,
+        time_grid: Optional[Literal["uniform", "power", "logsnr", "edm"]] = None,
+        rho: Optional[float] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        final_step: Literal["euler", "tweedie"] = "euler",
+        custom_timesteps: Optional[List[float]] = None,
+        custom_sigmas: Optional[List[float]] = None,
         lambda_s: float = 1.0,
         lambda_s_mode: Literal["marginal", "scale"] = "marginal",
         conjugate_lambda: float = 0.0,
@@ -273,7 +283,7 @@ class SplittingScheduler(PSLDScheduler):
         return sum(1 for f, _ in seq if _terms(f, stoch, 1.0, True)[3] > 0)
 
     def _build_calls(self, n_calls: int) -> list:
-        """``n_calls`` model calls: full steps (+ leading reduced steps) and the final call."""
+        """``n_calls`` model calls: full steps (+ trailing reduced steps) and the final call."""
         cfg = self.config
         c = self.calls_per_step
         n_full, rem = divmod(n_calls - 1, c)
@@ -286,14 +296,22 @@ class SplittingScheduler(PSLDScheduler):
                                       context=f" for sampler {cfg.sampler!r} at num_inference_steps={n_calls}")
         calls = splitting_calls(self.sde, times, cfg.sampler, float(cfg.lambda_s), cfg.lambda_s_mode == "marginal",
                                 float(cfg.conjugate_lambda), cfg.quadrature_nodes, reduced_steps=rem)
-        eps = cfg.sampling_eps
+        t_last = float(times[-1])
+        P, R = self._final_map(t_last)
+        calls.append((_AFFINE, t_last, P, R, None, 0.0))
+        return calls
+
+    def _euler_final(self, t: float):
+        """The noiseless first-order step from ``t`` to 0: the EM mean for the stochastic schemes, the exponential
+        integrator's step for the conjugate deterministic ones, a probability-flow Euler step otherwise."""
+        cfg = self.config
+        _, _, conj, stoch = _SCHEMES[cfg.sampler]
         if stoch:
-            P, R, _ = sampling.em_step(self.sde, eps, 0.0, noise=False)
+            P, R, _ = sampling.em_step(self.sde, t, 0.0, noise=False)
         elif conj:
-            Pc, Qc = conjugate_coefficients(self.sde, torch.tensor([eps, 0.0], dtype=torch.float64), "zero", 0.0,
+            Pc, Qc = conjugate_coefficients(self.sde, torch.tensor([t, 0.0], dtype=torch.float64), "zero", 0.0,
                                             cfg.quadrature_nodes)
             P, R = Pc[0], Qc[0]
         else:
-            P, R, _ = sampling.pf_euler_step(self.sde, eps, 0.0)
-        calls.append((_AFFINE, eps, P, R, None, 0.0))
-        return calls
+            P, R, _ = sampling.pf_euler_step(self.sde, t, 0.0)
+        return P, R

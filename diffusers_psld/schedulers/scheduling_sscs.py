@@ -5,7 +5,7 @@ Each reverse step of size h is ``A(h/2) ∘ S(h) ∘ A(h/2)``: the linear part `
 with one model evaluation. How it fits the Diffusers contract:
 
 * the trailing half-step of step i and the leading half-step of step i + 1 are merged into one exact
-  transition (composition of exact Gaussian transitions), drawn inside :meth:`step`, which has the
+  transition (composition of exact Gaussian transitions), drawn inside :meth:`PSLDScheduler.step`, which has the
   user's ``generator``; ``prev_sample`` is therefore the half-stepped state that the next model call
   needs, and ``timesteps[i]`` is the time at which that call evaluates the score;
 * the leading half-step of the first step is exact without simulation: the linear part keeps the
@@ -18,7 +18,7 @@ final denoising step are those of :class:`PSLDScheduler`, whose code this class 
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (name needed by diffusers' loader)
@@ -50,6 +50,13 @@ class SSCSScheduler(PSLDScheduler):
         prediction_type: Literal["epsilon", "sample", "sufficient_epsilon"] = "epsilon",
         input_preconditioning: bool = False,
         sigma_data: float = 0.5,
+        time_grid: Optional[Literal["uniform", "power", "logsnr", "edm"]] = None,
+        rho: Optional[float] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        final_step: Literal["euler", "tweedie"] = "euler",
+        custom_timesteps: Optional[List[float]] = None,
+        custom_sigmas: Optional[List[float]] = None,
     ):
         if sampler != "sscs":
             raise ValueError(f"SSCSScheduler only runs `sampler='sscs'`, got {sampler!r}; use PSLDScheduler for {sampler!r}")

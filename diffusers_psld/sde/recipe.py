@@ -171,7 +171,7 @@ class RecipeSDE:
 
     # ---------------------------------------------------------------- derived quantities
     def lyapunov_residual(self) -> float:
-        """max |F A⁻¹ + A⁻¹ Fᵀ + 2D|: zero iff the prior N(0, A⁻¹) is stationary."""
+        """``max |F A⁻¹ + A⁻¹ Fᵀ + 2D|``: zero iff the prior N(0, A⁻¹) is stationary."""
         r = self.F @ self.prior_cov + self.prior_cov @ self.F.T + 2 * self.D
         return r.abs().max().item()
 
