@@ -239,6 +239,10 @@ def make_sample_fn(net: Network, sampler: str, nfe: int):
     C, size = net.data_channels(), net.sample_size()
     if sampler in DIFFUSERS_SAMPLERS:
         unet, sched = DIFFUSERS_SAMPLERS[sampler][1](net)
+        import inspect
+
+        # stochastic diffusers schedulers draw their noise from the shard's generator; UniPC's step takes none
+        step_kw = "generator" in inspect.signature(sched.step).parameters
 
         @torch.no_grad()
         def sample_fn(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -249,7 +253,7 @@ def make_sample_fn(net: Network, sampler: str, nfe: int):
             x = xi[:, :C] * sched.init_noise_sigma
             for t in sched.timesteps:
                 eps = unet(sched.scale_model_input(x, t), t).sample
-                x = sched.step(eps, t, x, generator=generator).prev_sample
+                x = sched.step(eps, t, x, **({"generator": generator} if step_kw else {})).prev_sample
             return (x / 2 + 0.5).clamp(0, 1)
 
         return sample_fn, type(sched).__name__
