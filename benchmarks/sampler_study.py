@@ -182,29 +182,71 @@ def _package(cls_name: str, recipe: str = "native", **kw):
     return build
 
 
-#: package samplers: name -> (label, builder(net) -> recipe scheduler, applicable(net) -> bool)
-PACKAGE_SAMPLERS: Dict[str, Tuple[str, Callable, Callable]] = {
-    "gddim2": ("gDDIM order 2 (own recipe)", _package("GDDIMMultistepScheduler", solver_order=2),
-               lambda n: n.recipe() != "cld" or n.config().get("prediction_type") != "epsilon"),
-    "gddim3": ("gDDIM order 3 (own recipe)", _package("GDDIMMultistepScheduler", solver_order=3),
-               lambda n: n.recipe() != "cld" or n.config().get("prediction_type") != "epsilon"),
+def _own_recipe_gddim(n: "Network") -> bool:
+    """gDDIM needs ε_x: not on a CLD network that predicts the paper's ε (ε_m only)."""
+    return n.recipe() != "cld" or n.config().get("prediction_type") != "epsilon"
+
+
+#: package samplers: name -> (label, builder(net) -> recipe scheduler, applicable(net) -> bool, recipe)
+PACKAGE_SAMPLERS: Dict[str, Tuple[str, Callable, Callable, str]] = {
+    "gddim2": ("gDDIM order 2 (own recipe)", _package("GDDIMMultistepScheduler", solver_order=2), _own_recipe_gddim,
+               "native"),
+    "gddim3": ("gDDIM order 3 (own recipe)", _package("GDDIMMultistepScheduler", solver_order=3), _own_recipe_gddim,
+               "native"),
     "sscs": ("SSCS, quadratic striding (own recipe)", _package("SSCSScheduler", sampler="sscs", striding="quadratic"),
-             lambda n: n.recipe() in ("psld", "cld")),
+             lambda n: n.recipe() in ("psld", "cld"), "native"),
     "em": ("Euler–Maruyama, quadratic striding (own recipe)", _package("PSLDScheduler", sampler="em",
-                                                                       striding="quadratic"), lambda n: True),
+                                                                       striding="quadratic"), lambda n: True, "native"),
     "conj": ("conjugate integrator B=0, quadratic striding (own recipe)",
              _package("ConjugateScheduler", sampler="conjugate", conjugate_b="zero", striding="quadratic"),
-             lambda n: True),
+             lambda n: True, "native"),
     "psld-gddim2": ("PSLD Γ=0.01 gDDIM order 2, through the bridge", _package("GDDIMMultistepScheduler", "psld",
                                                                               solver_order=2),
-                    lambda n: n.recipe() != "psld"),
+                    lambda n: n.recipe() != "psld", "psld"),
     "psld-gddim3": ("PSLD Γ=0.01 gDDIM order 3, through the bridge", _package("GDDIMMultistepScheduler", "psld",
                                                                               solver_order=3),
-                    lambda n: n.recipe() != "psld"),
+                    lambda n: n.recipe() != "psld", "psld"),
 }
 SAMPLERS = {**{k: v[0] for k, v in DIFFUSERS_SAMPLERS.items()}, **{k: v[0] for k, v in PACKAGE_SAMPLERS.items()}}
-#: samplers whose scheduler runs the PSLD recipe (the "package's PSLD sampler" of the goal checks)
-PSLD_SAMPLERS = ("psld-gddim2", "psld-gddim3")
+EXTRA_SAMPLERS: Dict[str, dict] = {}
+
+
+def register_extra_samplers(spec: Dict[str, dict]) -> None:
+    """Add package samplers from a JSON-able spec ``{name: {"class", "recipe" ("native" | "psld" | "vp"),
+    "kwargs", "label"?, "networks"? (list; default: every network the recipe applies to)}}`` — how schedule and
+    solver sweeps add rows (e.g. ``{"vp-g3-uniform-s0.15": {"class": "GDDIMMultistepScheduler", "recipe":
+    "native", "kwargs": {"solver_order": 3, "time_grid": "uniform", "sigma_min": 0.15}}}``).
+
+    Raises ``ValueError`` for a name that exists already, an unknown class or recipe, or a name that is not
+    file-name safe."""
+    import re
+
+    import diffusers_psld
+
+    for name, e in spec.items():
+        if name in SAMPLERS and EXTRA_SAMPLERS.get(name) != e:
+            raise ValueError(f"extra sampler {name!r}: the name is taken")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise ValueError(f"extra sampler {name!r}: use letters, digits and _.+- only (it names files)")
+        cls, recipe = e.get("class"), e.get("recipe", "native")
+        if not hasattr(diffusers_psld, str(cls)):
+            raise ValueError(f"extra sampler {name!r}: unknown scheduler class {cls!r}")
+        if recipe not in ("native", "psld", "vp"):
+            raise ValueError(f"extra sampler {name!r}: recipe must be 'native', 'psld' or 'vp', got {recipe!r}")
+        nets = e.get("networks")
+        gddim = cls == "GDDIMMultistepScheduler"
+
+        def ok(n, nets=nets, recipe=recipe, gddim=gddim):
+            if nets is not None and n.name not in nets:
+                return False
+            if recipe == "native":
+                return not gddim or _own_recipe_gddim(n)
+            return n.recipe() != recipe  # a foreign recipe through the bridge (native rows cover the own one)
+
+        label = e.get("label") or f"{cls} ({recipe}) " + ", ".join(f"{k}={v}" for k, v in e.get("kwargs", {}).items())
+        PACKAGE_SAMPLERS[name] = (label, _package(cls, recipe, **e.get("kwargs", {})), ok, recipe)
+        SAMPLERS[name] = label
+        EXTRA_SAMPLERS[name] = e
 
 
 def family(sampler: str) -> str:
@@ -223,7 +265,10 @@ def applicable(net: Network, sampler: str) -> bool:
 
 def is_psld_cell(net: Network, sampler: str) -> bool:
     """A cell sampled by a PSLD-recipe scheduler (own recipe on a PSLD network, or through the bridge)."""
-    return sampler in PSLD_SAMPLERS or (family(sampler) == "package" and net.recipe() == "psld")
+    if family(sampler) != "package":
+        return False
+    recipe = PACKAGE_SAMPLERS[sampler][3]
+    return recipe == "psld" or (recipe == "native" and net.recipe() == "psld")
 
 
 def draw_prior_noise(batch: int, channels: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -495,6 +540,7 @@ def write_report(args) -> dict:
     floor = json.load(open(floor_path)) if os.path.isfile(floor_path) else None
     p = {"results": results, "floor": floor, "num_samples": args.num_samples, "main_seed": args.seeds[0],
          "networks": {m: NETWORKS[m][0] for m in args.networks}, "samplers": SAMPLERS, "plan": args.plan,
+         "extra_samplers": EXTRA_SAMPLERS,
          "commands": args.commands or [" ".join([os.path.basename(sys.executable), *sys.argv])],
          "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                     f"{platform.python_implementation()} {platform.python_version()}"}
@@ -513,6 +559,8 @@ def parse_args(argv=None):
     p.add_argument("--feature_extractor", default="outputs/study/fx")
     p.add_argument("--networks", nargs="+", default=list(NETWORKS))
     p.add_argument("--plan", default=DEFAULT_PLAN)
+    p.add_argument("--extra_samplers", default=None,
+                   help="JSON file {name: {class, recipe, kwargs, label?, networks?}} of more package samplers")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="base sampling seeds (first = main tables)")
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--shard_size", type=int, default=250)
@@ -530,6 +578,12 @@ def parse_args(argv=None):
     p.add_argument("--out_json", default=os.path.join(HERE, "results", "sampler_study.json"))
     p.add_argument("--out_md", default=os.path.join(HERE, "results", "sampler_study.md"))
     args = p.parse_args(argv)
+    if args.extra_samplers:
+        with open(args.extra_samplers) as f:
+            try:
+                register_extra_samplers(json.load(f))
+            except ValueError as e:
+                p.error(f"--extra_samplers: {e}")
     for m in args.networks:
         if m not in NETWORKS:
             p.error(f"--networks: unknown network {m!r}; choose from {sorted(NETWORKS)}")

@@ -32,20 +32,24 @@ def test_study_samples_every_family_resumes_and_reports(tmp_path):
     st = _load()
     _tiny_networks(tmp_path / "models")
     DigitsFeatureNet(image_size=8, feature_dim=16, width=8).save_pretrained(str(tmp_path / "fx"))
-    common = ["--models_dir", str(tmp_path / "models"), "--work_dir", str(tmp_path / "w"), "--feature_extractor",
+    extra = {"g2-uniform-s0.3": {"class": "GDDIMMultistepScheduler", "recipe": "psld", "networks": ["ddpm"],
+                                 "kwargs": {"solver_order": 2, "time_grid": "uniform", "sigma_min": 0.3}}}
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    common = ["--extra_samplers", str(tmp_path / "extra.json"), "--models_dir", str(tmp_path / "models"), "--work_dir", str(tmp_path / "w"), "--feature_extractor",
               str(tmp_path / "fx"), "--networks", "vp", "ddpm", "psld_sample", "--resolution", "8",
               "--num_samples", "8", "--shard_size", "4", "--kid_subsets", "3", "--kid_subset_size", "4",
-              "--floor_repeats", "2", "--plan", "dpmpp2m,gddim2,psld-gddim2:3;unipc:3@1000|ddpm"]
+              "--floor_repeats", "2", "--plan", "dpmpp2m,gddim2,psld-gddim2:3;unipc:3@1000|ddpm;g2-uniform-s0.3:3"]
     # dpmpp2m on 3 networks, gddim2 on 3 (VP gDDIM on ddpm through the bridge), psld-gddim2 on vp and ddpm only,
-    # unipc with a second seed on ddpm
+    # unipc with a second seed on ddpm, the extra sampler (PSLD recipe, uniform grid to σ_min 0.3) on ddpm only
     assert st.main(common) == 0
     res = st.collect(str(tmp_path / "w"))
-    assert len(res) == 3 + 3 + 2 + 1
+    assert len(res) == 3 + 3 + 2 + 1 + 1
     by = {(r["model"], r["sampler"]): r for r in res}
     assert by[("psld_sample", "dpmpp2m")]["family"] == "diffusers"
     assert by[("psld_sample", "gddim2")]["psld_sampler"] and by[("vp", "psld-gddim2")]["psld_sampler"]
     assert not by[("vp", "gddim2")]["psld_sampler"] and by[("ddpm", "gddim2")]["recipe"] == "vp-discrete"
     assert all(torch.isfinite(torch.tensor(r["fid"])) for r in res)
+    assert by[("ddpm", "g2-uniform-s0.3")]["psld_sampler"]
     assert st.main(common) == 0 and len(st.collect(str(tmp_path / "w"))) == len(res)  # resumable: nothing left
 
     out = tmp_path / "out"
@@ -92,3 +96,9 @@ def test_goal_checks_and_plan_validation():
         st.parse_plan("unipc:10|x")
     with pytest.raises(ValueError, match="expected 'samplers:nfes"):
         st.parse_plan("unipc")
+    with pytest.raises(ValueError, match="the name is taken"):
+        st.register_extra_samplers({"unipc": {"class": "GDDIMMultistepScheduler"}})
+    with pytest.raises(ValueError, match="unknown scheduler class"):
+        st.register_extra_samplers({"x1": {"class": "Nope"}})
+    with pytest.raises(ValueError, match="file-name safe|letters, digits"):
+        st.register_extra_samplers({"a/b": {"class": "GDDIMMultistepScheduler"}})
