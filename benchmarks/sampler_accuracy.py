@@ -20,9 +20,15 @@ Metrics: Fréchet distance (means and covariances) and sliced Wasserstein-2 dist
 directions) of the data half of 2000 generated samples to 2000 fresh true samples; the noise floor
 is the same distance between two independent true sample sets. Fixed seeds everywhere.
 
+Low NFE: the rows ``gDDIM multistep 3M + UniC`` (the corrector option, other settings default) and ``gDDIM
+low-NFE (sweep-selected)`` (order, corrector, time grid, σ_min and start chosen per NFE band on the mixture by
+``benchmarks/low_nfe_sweep.py``, read from its JSON) sit next to Diffusers' UniPC and DPM-Solver++ at NFE 5 and 8.
+A schedule that starts below t = 1 (``sigma_max``) draws its first state from ``sample_prior``'s data-free law
+N(0, Σ_{t_0}), which ``analytic_first_step`` completes.
+
 Usage::
 
-    .venv/bin/python benchmarks/sampler_accuracy.py            # full run (NFE 10-250, 2000 samples; ~1 h here)
+    .venv/bin/python benchmarks/sampler_accuracy.py            # full run (NFE 5-250, 2000 samples; ~1 h here)
     .venv/bin/python benchmarks/sampler_accuracy.py --quick    # smoke test
     .venv/bin/python benchmarks/sampler_accuracy.py --nfes 10,20 --num_samples 4000 --samplers gDDIM,DPM --tag _x
 
@@ -171,7 +177,7 @@ def run_psld_scheduler(sched, data, nfe, n, seed):
     sched.set_timesteps(nfe)
     sde = sched.sde
     g = torch.Generator().manual_seed(seed)
-    z = sched.sample_prior((n, 2 * data.d), generator=g, dtype=torch.float64)
+    z = sched.sample_prior((n, 2 * data.d), generator=g, dtype=torch.float64)  # N(0, Σ_t0) if t0 < 1
     calls = 0
     for t in sched.timesteps:
         kern = sde.hsm_kernel(float(t))
@@ -219,12 +225,36 @@ VP_SCHEDULERS = {
 }
 
 
+SWEEP_JSON = os.path.join(RESULTS, "low_nfe_sweep.json")
+
+
+def low_nfe_config(nfe: int, path: str = SWEEP_JSON):
+    """The configuration ``benchmarks/low_nfe_sweep.py`` selected (on the mixture) for the NFE band of ``nfe``:
+    that of the largest swept NFE <= ``nfe`` (the smallest swept NFE below it). None without the sweep's JSON."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        sel = {int(k): v for k, v in json.load(f)["selected"].items()}
+    band = max([m for m in sel if m <= nfe] or [min(sel)])
+    return {k: v for k, v in sel[band].items() if k != "key"}
+
+
+def low_nfe_scheduler(nfe: int):
+    """``GDDIMMultistepScheduler`` with the sweep-selected order, corrector, time grid, σ_min and start for ``nfe``."""
+    from low_nfe_sweep import make_scheduler  # late: that module imports this one
+
+    cfg = low_nfe_config(nfe)
+    if cfg is None:
+        raise FileNotFoundError(f"{SWEEP_JSON} is missing: run benchmarks/low_nfe_sweep.py first")
+    return make_scheduler(cfg)
+
+
 def psld_samplers(tuned):
     """name -> factory(nfe) of a configured PSLD scheduler (tuned: per-NFE settings from the mixture)."""
     def pick(key, nfe, default):
         return tuned.get(key, {}).get(str(nfe), default)
 
-    return {
+    rows = {
         "EM (uniform)": lambda nfe: PSLDScheduler(sampler="em", striding="uniform"),
         "EM (quadratic)": lambda nfe: PSLDScheduler(sampler="em", striding="quadratic"),
         "SSCS (uniform)": lambda nfe: PSLDScheduler(sampler="sscs", striding="uniform"),
@@ -241,6 +271,8 @@ def psld_samplers(tuned):
         "gDDIM multistep 2M (tuned)": lambda nfe: GDDIMMultistepScheduler(solver_order=2, **pick("gms2", nfe, {})),
         "gDDIM multistep 3M (tuned)": lambda nfe: GDDIMMultistepScheduler(solver_order=3, **pick("gms3", nfe, {})),
         "gDDIM multistep 3M (defaults)": lambda nfe: GDDIMMultistepScheduler(),
+        "gDDIM multistep 3M + UniC": lambda nfe: GDDIMMultistepScheduler(corrector="unic"),
+        "gDDIM low-NFE (sweep-selected)": low_nfe_scheduler,
         "RVV (reduced)": lambda nfe: SplittingScheduler(sampler="rvv", striding="quadratic"),
         "NVV (naive)": lambda nfe: SplittingScheduler(sampler="nvv", striding="quadratic"),
         "NOBA (naive, λs=1)": lambda nfe: SplittingScheduler(sampler="noba", striding="quadratic"),
@@ -249,6 +281,9 @@ def psld_samplers(tuned):
         "CVV (conj. split, tuned)": lambda nfe: SplittingScheduler(sampler="cvv", **pick("cvv", nfe, {})),
         "COBA (conj. split, tuned)": lambda nfe: SplittingScheduler(sampler="coba", **pick("coba", nfe, {})),
     }
+    if low_nfe_config(10) is None:  # the sweep has not run: no selected configuration to show
+        rows.pop("gDDIM low-NFE (sweep-selected)")
+    return rows
 
 
 TUNING_GRIDS = {
@@ -348,7 +383,8 @@ def evaluate(data, name, nfes, n, n_ref, tuned, log, rk45_tols, patterns=(), goa
     return rows, goal
 
 
-GOAL_ALWAYS = ("gDDIM multistep 3M (defaults)",)  # declared in advance: the recommended PSLD sampler
+# declared in advance: the recommended PSLD sampler and the sweep-selected low-NFE configuration
+GOAL_ALWAYS = ("gDDIM multistep 3M (defaults)", "gDDIM low-NFE (sweep-selected)")
 
 
 def goal_check(data, name, nfes, n, ref, rows, makers, seeds, log, top=3):
@@ -499,11 +535,11 @@ def main(argv=None):
     torch.set_num_threads(max(1, args.threads))
     global TUNING_GRIDS
     if args.quick:
-        nfes, n, n_tune, rk_tols, n_goal = [10, 20], 300, 200, [1e-2], 0
+        nfes, n, n_tune, rk_tols, n_goal = [5, 10, 20], 300, 200, [1e-2], 0
         TUNING_GRIDS = {"conj": [dict(striding="quadratic", conjugate_lambda=l) for l in (0.0, 1.0)],
                         "gms3": [dict(time_spacing="power", spacing_power=r, interpolation="time") for r in (2.0, 3.0)]}
     else:
-        nfes, n, n_tune, rk_tols, n_goal = [10, 20, 50, 100, 250], 2000, 1000, [3e-1, 1e-1, 3e-2, 1e-2, 1e-3], 5
+        nfes, n, n_tune, rk_tols, n_goal = [5, 8, 10, 20, 50, 100, 250], 2000, 1000, [3e-1, 1e-1, 3e-2, 1e-2, 1e-3], 5
     if args.nfes:
         nfes = [int(x) for x in args.nfes.split(",")]
     if args.num_samples:
@@ -570,7 +606,8 @@ def main(argv=None):
                                            f"({'yes' if a <= b else f'no, ×{a / b:.2f}'})" for n_, (a, b) in res.items()))
     if any(goals.values()):
         md.append(f"\n## Goal check with {len(goal_seeds)} fresh sampling seeds (mean ± s.d.)\n")
-        md.append("The 3 best rows of each side by their seed-7 FD (PSLD side: plus `gDDIM multistep 3M (defaults)`, "
+        md.append("The 3 best rows of each side by their seed-7 FD (PSLD side: plus `gDDIM multistep 3M (defaults)` "
+                  "and `gDDIM low-NFE (sweep-selected)`, "
                   "declared in advance) are re-run with fresh seeds; each side keeps the row with the lowest mean FD "
                   "(all candidates are in the log). `tie` = the difference of the means is within 2 standard "
                   "errors.\n")

@@ -76,3 +76,31 @@ def test_cli_subset_run_writes_table_goal_check_and_plot(tmp_path):
     md = (tmp_path / "sampler_accuracy_t.md").read_text()
     assert "fresh sampling seeds" in md and "| Gaussian mixture | 6 | gDDIM multistep 3M (defaults) |" in md
     assert (tmp_path / "sampler_accuracy_t.png").stat().st_size > 1000
+
+
+def test_low_nfe_sweep_cells(tmp_path):
+    """A sweep cell's scheduler (grid, t_min, σ_max with the analytic first step in its config) through the driver,
+    UniPC on a σ list with and without the analytic first step, and the band lookup of the selected configuration."""
+    import json
+
+    import low_nfe_sweep as lns
+    from diffusers_psld.schedulers.time_grids import noise_level
+
+    rm, *_ = _tiny(d=4)
+    ref = rm.sample(200, seed=1)
+    cfg = dict(solver_order=3, corrector="unic", grid="edm7", t_min=0.05, start="sigma10")
+    sched = lns.make_scheduler(cfg)
+    assert sched.config.analytic_first_step and sched.config.sampling_eps == 0.05 and sched.config.time_grid == "edm"
+    x = sa.run_psld_scheduler(sched, rm, 5, 200, seed=2)
+    sig = noise_level(sched.sde, sched.exact_timesteps.numpy())
+    assert abs(sig[0] - 10.0) < 1e-8 and abs(sched.exact_timesteps[-1].item() - 0.05) < 1e-15
+    assert torch.all(torch.isfinite(x)) and sa.frechet(x, ref) < 1.0
+    assert lns.key(cfg) == "o3-unic-edm7-tmin0.05-sigma10"
+    for afs in (False, True):
+        x = lns.run_vp_sigmas(lambda: sa.UniPCMultistepScheduler(), rm, sig, 200, 2, analytic_first_step=afs)
+        assert torch.all(torch.isfinite(x)) and sa.frechet(x, ref) < 1.0
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"selected": {"5": {**cfg, "key": "a"}, "10": {**cfg, "t_min": 0.02, "key": "b"}}}))
+    assert sa.low_nfe_config(4, str(path))["t_min"] == 0.05 and sa.low_nfe_config(8, str(path))["t_min"] == 0.05
+    assert sa.low_nfe_config(50, str(path)) == {**cfg, "t_min": 0.02}
+    assert sa.low_nfe_config(5, str(tmp_path / "missing.json")) is None

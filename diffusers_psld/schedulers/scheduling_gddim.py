@@ -30,6 +30,24 @@ error O(h^{p+1}) (tests: observed orders on Gaussian data with the exact ε). Th
 ``ρ(t) = ½ log(aᵀ Σ_t^{-1} a)`` (the precision of the best linear estimate of x₀ from z_t; for VP
 log(α/σ), DPM-Solver's λ).
 
+Corrector (``corrector="unic"``, UniPC's UniC: Zhao et al., "UniPC", NeurIPS 2023). The same integral with the
+Lagrange nodes {t_{i+1}, t_i, ..., t_{i-p+1}} (:func:`corrector_coefficients`, one shared quadrature with the
+predictor's weights, :func:`step_weights`) gives an implicit, Adams–Moulton-like order-(p + 1) step. When call
+i + 1 has received x̂₀ at the predicted z_{i+1}, it recomputes ``z_{i+1} = Ψ_i z_i + Σ_j Wc_{i,j} x̂₀_{i+1-j}``
+from the corrected z_i and predicts from there; x̂₀_{i+1} is not re-evaluated, so the NFE is unchanged and the
+observed order rises from p to p + 1 (tested for p = 1-4, PSLD and VP). For VP with ``interpolation="logsnr"``
+this is UniPC's data-prediction update with the exact integrals of the interpolant: on the same σ grid it agrees
+with Diffusers' ``UniPCMultistepScheduler`` of the same order to ~1e-3 of either's error (tested at order 3);
+UniPC's only differences are its fixed constants ρ = 1/2 for the order-2 predictor and the order-1 corrector,
+whose accuracy depends on its B(h) choice (``bh1``/``bh2``), where this integrator uses the exact weights.
+
+Analytic first step (``analytic_first_step``). A schedule may start at t_0 < 1 (a σ_max below σ(1)): the step
+from the prior at t = 1 to t_0 then uses the node t_0 only, ``z_{t_0} = Ψ(t_0, 1) z_1 + (a_{t_0} - Ψ(t_0, 1) a_1)
+x̂₀(t_0)``, and needs no evaluation at t = 1 (where x̂₀ is nearly the data mean): the first call receives the
+data-free start N(0, Σ_{t_0}) of ``sample_prior`` (the flow Ψ(t_0, 1) z_1 of z_1 ~ N(0, Σ_1)) and adds the second
+term. Exact for point-mass data; local error O(h²) in h = 1 - t_0 on Gaussian data (tested). On the exact-score
+benchmark (``benchmarks/low_nfe_sweep.py``) this, a σ_max of 10-30 and a σ_min of 0.06-0.16 decide NFE 5-10.
+
 Warm-up: step i uses order min(solver_order, i + 1); a loop that begins at call k (``set_begin_index(k)`` or
 stepping with ``timesteps[k]``: img2img) has no earlier x̂₀, so it warms up again from k: step i uses order
 min(order_i, i - k + 1), with weights recomputed for the lower orders (as DPM-Solver). With ``lower_order_final`` (as in Diffusers'
@@ -65,11 +83,13 @@ from .validation import check_generator, check_quadrature_nodes, check_real
 #: repeated times), which the constructor refuses instead of ``set_timesteps``
 MAX_SPACING_POWER = 8.0
 
-__all__ = ["GDDIMMultistepScheduler", "multistep_coefficients", "multistep_orders", "log_snr", "spacing_grid",
-           "TIME_SPACINGS"]
+__all__ = ["GDDIMMultistepScheduler", "multistep_coefficients", "corrector_coefficients", "step_weights",
+           "multistep_orders", "log_snr", "spacing_grid", "TIME_SPACINGS", "CORRECTORS"]
 
 TIME_SPACINGS = ("striding", "logsnr", "power")
 INTERPOLATIONS = ("logsnr", "time")
+SOLVER_ORDERS = (1, 2, 3, 4)
+CORRECTORS = ("none", "unic")
 
 
 def log_snr(sde: RecipeSDE, t) -> np.ndarray:
@@ -116,9 +136,19 @@ def _lagrange(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def multistep_coefficients(sde: RecipeSDE, times, orders, interpolation: str = "logsnr", nodes: int = 16):
-    """Ψ_i ``[n, k, k]`` and W_{i,j} ``[n, 3, k]`` (float64) for the steps t_i → t_{i+1} of the descending grid
-    ``times`` (all > 0), step i using ``orders[i]`` past x̂₀ values (j = 0 is the newest). See the module docstring."""
+def step_weights(sde: RecipeSDE, times, *node_sets, interpolation: str = "logsnr", nodes: int = 16,
+                 width: Optional[int] = None):
+    """Variation-of-constants weights of the steps t_i → t_{i+1} of the descending grid ``times`` (all > 0) for
+    Lagrange interpolation of x̂₀ through the grid points ``times[node_sets[i][j]]`` (any grid indices, the step's
+    end t_{i+1} included):
+
+        W_{i,j} = ∫_{t_{i+1}}^{t_i} Ψ(t_{i+1}, τ) β_τ D Σ_τ^{-1} a_τ ℓ_j(ρ(τ)) dτ      (k-vectors, float64).
+
+    One quadrature (composite Gauss–Legendre in u = √τ) serves every family of node sets passed: returns one
+    ``[n, width, k]`` tensor per family (``width`` defaults to the family's largest node set; unused slots 0).
+    With the nodes {t_i, ..., t_{i-p+1}} this is the explicit order-p multistep step (:func:`multistep_coefficients`);
+    with {t_{i+1}, t_i, ..., t_{i-p+1}} the implicit (Adams–Moulton-like) order-(p + 1) corrector
+    (:func:`corrector_coefficients`). Σ_j W_{i,j} = a_{t_{i+1}} - Ψ_i a_{t_i} for every node set (x̂₀ ≡ 1)."""
     t = np.asarray(torch.as_tensor(times, dtype=torch.float64).tolist(), dtype=np.float64)
     n, k = len(t) - 1, sde.k
     if np.any(t <= 0):
@@ -137,18 +167,46 @@ def multistep_coefficients(sde: RecipeSDE, times, orders, interpolation: str = "
     rel = th[n * q:].repeat(q) - th[: n * q]
     rv = np.einsum("nij,nj->ni", _rotation(rel, k), linv_v).reshape(n, q, k)
     Llo = sde.hsm_kernel(torch.from_numpy(lo.copy())).chol.numpy()
-    integrand = np.einsum("nij,nqj->nqi", Llo, rv)  # Ψ(t_{i+1}, τ) v(τ)  [n, q, k]
+    integrand = np.einsum("nij,nqj->nqi", Llo, rv) * w[..., None]  # w · Ψ(t_{i+1}, τ) v(τ)  [n, q, k]
     rho_of = (lambda x: log_snr(sde, x)) if interpolation == "logsnr" else (lambda x: np.asarray(x, dtype=np.float64))
     rho_nodes = rho_of(flat).reshape(n, q)
     rho_t = rho_of(t)
-    W = np.zeros((n, 3, k))
-    for i in range(n):
-        p = int(orders[i])
-        past = rho_t[[i - j for j in range(p)]]
-        ell = _lagrange(past, rho_nodes[i])  # [p, q]
-        W[i, :p] = np.einsum("q,pq,qk->pk", w[i], ell, integrand[i])
-    psi = gddim_transition(sde, lo, hi)
-    return psi, torch.from_numpy(W)
+    out = []
+    for sets in node_sets:
+        if len(sets) != n:
+            raise ValueError(f"need one node set per step ({n}), got {len(sets)}")
+        wd = max(len(x) for x in sets) if width is None else width
+        W = np.zeros((n, wd, k))
+        for i, idx in enumerate(sets):
+            ell = _lagrange(rho_t[list(idx)], rho_nodes[i])  # [p, q]
+            W[i, : len(idx)] = np.einsum("pq,qk->pk", ell, integrand[i])
+        out.append(torch.from_numpy(W))
+    return tuple(out)
+
+
+def _past_nodes(orders):
+    return [[i - j for j in range(int(p))] for i, p in enumerate(orders)]
+
+
+def multistep_coefficients(sde: RecipeSDE, times, orders, interpolation: str = "logsnr", nodes: int = 16,
+                           width: int = 3):
+    """Ψ_i ``[n, k, k]`` and W_{i,j} ``[n, width, k]`` (float64) for the steps t_i → t_{i+1} of the descending grid
+    ``times`` (all > 0), step i using ``orders[i]`` past x̂₀ values (j = 0 is the newest). See the module docstring."""
+    (W,) = step_weights(sde, times, _past_nodes(orders), interpolation=interpolation, nodes=nodes,
+                        width=max(width, max(int(p) for p in orders)))
+    t = torch.as_tensor(times, dtype=torch.float64)
+    return gddim_transition(sde, t[1:].tolist(), t[:-1].tolist()), W
+
+
+def corrector_coefficients(sde: RecipeSDE, times, orders, interpolation: str = "logsnr", nodes: int = 16,
+                           width: Optional[int] = None):
+    """UniC-type corrector weights ``Wc [n, width, k]`` (float64): the step t_i → t_{i+1} recomputed with x̂₀
+    interpolated through {t_{i+1}, t_i, ..., t_{i-p+1}} (p = ``orders[i]``, the predictor's order): ``Wc[i, 0]``
+    weights x̂₀ at t_{i+1} (evaluated at the predicted state), ``Wc[i, j + 1]`` weights x̂₀_{i-j}. Local order p + 1
+    at no extra model evaluation (UniPC's corrector, Zhao et al. 2023, in this integrator's exact-quadrature form)."""
+    sets = [[i + 1] + nodes_i for i, nodes_i in enumerate(_past_nodes(orders))]
+    (W,) = step_weights(sde, times, sets, interpolation=interpolation, nodes=nodes, width=width)
+    return W
 
 
 class GDDIMMultistepScheduler(PSLDScheduler):
@@ -160,7 +218,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
 
     Args:
         sampler (`str`, defaults to `"gddim_multistep"`): must be `"gddim_multistep"`.
-        solver_order (`int`, defaults to 3): 1 (gDDIM, = DDIM for VP), 2 or 3 past x̂₀ values.
+        solver_order (`int`, defaults to 3): 1 (gDDIM, = DDIM for VP), 2, 3 or 4 past x̂₀ values.
         interpolation (`str`, defaults to `"time"`): Lagrange interpolation of x̂₀ in t (`"time"`) or in the
             log-SNR ρ(t) = ½ log(aᵀΣ_t⁻¹a) (`"logsnr"`). In t measured more accurate at 10-20 NFE.
         lower_order_final (`bool`, defaults to True): for N < 15, order <= 2 on the second-to-last and
@@ -173,6 +231,24 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         quadrature_nodes (`int`, defaults to 16): Gauss–Legendre nodes per quadrature piece, in [4, 64].
         euler_at_final (`bool`, defaults to False): the last multistep update (to the last grid time) at first order
             for any N (Diffusers' DPM-Solver option; `lower_order_final` does it only for N < 15).
+        corrector (`str`, defaults to `"none"`): `"unic"` adds UniPC's corrector (Zhao et al. 2023, UniC): when call
+            i + 1 receives x̂₀ at the state z_{i+1} that step i predicted, z_{i+1} is first recomputed with the
+            weights of the same variation-of-constants integral whose Lagrange nodes include t_{i+1}
+            ({t_{i+1}, t_i, ..., t_{i-p+1}} for a step of order p), and step i + 1 starts from the corrected
+            state. This raises the local order of every step by one at no extra model evaluation (x̂₀_{i+1}
+            itself is not re-evaluated). The final call's correction only moves the momentum half (its x half
+            is x̂₀ of the predicted state).
+        disable_corrector (`list` of `int`, *optional*): call indices i whose result is not corrected (as
+            Diffusers' UniPC `disable_corrector`; e.g. `[0, 1, 2]` under strong guidance). Ignored unless
+            `corrector="unic"`.
+        analytic_first_step (`bool`, defaults to False): for a schedule whose first time t_0 is below 1
+            (`sigma_max` below σ(1), or a `timesteps=` / `sigmas=` list), the step from t = 1 to t_0 is taken without
+            a model evaluation at t = 1 (AMED's "analytical first step", Zhou et al. 2024, in data-prediction form).
+            The first call receives the data-free state that :meth:`sample_prior` draws for such a schedule,
+            N(0, Σ_{t_0}) = the flow Ψ(t_0, 1) z_1 of z_1 ~ N(0, Σ_1), and adds (a_{t_0} - Ψ(t_0, 1) a_1) x̂₀(t_0):
+            the step's x̂₀ node is t_0, the first evaluation (exact for point-mass data, tested). This supplies the
+            data term that the data-free start lacks and saves the evaluation at t = 1, where x̂₀ is nearly the data
+            mean. Only for a loop that starts at call 0; no effect when t_0 = 1.
 
     The time grid: `time_grid` (shared by every class) when set, else `time_spacing` / `spacing_power`; the final
     call: `final_step` (`"euler"`: the first-order gDDIM step above; `"tweedie"`: x = x̂₀ as well, the momentum its
@@ -212,6 +288,9 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         spacing_power: float = 2.5,
         quadrature_nodes: int = 16,
         euler_at_final: bool = False,
+        corrector: Literal["none", "unic"] = "none",
+        disable_corrector: Optional[List[int]] = None,
+        analytic_first_step: bool = False,
     ):
         self._setup()
 
@@ -222,11 +301,17 @@ class GDDIMMultistepScheduler(PSLDScheduler):
     def _setup(self):
         cfg = self.config
         o = cfg.solver_order
-        if isinstance(o, bool) or not isinstance(o, int) or o not in (1, 2, 3):
-            raise ValueError(f"`solver_order` must be 1, 2 or 3, got {o!r}")
+        if isinstance(o, bool) or not isinstance(o, int) or o not in SOLVER_ORDERS:
+            raise ValueError(f"`solver_order` must be one of {SOLVER_ORDERS}, got {o!r}")
+        if cfg.corrector not in CORRECTORS:
+            raise ValueError(f"`corrector` must be one of {CORRECTORS}, got {cfg.corrector!r}")
+        dc = cfg.disable_corrector
+        if dc is not None and (not isinstance(dc, (list, tuple)) or any(
+                isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < 0 for x in dc)):
+            raise ValueError(f"`disable_corrector` must be a list of call indices (ints >= 0) or None, got {dc!r}")
         if cfg.interpolation not in INTERPOLATIONS:
             raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}")
-        for name in ("lower_order_final", "euler_at_final"):
+        for name in ("lower_order_final", "euler_at_final", "analytic_first_step"):
             if not isinstance(getattr(cfg, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(cfg, name)!r}")
         if cfg.time_spacing not in TIME_SPACINGS:
@@ -238,6 +323,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
                              "basis uses ε_x, which a CLD network does not learn (use a C-channel prediction_type)")
         super()._setup()
         self._history: List[torch.Tensor] = []
+        self._corrected_from = None  # (call index, state it started from) for the corrector
+        self._afs = None  # analytic first step weight (set by set_timesteps)
 
     def _legacy_grid(self):
         """gDDIM's legacy keys: ``time_spacing`` "power" (``spacing_power``), "logsnr", or "striding" (the shared one)."""
@@ -257,8 +344,8 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         ts = self._grid(n - 1)
         eps = float(ts[-1])
         orders = self._orders(n - 1)
-        psi, W = multistep_coefficients(sde, ts, orders, self.config.interpolation, self.config.quadrature_nodes)
-        W0 = torch.zeros(1, 3, k, dtype=torch.float64)
+        psi, W, Wc = self._weights(ts, orders)
+        W0 = torch.zeros(1, W.shape[1], k, dtype=torch.float64)
         if self.config.final_step == "tweedie":  # z' = G z + c x̂₀ (the posterior mean)
             G, c = sampling.posterior_mean_maps(sde, eps)
             psi0, W0[0, 0] = G[None], c
@@ -267,8 +354,11 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             a0, ae = sde.hsm_kernel(torch.tensor([0.0, eps], dtype=torch.float64)).mean_coef
             W0[0, 0] = a0 - psi0[0] @ ae
         self._psi, self._W = torch.cat([psi, psi0]), torch.cat([W, W0])
+        self._Wc = Wc  # [n - 1, order + 1, k] (None without corrector): corrects the state step i produced
         self._orders_used = orders + [1]
-        self._grid_times, self._full = ts, (self._W, list(self._orders_used))  # for warm-ups from a begin index
+        self._afs = self._analytic_first_step_weight(ts)
+        # for warm-ups from a begin index
+        self._grid_times, self._full = ts, (self._W, list(self._orders_used), self._Wc)
         # the step tables hold the first-order (gDDIM) affine map z' = P z + R ε (used for x̂₀, guidance's L_t)
         times = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
         kern = sde.hsm_kernel(times[:-1])
@@ -277,9 +367,38 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         P, R = self._psi + w0, -w0 @ kern.chol
         return [_Calls([_AFFINE] * n, times[:-1].tolist(), P, R, None, (times[:-1] - times[1:]).tolist())]
 
+    def _analytic_first_step_weight(self, ts):
+        """``c = a_{t_0} - Ψ(t_0, 1) a_1`` (float64 k-vector) for ``analytic_first_step`` when the grid starts at
+        t_0 < 1, else None: the first-order step 1 → t_0 whose x̂₀ node is t_0 adds ``c x̂₀(t_0)`` to the data-free
+        flow Ψ(t_0, 1) z_1 of the prior draw."""
+        t0 = float(ts[0])
+        if not self.config.analytic_first_step or t0 >= 1.0:
+            return None
+        a = self.sde.hsm_kernel(torch.tensor([t0, 1.0], dtype=torch.float64)).mean_coef
+        return a[0] - gddim_transition(self.sde, [t0], [1.0])[0] @ a[1]
+
+    def _weights(self, ts, orders):
+        """Ψ, predictor weights W ``[n, max(3, order), k]`` and (``corrector="unic"``) corrector weights Wc
+        ``[n, order + 1, k]`` for the multistep updates on the grid ``ts`` (float64, one shared quadrature)."""
+        cfg = self.config
+        width = max(3, cfg.solver_order)
+        sets = [_past_nodes(orders)]
+        if cfg.corrector == "unic":
+            sets.append([[i + 1] + nd for i, nd in enumerate(sets[0])])
+        Ws = step_weights(self.sde, ts, *sets, interpolation=cfg.interpolation, nodes=cfg.quadrature_nodes)
+        W = torch.zeros(len(ts) - 1, width, self.sde.k, dtype=torch.float64)
+        W[:, : Ws[0].shape[1]] = Ws[0]
+        Wc = None
+        if cfg.corrector == "unic":
+            Wc = torch.zeros(len(ts) - 1, cfg.solver_order + 1, self.sde.k, dtype=torch.float64)
+            Wc[:, : Ws[1].shape[1]] = Ws[1]
+        t = torch.as_tensor(ts, dtype=torch.float64)
+        return gddim_transition(self.sde, t[1:].tolist(), t[:-1].tolist()), W, Wc
+
     def _install_calls(self, runs, n_calls: int, device=None):
         super()._install_calls(runs, n_calls, device)
         self._history = []
+        self._corrected_from = None
         self._ms_cache = {}
         self._warm_from = 0
 
@@ -295,24 +414,34 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         min(order_i, i - k + 1) (no x̂₀ before k), with W recomputed for each lowered order."""
         if k == self._warm_from:
             return
-        W, orders = self._full[0].clone(), list(self._full[1])
+        W, orders, Wc = self._full[0].clone(), list(self._full[1]), self._full[2]
+        Wc = None if Wc is None else Wc.clone()
         ts, n_ms = self._grid_times, len(self._grid_times) - 1  # multistep updates; the final step is first order
-        for i in range(k, min(n_ms, k + 2)):
+        for i in range(k, min(n_ms, k + self.config.solver_order - 1)):
             p = min(orders[i], i - k + 1)
             if p < orders[i]:
                 sub = ts[i - p + 1: i + 2]
-                _, Wp = multistep_coefficients(self.sde, sub, [1] * (p - 1) + [p], self.config.interpolation,
-                                               self.config.quadrature_nodes)
+                _, Wp, Wcp = self._weights(sub, [1] * (p - 1) + [p])
                 W[i] = Wp[-1]
+                if Wc is not None:
+                    Wc[i] = 0.0
+                    Wc[i, : p + 1] = Wcp[-1, : p + 1]
                 orders[i] = p
-        self._W, self._orders_used, self._warm_from = W, orders, k
+        self._W, self._Wc, self._orders_used, self._warm_from = W, Wc, orders, k
         self._ms_cache = {}
 
     def _ms_tables(self, device, dtype):
         key = (str(device), dtype)
         if key not in self._ms_cache:
-            self._ms_cache[key] = (self._psi.to(device=device, dtype=dtype), self._W.to(device=device, dtype=dtype))
+            self._ms_cache[key] = tuple(None if x is None else x.to(device=device, dtype=dtype)
+                                        for x in (self._psi, self._W, self._Wc))
         return self._ms_cache[key]
+
+    def _corrects(self, i: int) -> bool:
+        """Whether call ``i`` corrects the state it received (the result of call i - 1 of this run)."""
+        cfg = self.config
+        return (cfg.corrector == "unic" and self._corrected_from is not None and self._corrected_from[0] == i - 1
+                and (i - 1) not in (cfg.disable_corrector or ()))
 
     def step(
         self,
@@ -326,19 +455,31 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         like the other schedulers' (``TypeError`` for anything but None, a ``torch.Generator`` or a list of them)."""
         i, z, _, _, x0, work = self._begin_step(model_output, timestep, sample)
         check_generator(generator, z.shape[0])
-        self._history = ([x0] + self._history)[:3]
-        psi, W = self._ms_tables(sample.device, work)
+        self._history = ([x0] + self._history)[: self.config.solver_order + 1]
+        psi, W, Wc = self._ms_tables(sample.device, work)
         p = self._orders_used[i]
         if len(self._history) < p:  # not reachable through step(): the warm-up lowers the order
             raise RuntimeError(f"call {i} needs {p} past x̂₀ values, the loop has {len(self._history)}")
-        out = blocks.apply(psi[i], z)
+        if i == 0 and self._afs is not None and self._run_start == 0:  # analytic first step 1 -> t_0
+            z = z + torch.cat([float(c) * x0 for c in self._afs], dim=1).to(work)
+        if self._corrects(i):  # UniC: redo step i - 1 with x̂₀ at its end point among the nodes
+            z = self._combine(psi[i - 1], self._corrected_from[1], Wc[i - 1], self._orders_used[i - 1] + 1)
+        if self.config.corrector == "unic":
+            self._corrected_from = (i, z)
+        out = self._combine(psi[i], z, W[i], p)
+        return self._end_step(out, x0, sample, return_dict)
+
+    def _combine(self, psi, z, W, p):
+        """Ψ z + Σ_{j<p} W_j x̂₀_j over the newest ``p`` x̂₀ values (k-vector weights act per component)."""
+        out = blocks.apply(psi, z)
         k = self.sde.k
         for j in range(p):
             xj = self._history[j]
-            out = out + torch.cat([W[i, j, c] * xj for c in range(k)], dim=1)
-        return self._end_step(out, x0, sample, return_dict)
+            out = out + torch.cat([W[j, c] * xj for c in range(k)], dim=1)
+        return out
 
     def _on_first_step(self):
         super()._on_first_step()
         self._history = []
+        self._corrected_from = None
         self._warm_up_from(self._step_index)
