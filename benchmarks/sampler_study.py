@@ -312,8 +312,11 @@ def make_sample_fn(net: Network, sampler: str, nfe: int):
         state = generator.get_state()
         xi = draw_prior_noise(batch, C, size, generator)
         sched.set_timesteps(nfe)
-        if k == 1:
-            latents = xi[:, :C] * sched.init_noise_sigma
+        if k == 1:  # the scheduler's prior scale (sqrt Σ_t0 for a schedule that starts below t = 1) on ξ[:, :C]
+            from diffusers_psld.sde import blocks
+
+            scale = sched._prior_scale if getattr(sched, "_init_scale", None) is None else sched._init_scale
+            latents = blocks.apply(scale, xi[:, :C])
         else:  # the scheduler's own prior draw from the same ξ (same generator state, same shape and dtype)
             latents = sched.sample_prior(xi.shape, generator=torch.Generator().set_state(state))
         out = pipe(batch_size=batch, generator=generator, num_inference_steps=nfe, latents=latents,
