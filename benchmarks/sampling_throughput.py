@@ -65,7 +65,7 @@ def _run(pipe, batch, nfe, seed, device):
     # output_type="pt" then a float32 copy on the CPU, identical for both pipelines: DDPMPipeline's "np" output
     # calls .numpy() on its own dtype, which fails for bfloat16 (NumPy has no bfloat16).
     images = pipe(batch_size=batch, generator=g, num_inference_steps=nfe, output_type="pt").images
-    images = images.float().cpu()
+    images = torch.as_tensor(images).float().cpu()  # DDPMPipeline before diffusers 0.41 returns NumPy for "pt"
     elapsed = time.perf_counter() - t0
     if not torch.isfinite(images).all():
         raise RuntimeError(f"{type(pipe).__name__} produced non-finite images (batch {batch}, NFE {nfe}); "

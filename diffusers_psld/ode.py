@@ -5,8 +5,7 @@ Integrates the probability-flow ODE (PSLD paper Eq. 11 without noise, Song et al
     dz/dt = β_t F z + β_t D L_t^{-T} ε_θ(z, t)        (score = -L_t^{-T} ε)
 
 from t = 1 down to ``sampling_eps`` with an embedded Dormand–Prince 5(4) method and adaptive step
-size (``torchdiffeq.odeint(method="dopri5")``, or SciPy's ``RK45`` through torchdiffeq's
-``scipy_solver``), in float64, then takes the same final noiseless denoising step to t = 0 as the
+size (``torchdiffeq.odeint(method="dopri5")``, or SciPy's ``solve_ivp(method="RK45")``), in float64, then takes the same final noiseless denoising step to t = 0 as the
 deterministic :class:`~diffusers_psld.PSLDScheduler` samplers (probability-flow Euler; one call).
 This is the PSLD paper's "PF-ODE (RK45)" sampler.
 
@@ -14,22 +13,26 @@ It cannot be a step-by-step Diffusers scheduler: the accepted step sizes and the
 evaluations depend on the error estimates of the model outputs, so the time grid is not known in
 ``set_timesteps``. It is therefore a function that owns the loop; the NFE it used (all model calls,
 rejected steps included, plus the final call) is returned with the samples. The error norm of
-torchdiffeq is the RMS over the whole batch, so the step sequence (and NFE) depends on the batch.
+torchdiffeq is the RMS over the whole batch, so the step sequence (and NFE) depends on the batch. The solve is
+bounded (``max_nfe``, ``max_seconds``), shows progress, and names non-finite model outputs and step-size
+failures (:mod:`diffusers_psld.ode_solve`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from . import parameterization, sampling
+from .ode_solve import DEFAULT_MAX_NFE, ODESolveError, solve_ode  # noqa: F401  (ODESolveError: documented here)
+from .pipelines.guidance import check_finite
 from .sde import RecipeSDE, blocks
 
 __all__ = ["probability_flow_sample", "ODESampleOutput", "ODE_METHODS"]
 
-ODE_METHODS = ("dopri5", "scipy_rk45")
+ODE_METHODS = ("dopri5", "scipy_rk45")  # adaptive RK45: torchdiffeq / SciPy solve_ivp
 
 
 @dataclass
@@ -71,6 +74,9 @@ def probability_flow_sample(
     denoise: bool = True,
     project_eps: bool = False,
     prediction_type: str = "epsilon",
+    max_nfe: int = DEFAULT_MAX_NFE,
+    max_seconds: Optional[float] = None,
+    progress: Optional[bool] = None,
 ) -> ODESampleOutput:
     """Sample by integrating the probability-flow ODE with adaptive Dormand–Prince RK45.
 
@@ -92,12 +98,19 @@ def probability_flow_sample(
         prediction_type: the model's output, ``"epsilon"`` (k*C channels), ``"sample"`` or
             ``"sufficient_epsilon"`` (C channels); converted to ε with :mod:`diffusers_psld.parameterization`
             (``scheduler.config.prediction_type``).
+        max_nfe: bound on model evaluations inside the ODE solve (default 5000; a trained model takes a few
+            hundred at the default tolerances). A noisy or discontinuous model output makes the step size
+            shrink without end: the solve stops there with :class:`~diffusers_psld.ode_solve.ODESolveError`.
+        max_seconds: optional wall-time bound of the solve.
+        progress: tqdm bar over the time interval (``None``: only when stderr is a terminal).
 
     Returns:
         :class:`ODESampleOutput` with the samples and the exact NFE.
-    """
-    import torchdiffeq
 
+    Raises:
+        ODESolveError: the work bound was reached or the step size underflowed (how far it got, what to change).
+        NonFiniteError: the model returned a NaN/inf (named with the time and evaluation number).
+    """
     rtol = _check_tol(rtol, "rtol")
     atol = _check_tol(atol, "atol")
     t_start = _check_tol(t_start, "t_start")
@@ -134,18 +147,14 @@ def probability_flow_sample(
         return blocks.apply(P, z) + blocks.apply(R, call(z, tf))
 
     z0 = z_init.to(torch.float64)
-    ts = torch.tensor([t_start, eps], dtype=torch.float64)
-    if method == "dopri5":
-        # step_t: the last accepted step ends exactly at sampling_eps (no evaluation beyond it, where
-        # torchdiffeq would otherwise step past the end and interpolate)
-        sol = torchdiffeq.odeint(rhs, z0, ts, rtol=rtol, atol=atol, method="dopri5",
-                                 options={"step_t": torch.tensor([eps], dtype=torch.float64)})
-    else:
-        sol = torchdiffeq.odeint(rhs, z0, ts, rtol=rtol, atol=atol, method="scipy_solver",
-                                 options={"solver": "RK45"})
-    z = sol[-1]
+    # dopri5's step_t: the last accepted step ends exactly at sampling_eps (no evaluation beyond it, where
+    # torchdiffeq would otherwise step past the end and interpolate)
+    options = {"step_t": torch.tensor([eps], dtype=torch.float64)} if method == "dopri5" else None
+    z, _ = solve_ode(rhs, z0, t_start, eps, method=method, rtol=rtol, atol=atol, options=options, max_nfe=max_nfe,
+                     max_seconds=max_seconds, progress=progress, what="probability_flow_sample")
     nfe_ode = counter[0]
     if denoise:
         P, R, _ = sampling.pf_euler_step(sde, eps, 0.0)
-        z = blocks.apply(P, z) + blocks.apply(R, call(z, eps))
+        z = blocks.apply(P, z) + blocks.apply(R, check_finite(call(z, eps), f"the model output at t = {eps:g} (final "
+                                                              "denoising step)", "check the model's weights and input"))
     return ODESampleOutput(samples=z.to(z_init.dtype), nfe=counter[0], nfe_ode=nfe_ode)

@@ -277,3 +277,62 @@ def test_train_feature_extractor_quick(digits8, tmp_path):
         fx.train_feature_extractor(imgs[:10], None)
     with pytest.raises(ValueError, match="image_size"):
         fx.load_digits_images(2)
+
+
+@pytest.mark.parametrize("sched_kw", [{"input_preconditioning": True, "sigma_data": 0.3},
+                                      {"prediction_type": "sample", "sampler": "pf_heun"}])
+def test_bare_unet_scheduler_layout_samples_exactly_like_the_pipeline_directory(tmp_path, sched_kw):
+    """One sampling path for every layout: without model_index.json the same PSLDPipeline loop runs
+    (``scale_model_input`` for input preconditioning, ``prediction_type`` conversion)."""
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    from diffusers_psld import PSLDPipeline, PSLDScheduler
+
+    sched = PSLDScheduler(**sched_kw)
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=sched.output_channels(1), block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1)
+    with torch.no_grad():  # a network whose output depends strongly on its input scale
+        for p in unet.parameters():
+            p.mul_(3.0)
+    PSLDPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "bare", ignore=shutil.ignore_patterns("model_index.json", "*.py"))
+    out = {}
+    for layout in ("full", "bare"):
+        fn, info = fm.pipeline_sample_fn(str(tmp_path / layout), num_inference_steps=4)
+        out[layout] = fm.to_uint8(fn(3, torch.Generator().manual_seed(1)))
+        fingerprint = info["fingerprint"]
+        assert info["scheduler_config"]["prediction_type"] == sched.config.prediction_type
+    assert info["model_layout"].startswith("unet/ + scheduler/")
+    assert torch.equal(out["full"], out["bare"])
+    assert fingerprint["sampling_loop"] == "PSLDPipeline"
+
+
+def test_bare_layout_missing_or_unknown_component_is_named(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ValueError, match=r"must hold unet/config.json"):
+        fm.pipeline_sample_fn(str(tmp_path))
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "Transformer2DModel"}')
+    with pytest.raises(ValueError, match=r"`_class_name` must be one of \['NCSNppModel', 'UNet2DModel'\]"):
+        fm.pipeline_sample_fn(str(tmp_path))
+
+
+@pytest.mark.parametrize("replacement, what", [(np.zeros((4, 2, 2, 1), np.uint8), r"\[4, 2, 2, 1\] uint8"),
+                                               (np.zeros((4, 4, 4, 3), np.uint8), r"\[4, 4, 4, 3\] uint8"),
+                                               (np.zeros((4, 4, 4, 1), np.float32), r"\[4, 4, 4, 1\] float32")])
+def test_a_shard_of_another_image_format_is_named(tmp_path, replacement, what):
+    """An 8×8 shard among 16×16 ones (here 2×2 among 4×4): a ShardMismatchError naming the shard, not NumPy's
+    concatenate error."""
+    d = str(tmp_path / "s")
+    fp = {"weights_sha256": {"unet/w.safetensors": "aa"}}
+    fm.generate_shards(_Counter(), d, 12, 4, base_seed=0, fingerprint=fp)
+    path = fm.shard_path(d, 1)
+    with np.load(path) as z:
+        kept = {k: z[k] for k in z.files}
+    np.savez(path, **{**kept, "images": replacement})  # same provenance, other images
+    with pytest.raises(fm.ShardMismatchError, match=rf"shard 1 \(.*shard_00001.npz\) holds images of shape {what}, "
+                                                     r"expected \[4, 4, 4, 1\] uint8 like shard 0"):
+        fm.load_shards(d, 12, 4, fingerprint=fp, base_seed=0)

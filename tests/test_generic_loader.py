@@ -14,11 +14,12 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from diffusers_psld import PSLDImg2ImgPipeline, PSLDPipeline, PSLDScheduler, SSCSScheduler
+from diffusers_psld import PSLDImg2ImgPipeline, PSLDPipeline, PSLDScheduler, SSCSScheduler, training_record
 from diffusers_psld.models.classifier import TimeDependentClassifier
 from diffusers_psld.pipelines import remote_code
 
 from _pipeline_stubs import tiny_unet
+from _versions import LOCAL_CODE_NEEDS_TRUST
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,8 +58,9 @@ def test_generic_loader_on_a_fresh_dir(pipe, tmp_path):
     assert isinstance(loaded.scheduler, SSCSScheduler) and isinstance(loaded.classifier, TimeDependentClassifier)
     torch.testing.assert_close(sample(loaded, class_labels=1, guidance_scale=2.0), sample(pipe, class_labels=1, guidance_scale=2.0),
                                atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        DiffusionPipeline.from_pretrained(tmp_path)
+    if LOCAL_CODE_NEEDS_TRUST:  # diffusers >= 0.38 (earlier releases run a local directory's code unasked)
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            DiffusionPipeline.from_pretrained(tmp_path)
 
 
 def test_img2img_class_round_trips(pipe, tmp_path):
@@ -143,5 +145,56 @@ def test_generic_loader_on_a_freshly_trained_dir(tmp_path):
     assert (out / "pipeline_psld.py").exists()
     loaded = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(loaded) is PSLDPipeline and isinstance(loaded.scheduler, PSLDScheduler)
+    # the training script's pipeline save records what the network was trained for (no training-side code)
+    assert training_record.record_in(loaded.unet) == training_record.record_of(loaded.scheduler)
     loaded.set_progress_bar_config(disable=True)
     assert loaded(batch_size=1, num_inference_steps=2, output_type="np").images.shape[:3] == (1, 8, 8)
+
+
+@pytest.mark.parametrize("cls", [PSLDPipeline, PSLDImg2ImgPipeline])
+def test_custom_pipeline_by_name_finds_exactly_one_class(pipe, tmp_path, cls):
+    """``custom_pipeline="pipeline_psld"`` loads the saved file, where diffusers' search for the pipeline class
+    accepts exactly one ``DiffusionPipeline`` subclass among the module's members."""
+    cls(**pipe.components).save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline="pipeline_psld", trust_remote_code=True)
+    assert type(loaded) is PSLDPipeline  # the file's pipeline class (custom_pipeline= means "the class in this file")
+    assert type(DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)) is cls  # model_index.json's class
+    torch.testing.assert_close(sample(loaded), sample(pipe), atol=1e-6, rtol=0)
+    # a directory saved before the file existed, with the repository's top-level file named by path
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["_class_name"] = cls.__name__
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "pipeline_psld.py").unlink()
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(REPO / "pipelines" / "pipeline_psld.py"),
+                                               trust_remote_code=True)
+    assert type(loaded) is PSLDPipeline
+
+
+def test_saved_file_exposes_one_pipeline_member_and_the_others_by_name(tmp_path):
+    from diffusers.utils.dynamic_modules_utils import find_pipeline_class
+
+    path = tmp_path / "saved_pipeline_psld.py"
+    path.write_text(remote_code.SOURCE)
+    spec = importlib.util.spec_from_file_location("saved_pipeline_psld", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert find_pipeline_class(module) is PSLDPipeline
+    assert [getattr(module, name) for name in remote_code.PIPELINE_CLASSES] == [PSLDPipeline, PSLDImg2ImgPipeline]
+    with pytest.raises(AttributeError):
+        module.NoSuchPipeline  # noqa: B018
+
+
+@pytest.mark.parametrize("bad", [["pipeline_psld"], [], ["pipeline_psld", 3], "", None, 7])
+def test_malformed_class_name_is_a_clear_error(pipe, tmp_path, bad):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["_class_name"] = bad
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model_index\.json.*`_class_name` must be"):
+        PSLDPipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_empty_path_is_refused_as_what_it_is(bad):
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path` must be a pipeline directory or a Hub repo id"):
+        PSLDPipeline.from_pretrained(bad)

@@ -442,3 +442,25 @@ def test_rgb_inpainting_with_a_one_channel_mask_returns_the_known_pixels():
                output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 16, 16, 3)
     np.testing.assert_allclose(out[0, :, :8], rgb[:, :8] / 255.0, atol=1 / 255)
+
+
+def test_image_size_beyond_the_bound_is_refused_naming_the_override(caplog):
+    """8 px model: 64x64 (8x per side) runs; 72x72 (9x) is refused before any work, naming `max_size_factor`;
+    lifting the bound runs it. Also for `latents=` and img2img."""
+    from diffusers_psld import PSLDImg2ImgPipeline
+
+    p = PSLDPipeline(unet=tiny_unet(), scheduler=PSLDScheduler())
+    p.set_progress_bar_config(disable=True)
+    assert p(batch_size=1, num_inference_steps=2, image=torch.rand(1, 1, 64, 64), mask_image=torch.ones(64, 64),
+             output_type="pt").images.shape == (1, 1, 64, 64)
+    big = dict(image=torch.rand(1, 1, 72, 72), mask_image=torch.ones(72, 72))
+    msg = r"`image` size 72x72 is 9x the UNet's sample_size 8x8 per side, beyond the bound of 8x.*`pipe.max_size_factor = None`"
+    with pytest.raises(ValueError, match=msg):
+        p(batch_size=1, num_inference_steps=2, output_type="pt", **big)
+    with pytest.raises(ValueError, match=r"`latents` size 8x72 is 9x"):
+        p(batch_size=1, num_inference_steps=2, latents=torch.zeros(1, 2, 8, 72))
+    i2i = PSLDImg2ImgPipeline(**p.components)
+    with pytest.raises(ValueError, match=r"`image` size 72x72 is 9x"):
+        i2i(image=big["image"], strength=0.5, num_inference_steps=2)
+    p.max_size_factor = None
+    assert p(batch_size=1, num_inference_steps=2, output_type="pt", **big).images.shape == (1, 1, 72, 72)

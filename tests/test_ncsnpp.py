@@ -12,6 +12,8 @@ from diffusers_psld.models.ncsnpp_convert import (classifier_config_from_officia
                                                   convert_state_dict, strip_prefix)
 from diffusers_psld.models.unet_presets import preset_config
 
+from _versions import FIR_IN_HALF_PRECISION
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ncsnpp"
 META = json.loads((FIXTURES / "variants.json").read_text())["variants"]
 
@@ -131,6 +133,8 @@ def test_forward_contract_and_input_errors():
         cc(x, 0.5)
 
 
+@pytest.mark.skipif(not FIR_IN_HALF_PRECISION, reason="diffusers < 0.39 runs the FIR resampling kernel in float32 "
+                    "whatever the input dtype (conv2d dtype error in bfloat16)")
 def test_save_load_roundtrip_safetensors_and_bf16(tmp_path):
     m = NCSNppModel(sample_size=8, in_channels=6, out_channels=6, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                     attn_resolutions=(4,), output_momentum_only=True).eval()

@@ -313,7 +313,8 @@ def load_shards(directory: str, num_samples: int, shard_size: int, fingerprint: 
     """Read all shards of a run: ``{"images": uint8 [N, C, H, W], "seconds": total generation seconds}``.
 
     With ``fingerprint`` and ``base_seed``, every shard's provenance must match (as in
-    :func:`generate_shards`), otherwise :class:`ShardMismatchError`.
+    :func:`generate_shards`), otherwise :class:`ShardMismatchError`. Every shard must hold uint8 ``[n, H, W, C]``
+    images (C = 1 or 3) of the first shard's size, otherwise :class:`ShardMismatchError` naming the shard.
     """
     sizes = shard_plan(num_samples, shard_size)
     imgs, secs = [], 0.0
@@ -329,8 +330,18 @@ def load_shards(directory: str, num_samples: int, shard_size: int, fingerprint: 
             if diffs:
                 raise ShardMismatchError(f"shard {i} ({path}) was generated with other settings: " + "; ".join(diffs[:20]))
         with np.load(path, allow_pickle=False) as f:
-            imgs.append(f["images"])
+            images = f["images"]
             secs += float(f["seconds"])
+        # every shard must hold uint8 [n, H, W, C] images of the first shard's size (one image format per run)
+        first = imgs[0].shape[1:] if imgs else None
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3) \
+                or (first is not None and images.shape[1:] != first):
+            want = f"[{size}, {first[0]}, {first[1]}, {first[2]}] uint8 like shard 0" if first is not None else \
+                f"uint8 [{size}, H, W, C] with C = 1 or 3"
+            raise ShardMismatchError(
+                f"shard {i} ({path}) holds images of shape {list(images.shape)} {images.dtype}, expected {want}: the "
+                "folder mixes runs of different image formats; use a new output directory or delete the shard")
+        imgs.append(images)
     arr = np.concatenate(imgs)
     return {"images": torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), "seconds": secs}
 
@@ -490,14 +501,45 @@ def scheduler_classes() -> Dict[str, type]:
             "conjugate": ConjugateScheduler, "splitting": SplittingScheduler}
 
 
+def _load_components(model_dir: str, torch_dtype=None):
+    """The UNet and scheduler of a bare ``unet/`` + ``scheduler/`` directory (no ``model_index.json``), each of the
+    class its config names (``UNet2DModel`` or ``NCSNppModel``; a scheduler class of this package)."""
+    from diffusers import UNet2DModel
+
+    from ..models import NCSNppModel
+    from ..schedulers import PSLDScheduler, schedulers_by_name
+
+    def class_name(sub, config_name):
+        path = os.path.join(model_dir, sub, config_name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f).get("_class_name")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"`model_dir` {model_dir!r} has no model_index.json, so it must hold {sub}/{config_name} "
+                             f"(a saved {sub}); reading it failed: {err}") from err
+
+    nets = {"UNet2DModel": UNet2DModel, "NCSNppModel": NCSNppModel}
+    name = class_name("unet", "config.json")
+    if name not in nets:
+        raise ValueError(f"{os.path.join(model_dir, 'unet', 'config.json')}: `_class_name` must be one of {sorted(nets)}, got {name!r}")
+    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    unet = nets[name].from_pretrained(model_dir, subfolder="unet", use_safetensors=True, **kw)
+    schedulers = schedulers_by_name()
+    name = class_name("scheduler", PSLDScheduler.config_name)
+    sched = schedulers.get(name, PSLDScheduler).from_pretrained(model_dir, subfolder="scheduler")
+    return unet, sched
+
+
 def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler: Optional[str] = None,
                        striding: Optional[str] = None, num_inference_steps: int = 100,
                        device: Union[str, torch.device] = "cpu", torch_dtype=None,
                        project_eps: Optional[bool] = None):
     """A ``SampleFn`` for a saved pipeline directory, with an optional scheduler swap.
 
-    The directory is a ``PSLDPipeline.save_pretrained`` output (``model_index.json``); a bare
-    ``unet/`` + ``scheduler/`` layout is also accepted and sampled with the standard Diffusers loop.
+    The directory is a ``PSLDPipeline.save_pretrained`` output (``model_index.json``) or a bare ``unet/`` +
+    ``scheduler/`` layout; both are sampled by one :class:`~diffusers_psld.PSLDPipeline` (built from the two
+    components for the bare layout), so every layout gets the same loop: ``scale_model_input`` (input
+    preconditioning), ``prediction_type`` conversion and the network's training-record check included.
 
     Args:
         scheduler: one of (``"psld"``, ``"sscs"``, ``"gddim"``, ``"conjugate"``,
@@ -509,13 +551,12 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
         project_eps: the schedulers' ``project_eps`` (consistent ε; needs Γ > 0); ``None`` keeps it.
 
     Returns:
-        ``(sample_fn, info)``; ``info`` describes the model and scheduler for the report, and
-        ``info["fingerprint"]`` is the provenance to pass to :func:`generate_shards` / :func:`load_shards`
-        (SHA-256 of every weight file, sampling loop, scheduler class and config, NFE, guidance, UNet
-        dtype, device type).
+        ``(sample_fn, info)``; ``sample_fn(batch_size, generator)`` returns ``[B, H, W, C]`` float32 images in
+        [0, 1]; ``info`` describes the model and scheduler for the report, and ``info["fingerprint"]`` is the
+        provenance to pass to :func:`generate_shards` / :func:`load_shards` (SHA-256 of every weight file,
+        sampling loop, scheduler class and config, NFE, guidance, UNet dtype, device type).
     """
-    from diffusers import UNet2DModel
-
+    from ..pipelines import PSLDPipeline
     from ..schedulers import PSLDScheduler
 
     if not os.path.isdir(model_dir):
@@ -523,16 +564,15 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
     classes = scheduler_classes()
     if scheduler is not None and scheduler not in classes:
         raise ValueError(f"`scheduler` must be one of {sorted(classes)} or None, got {scheduler!r}")
-    pipe = None
     if os.path.isfile(os.path.join(model_dir, "model_index.json")):
-        from ..pipelines import PSLDPipeline
-
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         pipe = PSLDPipeline.from_pretrained(model_dir, **kw)
-        unet, sched = pipe.unet, pipe.scheduler
+        layout = "PSLDPipeline"
     else:
-        unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
-        sched = PSLDScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        unet, sched = _load_components(model_dir, torch_dtype)
+        pipe = PSLDPipeline(unet=unet, scheduler=sched)
+        layout = "unet/ + scheduler/ (no model_index.json)"
+    unet, sched = pipe.unet, pipe.scheduler
     overrides = {}
     if sampler is not None:
         overrides["sampler"] = sampler
@@ -548,11 +588,10 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
     elif overrides:  # keep the saved class when it runs the requested sampler, else PSLDScheduler (EM/PF/SSCS)
         cls = type(sched) if overrides.get("sampler", sched.config.sampler) in type(sched)._samplers else PSLDScheduler
         sched = cls.from_config(sched.config, **overrides)
-    unet = unet.to(device).eval()
-    if pipe is not None:
-        pipe.scheduler = sched
-        pipe = pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = sched
+    pipe = pipe.to(device)
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
 
     k = sched.num_components
     if pipe is not None:  # the pipeline knows its layout (also for a wrapped diffusers network, `from_vp`)
@@ -564,20 +603,12 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
 
     @torch.no_grad()
     def sample_fn(batch_size: int, generator: torch.Generator):
-        if pipe is not None:
-            return pipe(batch_size=batch_size, generator=generator, num_inference_steps=num_inference_steps,
-                        output_type="np").images
-        sched.set_timesteps(num_inference_steps)
-        z = sched.sample_prior((batch_size, k * data_channels, *size), generator=generator, device=device,
-                               dtype=unet.dtype)
-        for t in sched.timesteps:
-            eps = unet(z, sched.model_time(t, batch_size, device=device)).sample
-            z = sched.step(eps, t, z, generator=generator).prev_sample
-        return (z[:, :data_channels] / 2 + 0.5).clamp(0, 1)
+        return pipe(batch_size=batch_size, generator=generator, num_inference_steps=num_inference_steps,
+                    output_type="np").images
 
     info = {
         "model": os.path.abspath(model_dir),
-        "model_layout": "PSLDPipeline" if pipe is not None else "unet/ + scheduler/ (standard loop)",
+        "model_layout": layout,
         "unet_parameters": int(sum(p.numel() for p in unet.parameters())),
         "scheduler": type(sched).__name__,
         "sampler": sched.config.sampler,
@@ -593,7 +624,7 @@ def pipeline_sample_fn(model_dir: str, scheduler: Optional[str] = None, sampler:
     # what generated the samples: compared with every existing shard before reusing it (generate_shards)
     info["fingerprint"] = _jsonable({
         "weights_sha256": weights_sha256(model_dir),
-        "sampling_loop": info["model_layout"],
+        "sampling_loop": "PSLDPipeline",  # one loop for every layout
         "scheduler": info["scheduler"],
         "scheduler_config": info["scheduler_config"],
         "num_inference_steps": int(num_inference_steps),

@@ -37,6 +37,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import training_record
+from ..ode_solve import DEFAULT_MAX_NFE, solve_ode
+from ..pipelines.guidance import check_finite
 from ..sampling import check_eps_projection
 from ..sde import RecipeSDE, blocks
 
@@ -103,8 +106,10 @@ def eps_model_score_fn(unet, scheduler, project_eps: Optional[bool] = None) -> S
     ``scheduler.model_output_to_eps`` and the score is ``scheduler.eps_to_score(ε, t) = -L_t^{-T} ε``.
     ``project_eps`` (default: the scheduler's ``config.project_eps``) first replaces ε by the consistent
     ε' (:meth:`PSLDScheduler.consistent_eps`), so the likelihood is that of the ODE the projected samplers
-    integrate.
+    integrate. ``ValueError`` if the scheduler contradicts the network's training record
+    (:mod:`diffusers_psld.training_record`).
     """
+    training_record.check(unet, scheduler)  # the recipe / prediction_type the network records, if any
     if project_eps is None:
         project_eps = bool(getattr(scheduler.config, "project_eps", False))
     if not isinstance(project_eps, bool):
@@ -197,6 +202,9 @@ def ode_likelihood(
     entropy_correction: bool = True,
     n_bins: Optional[int] = None,
     dtype=torch.float64,
+    max_nfe: int = DEFAULT_MAX_NFE,
+    max_seconds: Optional[float] = None,
+    progress: Optional[bool] = None,
 ) -> LikelihoodResult:
     """Integrate the PF-ODE from ``eps`` to 1 with the log-density change; NLL and bits/dim of ``z0``.
 
@@ -216,6 +224,16 @@ def ode_likelihood(
         entropy_correction: subtract H(m₀) for k > 1 so the NLL bounds -log p(x).
         n_bins: if given, add the dequantisation offset log₂(n_bins/2) to the bits/dim.
         dtype: integration dtype (float64 default).
+        max_nfe: bound on drift evaluations (default 5000; a trained model takes a few hundred with dopri5 at
+            the default tolerances). A noisy or discontinuous score makes adaptive steps shrink without end: the
+            solve stops there with :class:`~diffusers_psld.ode_solve.ODESolveError`.
+        max_seconds: optional wall-time bound of the solve.
+        progress: tqdm bar over [eps, 1] (``None``: only when stderr is a terminal).
+
+    Raises:
+        ValueError: a bad argument.
+        ODESolveError: the work bound was reached or the step size underflowed (how far it got, what to change).
+        NonFiniteError: ``score_fn`` returned a NaN/inf (named with the time and the evaluation number).
     """
     if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
         raise ValueError(f"`eps` must be in (0, 1), got {eps!r}")
@@ -247,39 +265,22 @@ def ode_likelihood(
         P, S = sde.reverse_drift_matrices(t, probability_flow=True)
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
-            g = blocks.apply(S, score_fn(zz, t))
+            score = score_fn(zz, t)
+            check_finite(score, f"the score at t = {t:.6g} (drift evaluation {nfe[0]})",
+                         "the score function / model output is NaN or inf: check the model's weights and input range")
+            g = blocks.apply(S, score)
             div = _exact_divergence(g, zz) if estimator == "exact" else _hutchinson_divergence(g, zz, v)
         f = blocks.apply(P, z) + g.detach()
         return f.detach(), div.detach() + d * float(torch.diagonal(P).sum())
 
-    if method == "scipy_rk45":
-        import numpy as np
-        from scipy.integrate import solve_ivp
+    def func(t: float, state):
+        f, div = drift_and_div(t, state[0])
+        return f, div
 
-        def rhs(t, y):
-            z = torch.as_tensor(y[: z0.numel()], dtype=dtype, device=z0.device).reshape(shape)
-            f, div = drift_and_div(float(t), z)
-            return np.concatenate([f.reshape(-1).cpu().numpy(), div.cpu().numpy()])
-
-        y0 = np.concatenate([z0.reshape(-1).cpu().numpy(), np.zeros(b)])
-        sol = solve_ivp(rhs, (eps, 1.0), y0, rtol=rtol, atol=atol, method="RK45")
-        if not sol.success:
-            raise RuntimeError(f"scipy RK45 failed: {sol.message}")
-        yT = torch.as_tensor(sol.y[:, -1], dtype=dtype, device=z0.device)
-        z1, delta = yT[: z0.numel()].reshape(shape), yT[z0.numel():]
-    else:
-        from torchdiffeq import odeint
-
-        def func(t, state):
-            z, _ = state
-            f, div = drift_and_div(float(t), z)
-            return f, div
-
-        ts = torch.tensor([eps, 1.0], dtype=dtype, device=z0.device)
-        opts = {} if method == "dopri5" else {"step_size": (1.0 - eps) / 100}
-        zs, deltas = odeint(func, (z0, torch.zeros(b, dtype=dtype, device=z0.device)), ts,
-                            rtol=rtol, atol=atol, method=method, options=opts)
-        z1, delta = zs[-1], deltas[-1]
+    opts = None if method in ("dopri5", "scipy_rk45") else {"step_size": (1.0 - eps) / 100}
+    (z1, delta), _ = solve_ode(func, (z0, torch.zeros(b, dtype=dtype, device=z0.device)), eps, 1.0, method=method,
+                               rtol=rtol, atol=atol, options=opts, max_nfe=max_nfe, max_seconds=max_seconds,
+                               progress=progress, what="likelihood ODE")
 
     lp = prior_logp(sde, z1)
     joint_nll = -(lp + delta)

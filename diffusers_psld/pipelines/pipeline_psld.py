@@ -21,7 +21,6 @@ whatever the UNet's dtype (cast at the network boundary). Only x is returned, ma
 m on request. Inpainting's ``mask_image`` is 1 (white) where the pixel is **known / kept** -- the RePaint
 convention, the *opposite* of Stable-Diffusion inpainting.
 """
-from __future__ import annotations
 
 import glob
 import json
@@ -38,6 +37,7 @@ from diffusers.utils import logging
 
 # Component modules must be imported so that diffusers' loader finds them in ``sys.modules``.
 from .. import inpainting as _inpainting
+from .. import training_record as _training_record
 from ..checkpoints import staged_directory as _staged_directory
 from ..denoisers import Denoiser
 from ..denoisers import bridge as _bridge
@@ -180,6 +180,12 @@ class PSLDPipeline(DiffusionPipeline):
     components from a Hub id) and loads safetensors weights only. Saved directories carry ``pipeline_psld.py``
     and ``"_class_name": ["pipeline_psld", "<Class>"]`` (:mod:`.remote_code`), so the generic
     ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` works too.
+
+    Training record: :meth:`save_pretrained` stores the recipe, ``time_scale`` and ``prediction_type`` /
+    ``input_preconditioning`` / ``sigma_data`` the network samples with in its config (``_psld_training``,
+    :mod:`diffusers_psld.training_record`); construction, loading and every call refuse (ValueError naming both
+    values) a scheduler that contradicts it, also after ``pipe.scheduler`` is replaced. Sampler, striding,
+    ``sampling_eps`` and step count stay free; directories saved without a record load unchecked.
     """
 
     model_cpu_offload_seq = "classifier->unet"
@@ -187,6 +193,9 @@ class PSLDPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "sample", "pred_original_sample"]
     #: diagnostics of the last call with ``inpaint_correction="tweedie"`` (one ``TweedieInfo`` per model call), else None
     inpaint_info = None
+    #: largest ``image`` / ``latents`` size per side, as a multiple of the UNet's ``sample_size`` (ValueError beyond;
+    #: ``None``: unbounded). A step's cost grows faster than the pixel count (attention); see ``inputs.MAX_SIZE_FACTOR``
+    max_size_factor: Optional[float] = _inputs.MAX_SIZE_FACTOR
 
     def __init__(self, unet: Union[UNet2DModel, NCSNppModel, Denoiser], scheduler: PSLDScheduler,
                  classifier: Optional[Union[TimeDependentClassifier, NCSNppClassifier]] = None):
@@ -199,6 +208,7 @@ class PSLDPipeline(DiffusionPipeline):
         else:
             # in_channels = k*C, out_channels = k*C ("epsilon") or C ("sample" / "sufficient_epsilon"): ValueError otherwise
             scheduler.check_unet(unet)
+            _training_record.check(unet, scheduler)  # the recipe / prediction_type the UNet records, if any
             state_channels = unet.config.in_channels
         if classifier is not None and classifier.config.in_channels != state_channels:
             raise ValueError(
@@ -218,6 +228,7 @@ class PSLDPipeline(DiffusionPipeline):
         :meth:`diffusers.DiffusionPipeline.from_pretrained` (e.g. ``torch_dtype``, ``classifier=None``).
 
         Raises:
+            ValueError: an empty ``pretrained_model_name_or_path``.
             FileNotFoundError: a local path (absolute, ``./…``, ``~…``, or deeper than ``namespace/name``) that
                 is not a directory; or a ``namespace/name`` that is neither a local directory nor fetchable from
                 the Hub (the message names both readings and the Hub error).
@@ -225,6 +236,8 @@ class PSLDPipeline(DiffusionPipeline):
                 ``use_safetensors=False`` is passed (then loaded with ``torch.load(weights_only=True)``).
         """
         path = str(pretrained_model_name_or_path)
+        if not path.strip():
+            raise ValueError(f"`pretrained_model_name_or_path` must be a pipeline directory or a Hub repo id, got {path!r}")
         if not os.path.isdir(path):
             if _looks_like_local_path(path):
                 raise FileNotFoundError(f"`pretrained_model_name_or_path`: the directory {path!r} does not exist"
@@ -322,14 +335,21 @@ class PSLDPipeline(DiffusionPipeline):
         so loading through this class never executes the directory's ``pipeline_psld.py``."""
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
-        if isinstance(config, dict) and isinstance(config.get("_class_name"), (list, tuple)):
-            config["_class_name"] = _remote_code.class_name_of(config)
+        if isinstance(config, dict):
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            where = os.path.join(where, cls.config_name) if where is not None and os.path.isdir(where) else where
+            config["_class_name"] = _remote_code.class_name_of(config, None if where is None else str(where))
         return out
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
         """diffusers' ``save_pretrained`` into a temporary directory whose entries replace those of
         ``save_directory`` only once every file is written (:func:`~diffusers_psld.checkpoints.staged_directory`):
-        a failure, e.g. tied weights that safetensors refuses, leaves ``save_directory`` as it was."""
+        a failure, e.g. tied weights that safetensors refuses, leaves ``save_directory`` as it was.
+
+        A UNet without a training record first gets the scheduler's (:func:`diffusers_psld.training_record.stamp`:
+        ``_psld_training`` in ``unet/config.json``), so the saved network carries the recipe and
+        ``prediction_type`` it samples with; ``ValueError`` if the current scheduler contradicts an existing record."""
+        _training_record.stamp(self.unet, self.scheduler)
         if kwargs.get("push_to_hub") and "repo_id" not in kwargs:  # diffusers' default: the directory's name
             kwargs["repo_id"] = os.path.basename(os.path.normpath(os.fspath(save_directory)))
         with _staged_directory(save_directory) as staging:
@@ -411,6 +431,7 @@ class PSLDPipeline(DiffusionPipeline):
     def _check_common(self, batch_size, num_inference_steps, output_type, generator, return_momentum,
                       callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict=True):
         """Validate the arguments both pipelines share; returns ``(batch_size, steps, generator, tensor_inputs)``."""
+        _training_record.check(self.unet, self.scheduler)  # `pipe.scheduler` may have been replaced since __init__
         batch_size = _inputs.as_int(batch_size, "batch_size", 1)
         steps = None if num_inference_steps is None else _inputs.as_int(num_inference_steps, "num_inference_steps", 2)
         _inputs.check_output_type(output_type)
@@ -552,7 +573,8 @@ class PSLDPipeline(DiffusionPipeline):
                 class-conditional, else `"classifier"`.
             image (PIL / NumPy ``[B,H,W,C]`` / tensor ``[B,C,H,W]`` in [0, 1], *optional*): known image for
                 inpainting (1 or `batch_size` images; its size sets the output size and must be divisible by
-                the UNet's downsampling factor; sizes beyond 4x / below 1/4 of ``sample_size`` log a warning).
+                the UNet's downsampling factor; sizes beyond 4x / below 1/4 of ``sample_size`` log a warning, beyond
+                ``pipe.max_size_factor`` (8x per side by default) are refused: set it to None to lift the bound).
             mask_image (PIL "L" / NumPy / tensor in [0, 1], *optional*): **1 = keep (known), 0 = generate**
                 (opposite of Stable-Diffusion inpainting); binarised at 0.5; shape ``[H, W]``, ``[B, H, W]``
                 or ``[B, 1, H, W]``.
@@ -608,11 +630,13 @@ class PSLDPipeline(DiffusionPipeline):
         x_known = mask = None
         if image is not None:
             x_known = _inputs.prepare_image(image, C, batch_size, device)
-            _inputs.check_spatial_size(tuple(x_known.shape[-2:]), _vp_bridge.network_of(self.unet), "image")
+            _inputs.check_spatial_size(tuple(x_known.shape[-2:]), _vp_bridge.network_of(self.unet), "image",
+                                       self.max_size_factor)
             mask = _inputs.prepare_mask(mask_image, x_known, device)
         if latents is not None:
             z = _inputs.check_latents(latents, batch_size, k * C, device, None if x_known is None else x_known.shape[-2:])
-            _inputs.check_spatial_size(tuple(z.shape[-2:]), _vp_bridge.network_of(self.unet), "latents")
+            _inputs.check_spatial_size(tuple(z.shape[-2:]), _vp_bridge.network_of(self.unet), "latents",
+                                       self.max_size_factor)
             hw = tuple(z.shape[-2:])
         else:
             hw = self._sample_hw() if x_known is None else tuple(x_known.shape[-2:])

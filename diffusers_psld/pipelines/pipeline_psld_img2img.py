@@ -16,7 +16,6 @@ grid). NFE = ``num_inference_steps - begin`` (≈ ``strength · num_inference_st
 t = 1 equals the prior up to a remainder of order e⁻⁸ for the default β), so it *is* unconditional sampling,
 path by path with the same generator.
 """
-from __future__ import annotations
 
 import math
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -144,7 +143,7 @@ class PSLDImg2ImgPipeline(PSLDPipeline):
         k, C = self.num_components, self.data_channels
         x0 = _inputs.prepare_image(image, C, batch_size, device)
         hw = tuple(x0.shape[-2:])
-        _inputs.check_spatial_size(hw, _vp_bridge.network_of(self.unet), "image")
+        _inputs.check_spatial_size(hw, _vp_bridge.network_of(self.unet), "image", self.max_size_factor)
         _inputs.check_batch_memory(batch_size, k * C, hw, device)
         eps_fn, add_classifier_guidance = self._guided_eps_fn(
             class_labels, guidance_scale, guidance_type, batch_size, device, self.unet.dtype)

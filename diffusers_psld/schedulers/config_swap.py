@@ -8,12 +8,13 @@ the target cannot run is replaced by the target's default and remembered in the 
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-__all__ = ["SAMPLER_MEMORY_KEY", "choose_sampler", "default_sampler"]
+__all__ = ["SAMPLER_MEMORY_KEY", "check_config_sampler", "choose_sampler", "default_sampler"]
 
 SAMPLER_MEMORY_KEY = "_sampler_by_class"
 
@@ -26,6 +27,25 @@ def default_sampler(class_name: str):
     if cls is None:
         return None
     return inspect.signature(cls.__init__).parameters["sampler"].default
+
+
+def check_config_sampler(config, source: Optional[str] = None, default_class: Optional[str] = None) -> None:
+    """Refuse a config whose ``sampler`` its own class (``_class_name``, else ``default_class``) cannot run.
+
+    A *valid* sampler of another class is fine (:func:`choose_sampler` swaps it for the target's default); a
+    misspelt, differently-cased or non-string value is a ``ValueError`` naming ``source`` (the file, when known),
+    the key and the valid values. A class name outside this package accepts any sampler of the package."""
+    if "sampler" not in config:
+        return
+    from . import schedulers_by_name  # late import: the package imports this module
+
+    classes = schedulers_by_name()
+    value = config["sampler"]
+    owner = classes.get(config.get("_class_name") or default_class)
+    valid = owner._samplers if owner is not None else tuple(dict.fromkeys(n for c in classes.values() for n in c._samplers))
+    if not (isinstance(value, str) and value in valid):
+        raise ValueError(f"{source or 'scheduler config'}: `sampler` {value!r} is not a sampler of "
+                         f"{owner.__name__ if owner is not None else 'diffusers_psld'}; valid values: {list(valid)}")
 
 
 def choose_sampler(cls, config) -> dict:
@@ -42,6 +62,7 @@ def choose_sampler(cls, config) -> dict:
     to A's, hidden keys (``_use_default_values``, ``_sampler_by_class``) included.
     """
     config = dict(config)
+    check_config_sampler(config, default_class=cls.__name__)
     src = config.get("_class_name", cls.__name__)
     memory = dict(config.get(SAMPLER_MEMORY_KEY) or {})
     defaults = list(config.get("_use_default_values", []))

@@ -16,7 +16,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import sampling
 from ..sde import blocks, kernels
 from ..sde.recipe import HSMKernel
-from .validation import check_batch, check_finite, check_float_tensor, check_generator
+from .validation import (check_batch, check_finite, check_float_dtype, check_float_tensor, check_generator,
+                         check_state_shape)
 
 __all__ = ["ForwardProcessMixin"]
 
@@ -39,10 +40,11 @@ class ForwardProcessMixin:
         v = 1). For SSCS the draw is the exact push of that law through the leading half-step's linear part.
 
         ``shape`` is ``[B, k*C, ...]``; ``generator`` is None, a ``torch.Generator`` or a list of B of them
-        (``TypeError`` otherwise).
+        (``TypeError`` otherwise). Raises ``ValueError`` for a shape with a non-positive or non-int size and
+        ``TypeError`` for a ``dtype`` that is not a floating-point ``torch.dtype``.
         """
-        shape = tuple(shape)
-        blocks._check(torch.empty(shape[:2] + (0,)), self.num_components, "shape")
+        shape = check_state_shape(shape, self.num_components)
+        dtype = check_float_dtype(dtype)
         generator = check_generator(generator, shape[0])
         noise = randn_tensor(shape, generator=generator, device=torch.device(device) if device else None, dtype=dtype)
         scale = self._prior_scale if getattr(self, "_init_scale", None) is None else self._init_scale

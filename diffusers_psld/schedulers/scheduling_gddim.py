@@ -75,7 +75,8 @@ from .. import sampling
 from ..sde import RecipeSDE, blocks
 from .scheduling_conjugate import _PIECE_RATIO, _rotation, gauss_legendre_sqrt, gddim_angle, gddim_transition
 from .scheduling_psld import _AFFINE, PSLDScheduler, PSLDSchedulerOutput, _Calls
-from .time_grids import named_grid
+from .nfe_bands import band_for
+from .time_grids import named_grid, noise_level, time_for_noise_level
 from .validation import check_generator, check_quadrature_nodes, check_real
 
 #: largest ``spacing_power``: already at ρ = 8 the grid puts ~60 % of the steps below t = 0.01 (ρ = 2-3 is the useful
@@ -283,14 +284,15 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         custom_sigmas: Optional[List[float]] = None,
         solver_order: int = 3,
         interpolation: Literal["logsnr", "time"] = "time",
-        lower_order_final: bool = True,
+        lower_order_final: Optional[bool] = None,
         time_spacing: Literal["striding", "logsnr", "power"] = "power",
         spacing_power: float = 2.5,
         quadrature_nodes: int = 16,
         euler_at_final: bool = False,
-        corrector: Literal["none", "unic"] = "none",
+        corrector: Optional[Literal["none", "unic"]] = None,
         disable_corrector: Optional[List[int]] = None,
-        analytic_first_step: bool = False,
+        analytic_first_step: Optional[bool] = None,
+        schedule_preset: Literal["auto", "classic"] = "auto",
     ):
         self._setup()
 
@@ -303,17 +305,20 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         o = cfg.solver_order
         if isinstance(o, bool) or not isinstance(o, int) or o not in SOLVER_ORDERS:
             raise ValueError(f"`solver_order` must be one of {SOLVER_ORDERS}, got {o!r}")
-        if cfg.corrector not in CORRECTORS:
-            raise ValueError(f"`corrector` must be one of {CORRECTORS}, got {cfg.corrector!r}")
+        if cfg.corrector is not None and cfg.corrector not in CORRECTORS:
+            raise ValueError(f"`corrector` must be one of {CORRECTORS} or None (the NFE band's), got {cfg.corrector!r}")
+        band_for(1, 2, cfg.schedule_preset)  # ValueError for an unknown preset
         dc = cfg.disable_corrector
         if dc is not None and (not isinstance(dc, (list, tuple)) or any(
                 isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < 0 for x in dc)):
             raise ValueError(f"`disable_corrector` must be a list of call indices (ints >= 0) or None, got {dc!r}")
         if cfg.interpolation not in INTERPOLATIONS:
             raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}")
-        for name in ("lower_order_final", "euler_at_final", "analytic_first_step"):
-            if not isinstance(getattr(cfg, name), bool):
-                raise ValueError(f"`{name}` must be a bool, got {getattr(cfg, name)!r}")
+        if not isinstance(cfg.euler_at_final, bool):
+            raise ValueError(f"`euler_at_final` must be a bool, got {cfg.euler_at_final!r}")
+        for name in ("lower_order_final", "analytic_first_step"):
+            if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), bool):
+                raise ValueError(f"`{name}` must be a bool or None (the NFE band's), got {getattr(cfg, name)!r}")
         if cfg.time_spacing not in TIME_SPACINGS:
             raise ValueError(f"`time_spacing` must be one of {TIME_SPACINGS}, got {cfg.time_spacing!r}")
         check_real(cfg.spacing_power, "spacing_power", 0.0, strict=True, high=MAX_SPACING_POWER)
@@ -325,6 +330,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         self._history: List[torch.Tensor] = []
         self._corrected_from = None  # (call index, state it started from) for the corrector
         self._afs = None  # analytic first step weight (set by set_timesteps)
+        self._resolved = None  # the settings of the schedule set_timesteps built (`resolved_options`)
 
     def _legacy_grid(self):
         """gDDIM's legacy keys: ``time_spacing`` "power" (``spacing_power``), "logsnr", or "striding" (the shared one)."""
@@ -337,10 +343,65 @@ class GDDIMMultistepScheduler(PSLDScheduler):
 
     def _orders(self, n_steps: int) -> list:
         cfg = self.config
-        return multistep_orders(n_steps, cfg.solver_order, cfg.lower_order_final, cfg.euler_at_final)
+        return multistep_orders(n_steps, cfg.solver_order, self._option("lower_order_final"), cfg.euler_at_final)
+
+    def _option(self, name: str):
+        """A solver option of the schedule being built or last built: the config's value, else its NFE band's."""
+        value = getattr(self.config, name)
+        if value is not None:
+            return value
+        if self._resolved is None:
+            raise RuntimeError("call `set_timesteps` first")
+        return getattr(self._resolved[1], name)
+
+    @property
+    def resolved_options(self) -> dict:
+        """What the last ``set_timesteps`` built with: ``{"band": "vp" | "phase" | "classic", "time_grid", "rho",
+        "sigma_max", "sigma_min", "corrector", "analytic_first_step", "lower_order_final"}`` — config values where
+        set, else the NFE band's (:mod:`~diffusers_psld.schedulers.nfe_bands`); ``sigma_max`` / ``sigma_min`` are the
+        noise levels of the grid's first and last time. Raises ``ValueError`` before ``set_timesteps``."""
+        if self._resolved is None or self._tables is None:
+            raise ValueError("call `set_timesteps` first")
+        kind, band, grid, rho, _ = self._resolved
+        times = torch.tensor([self._grid_start, self._grid_end], dtype=torch.float64)
+        s_hi, s_lo = (float(v) for v in noise_level(self.sde, times))
+        return {"band": kind, "time_grid": grid, "rho": rho, "sigma_max": s_hi, "sigma_min": s_lo,
+                **{name: self._option(name) for name in ("corrector", "analytic_first_step", "lower_order_final")}}
+
+    def _band_grid(self, band):
+        """``(grid, rho, t_lo, t_hi)`` of the band's named grid, or None where the config decides the grid (a
+        ``time_grid`` / ``sigma_min`` / ``sigma_max`` key is set, a custom schedule is being built, or the band
+        keeps the classic grid)."""
+        cfg = self.config
+        if (self._custom_grid is not None or band.time_grid is None or cfg.time_grid is not None
+                or cfg.sigma_min is not None or cfg.sigma_max is not None):
+            return None
+        lo, hi = (float(v) for v in noise_level(self.sde, torch.tensor([self._schedule.t_min, 1.0],
+                                                                         dtype=torch.float64)))
+        s_hi = min(band.sigma_max, hi)
+        s_lo = min(max(band.sigma_min, lo), 0.5 * s_hi)
+        t_hi = 1.0 if s_hi >= hi else float(time_for_noise_level(self.sde, [s_hi])[0])
+        t_lo = float(time_for_noise_level(self.sde, [s_lo])[0])
+        return band.time_grid, band.rho, t_lo, t_hi
+
+    def _grid(self, n: int) -> torch.Tensor:
+        band_grid = None if self._resolved is None else self._resolved[4]
+        if band_grid is None:
+            return super()._grid(n)
+        grid_name, rho, t_lo, t_hi = band_grid
+        grid = named_grid(self.sde, grid_name, n, t_lo, t_hi, rho,
+                          f"{grid_name!r} time grid with {n} steps (NFE band of schedule_preset='auto')")
+        self._grid_start, self._grid_end = float(grid[0]), float(grid[-1])
+        return grid
 
     def _build_calls(self, n: int) -> list:
         sde, k = self.sde, self.sde.k
+        kind, band = band_for(k, n, self.config.schedule_preset)
+        band_grid = self._band_grid(band)
+        o = self._schedule
+        grid_name, rho = (band_grid[0], band_grid[1]) if band_grid is not None else (
+            "custom" if self._custom_grid is not None else o.grid, None if self._custom_grid is not None else o.rho)
+        self._resolved = (kind, band, grid_name, rho, band_grid)
         ts = self._grid(n - 1)
         eps = float(ts[-1])
         orders = self._orders(n - 1)
@@ -372,7 +433,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         t_0 < 1, else None: the first-order step 1 → t_0 whose x̂₀ node is t_0 adds ``c x̂₀(t_0)`` to the data-free
         flow Ψ(t_0, 1) z_1 of the prior draw."""
         t0 = float(ts[0])
-        if not self.config.analytic_first_step or t0 >= 1.0:
+        if not self._option("analytic_first_step") or t0 >= 1.0:
             return None
         a = self.sde.hsm_kernel(torch.tensor([t0, 1.0], dtype=torch.float64)).mean_coef
         return a[0] - gddim_transition(self.sde, [t0], [1.0])[0] @ a[1]
@@ -383,13 +444,14 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         cfg = self.config
         width = max(3, cfg.solver_order)
         sets = [_past_nodes(orders)]
-        if cfg.corrector == "unic":
+        corrector = self._option("corrector")
+        if corrector == "unic":
             sets.append([[i + 1] + nd for i, nd in enumerate(sets[0])])
         Ws = step_weights(self.sde, ts, *sets, interpolation=cfg.interpolation, nodes=cfg.quadrature_nodes)
         W = torch.zeros(len(ts) - 1, width, self.sde.k, dtype=torch.float64)
         W[:, : Ws[0].shape[1]] = Ws[0]
         Wc = None
-        if cfg.corrector == "unic":
+        if corrector == "unic":
             Wc = torch.zeros(len(ts) - 1, cfg.solver_order + 1, self.sde.k, dtype=torch.float64)
             Wc[:, : Ws[1].shape[1]] = Ws[1]
         t = torch.as_tensor(ts, dtype=torch.float64)
@@ -440,7 +502,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
     def _corrects(self, i: int) -> bool:
         """Whether call ``i`` corrects the state it received (the result of call i - 1 of this run)."""
         cfg = self.config
-        return (cfg.corrector == "unic" and self._corrected_from is not None and self._corrected_from[0] == i - 1
+        return (self._option("corrector") == "unic" and self._corrected_from is not None and self._corrected_from[0] == i - 1
                 and (i - 1) not in (cfg.disable_corrector or ()))
 
     def step(
@@ -464,7 +526,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             z = z + torch.cat([float(c) * x0 for c in self._afs], dim=1).to(work)
         if self._corrects(i):  # UniC: redo step i - 1 with x̂₀ at its end point among the nodes
             z = self._combine(psi[i - 1], self._corrected_from[1], Wc[i - 1], self._orders_used[i - 1] + 1)
-        if self.config.corrector == "unic":
+        if self._option("corrector") == "unic":
             self._corrected_from = (i, z)
         out = self._combine(psi[i], z, W[i], p)
         return self._end_step(out, x0, sample, return_dict)

@@ -46,6 +46,7 @@ Where each concern of the scheduler base lives (this module keeps the configurat
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple, Union
 
@@ -58,7 +59,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import parameterization, sampling
 from ..sde import RecipeSDE, blocks
-from .config_swap import SAMPLER_MEMORY_KEY, choose_sampler  # noqa: F401  (re-exported)
+from .config_swap import SAMPLER_MEMORY_KEY, check_config_sampler, choose_sampler  # noqa: F401  (re-exported)
 from .forward_process import ForwardProcessMixin
 from .mid_schedule import MidScheduleMixin
 from .network_boundary import NetworkBoundaryMixin
@@ -240,6 +241,18 @@ class PSLDScheduler(ScheduleMixin, MidScheduleMixin, ForwardProcessMixin, Networ
         if isinstance(config, dict) and "sampler" not in kwargs:
             config = choose_sampler(cls, config)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        """Diffusers' ``load_config``; a ``sampler`` its class cannot run is refused here, naming the file
+        (``check_config_sampler``)."""
+        out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        where = str(pretrained_model_name_or_path)
+        if not os.path.isfile(where):  # a directory or a Hub id
+            where = os.path.join(where, kwargs.get("subfolder") or "", cls.config_name)
+        check_config_sampler(config, source=where, default_class=cls.__name__)
+        return out
 
     @classmethod
     def _get_compatibles(cls):

@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["MAX_INFERENCE_STEPS", "MAX_QUADRATURE_NODES", "TIME_SCALE_RANGE", "SIGMA_DATA_RANGE", "check_real",
            "check_steps", "check_float_tensor", "check_finite", "check_batch", "check_quadrature_nodes",
-           "check_generator", "timestep_value", "plain_config_values"]
+           "check_generator", "check_state_shape", "check_float_dtype", "timestep_value", "plain_config_values"]
 
 #: Upper bound of ``num_inference_steps``. ``scheduler.timesteps`` is float32 (devices without float64), whose
 #: resolution near t = 1 is 6e-8: at 1e5 uniform steps (spacing 1e-5) the entries stay distinct and the
@@ -98,6 +98,25 @@ def check_batch(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"`{name}` has a batch of 0 (shape {tuple(x.shape)}); pass at least one sample")
     return x
+
+
+def check_state_shape(shape, k: int, name: str = "shape") -> tuple:
+    """A state shape ``[B, k*C, ...]`` of positive ints (NumPy integers and ``torch.Size`` accepted), as a tuple."""
+    try:
+        dims = tuple(shape)
+    except TypeError as err:
+        raise ValueError(f"`{name}` must be [B, {k}*C, ...] (a sequence of positive ints), got {shape!r}") from err
+    if len(dims) < 2 or any(isinstance(d, (bool, np.bool_)) or not isinstance(d, (numbers.Integral, np.integer))
+                            or d < 1 for d in dims) or dims[1] % k:
+        raise ValueError(f"`{name}` must be [B, {k}*C, ...] with positive int sizes ({k} stacked components), got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> torch.dtype:
+    """A real floating-point ``torch.dtype`` (float16/bfloat16/float32/float64)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`{name}` must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    return dtype
 
 
 def check_quadrature_nodes(q) -> int:

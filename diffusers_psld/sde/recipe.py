@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -39,11 +40,25 @@ from . import kernels
 __all__ = ["RecipeSDE", "HSMKernel"]
 
 
-def _as_matrix(value, name: str) -> torch.Tensor:
+def _as_float64(value, name: str, what: str) -> torch.Tensor:
+    """``value`` as a float64 tensor: numbers only (a string, bytes or bool is refused, not coerced)."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"`{name}` must be {what}, got the string {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"`{name}` must be {what} (real, not {value.dtype}), got {value!r}")
+        return value.detach().to("cpu", torch.float64)
     try:
-        m = torch.as_tensor(value, dtype=torch.float64)
+        arr = np.asarray(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"`{name}` must be a square matrix of numbers, got {value!r}") from err
+        raise ValueError(f"`{name}` must be {what}, got {value!r}") from err
+    if arr.dtype.kind not in "iuf":  # bool, complex, strings, objects (ragged lists)
+        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    return torch.as_tensor(arr, dtype=torch.float64)
+
+
+def _as_matrix(value, name: str) -> torch.Tensor:
+    m = _as_float64(value, name, "a square matrix of numbers")
     if m.ndim == 0:
         m = m.reshape(1, 1)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
@@ -54,9 +69,11 @@ def _as_matrix(value, name: str) -> torch.Tensor:
 
 
 def _check_scalar(value, name: str, low: float = 0.0, strict: bool = False) -> float:
+    if isinstance(value, (str, bytes, bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}")
     try:
         v = float(value)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"`{name}` must be a real number, got {value!r}") from err
     if math.isnan(v) or math.isinf(v) or (v <= low if strict else v < low):
         rng = f"> {low}" if strict else f">= {low}"
@@ -95,7 +112,7 @@ class RecipeSDE:
     def __init__(self, D, Q, masses, beta_min: float, beta_max: float, kappa: float = 0.0):
         D = _as_matrix(D, "D")
         Q = _as_matrix(Q, "Q")
-        masses = torch.as_tensor(masses, dtype=torch.float64).reshape(-1)
+        masses = _as_float64(masses, "masses", "k positive numbers").reshape(-1)
         k = D.shape[0]
         if k == 0:
             raise ValueError("`D` must be a k×k matrix with k >= 1 (the number of stacked components), got an empty matrix")
@@ -129,6 +146,24 @@ class RecipeSDE:
         if k > 1 and self.kappa == 0.0:
             raise ValueError("`kappa` must be > 0 for augmented diffusions (k > 1): the HSM kernel "
                              "needs a non-degenerate initial momentum")
+        self._check_representable()
+
+    def _check_representable(self) -> None:
+        """Every finite parameter set is not a usable one: refuse those whose float64 matrices or transition
+        kernel at t = 1 (the largest β-integral) are not finite, naming the parameters."""
+        probe = (self.A, self.F, self.init_cov)
+        try:
+            ok = all(bool(torch.isfinite(m).all()) for m in probe)
+            if ok:
+                kern = self.hsm_kernel(1.0)
+                ok = all(bool(torch.isfinite(m).all()) for m in (kern.mean_coef, kern.cov, kern.chol))
+        except (ValueError, RuntimeError, OverflowError):  # a non-finite / non-PSD covariance in the kernel
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"the diffusion's parameters overflow float64 (D={self.D.tolist()}, masses={self.masses.tolist()}, "
+                f"beta=[{self.beta_min}, {self.beta_max}], kappa={self.kappa}): the drift or the transition kernel at "
+                "t = 1 is not finite; use parameters of a usable magnitude (the presets: gamma ~ 0.01, nu ~ 4, beta <= 20)")
 
     # ---------------------------------------------------------------- presets
     @classmethod
@@ -143,12 +178,17 @@ class RecipeSDE:
         gamma = _check_scalar(gamma, "gamma")
         nu = _check_scalar(nu, "nu")
         if m_inv is None:
-            m_inv = (nu - gamma) ** 2 / 4.0
+            m_inv = (nu - gamma) / 2.0 * ((nu - gamma) / 2.0)  # no OverflowError: float products overflow to inf
             if m_inv <= 0:
-                raise ValueError(f"critical damping needs `nu` != `gamma`, got gamma={gamma}, nu={nu}")
-        m_inv = _check_scalar(m_inv, "m_inv", 0.0, strict=True)
+                raise ValueError(f"critical damping M⁻¹ = (ν - Γ)²/4 needs `nu` != `gamma` (and (ν - Γ)² > 0 in float64), "
+                                 f"got gamma={gamma}, nu={nu}")
+        m_inv = _check_scalar(m_inv, "m_inv", 0.0, strict=True) if math.isfinite(m_inv) else m_inv
         mass = 1.0 / m_inv
-        return cls(D=[[0.5 * gamma, 0.0], [0.0, 0.5 * mass * nu]], Q=[[0.0, -0.5], [0.5, 0.0]],
+        d_m = 0.5 * mass * nu
+        if not (math.isfinite(m_inv) and math.isfinite(mass) and mass > 0 and math.isfinite(d_m)):
+            raise ValueError(f"`gamma`={gamma!r}, `nu`={nu!r}, `m_inv`={m_inv!r} overflow float64: M⁻¹ = (ν - Γ)²/4 (critical "
+                             "damping), M = 1/M⁻¹ and M ν must be finite and > 0; the presets use gamma ~ 0.01, nu ~ 4")
+        return cls(D=[[0.5 * gamma, 0.0], [0.0, d_m]], Q=[[0.0, -0.5], [0.5, 0.0]],
                    masses=[1.0, mass], beta_min=beta_min, beta_max=beta_max, kappa=kappa)
 
     @classmethod

@@ -1,0 +1,85 @@
+r"""The measured defaults of :class:`~diffusers_psld.GDDIMMultistepScheduler`, per NFE band.
+
+Where a multistep sampler should spend its evaluations depends on how many it has. Below ~10 network evaluations
+(NFE) the start and end of the schedule decide most of the error on a trained network; with many evaluations the
+schedule matters little and a grid that reaches ``sampling_eps`` converges to the exact probability-flow solution.
+So the scheduler's defaults (``schedule_preset="auto"``) are a small table: for each NFE band and each state kind
+(VP: one component; phase space: PSLD / CLD, two), the time grid, its end points σ_max / σ_min, and the solver
+options. diffusers' DPM-Solver does the same for ``lower_order_final`` (on only below 15 steps).
+
+How the table was chosen: trained digits networks (a VP network, and PSLD networks of every output type through
+the exact sufficient-statistic bridge and natively), N = 2000 samples, offline FID, selection on sampling seed 0,
+confirmed on five other seeds, and on exact Gaussian-mixture / KDE scores (``benchmarks/low_nfe_sweep.py``,
+``benchmarks/sampler_study.py``; the figures are in the documentation's *Samplers* page).
+
+An explicitly set config key always wins over the table: ``time_grid`` / ``sigma_min`` / ``sigma_max`` (then the
+named grid comes from the config alone), ``corrector``, ``analytic_first_step``, ``lower_order_final``; a
+``timesteps=`` / ``sigmas=`` schedule takes its grid from the list and the solver options from the table.
+``schedule_preset="classic"`` resolves every unset key to the earlier fixed defaults (a power-2.5 grid from t = 1
+to ``sampling_eps``, no corrector, no analytic first step, lower-order final steps below 15 steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+__all__ = ["SCHEDULE_PRESETS", "NFEBand", "NFE_BANDS", "CLASSIC", "band_for"]
+
+SCHEDULE_PRESETS = ("auto", "classic")
+
+
+@dataclass(frozen=True)
+class NFEBand:
+    """One row of the table: the settings for ``max_nfe`` or fewer network evaluations.
+
+    Attributes:
+        max_nfe: the band's largest NFE (``None``: no upper bound).
+        time_grid, rho: the named grid (``time_grids.TIME_GRIDS``) and its exponent; ``None`` grid: the classic one
+            (``time_spacing`` / ``spacing_power``) from t = 1 to ``sampling_eps``.
+        sigma_max, sigma_min: the first and last grid noise levels σ_t (clipped to the recipe's range); ``None``:
+            t = 1 and ``sampling_eps``.
+        corrector, analytic_first_step, lower_order_final: as the scheduler's config keys.
+    """
+
+    max_nfe: Optional[int]
+    time_grid: Optional[str]
+    rho: Optional[float]
+    sigma_max: Optional[float]
+    sigma_min: Optional[float]
+    corrector: str
+    analytic_first_step: bool
+    lower_order_final: bool
+
+
+#: the fixed defaults before the table (``schedule_preset="classic"``)
+CLASSIC = NFEBand(None, None, None, None, None, "none", False, True)
+
+#: state kind ("vp": one component, "phase": PSLD / CLD) -> bands in increasing ``max_nfe`` (last: unbounded)
+NFE_BANDS: dict = {
+    "vp": (
+        NFEBand(7, "edm", 7.0, 10.0, 0.16, "unic", True, True),
+        NFEBand(29, "edm", 7.0, 30.0, 0.16, "unic", True, True),
+        NFEBand(None, "edm", 7.0, 80.0, 0.06, "unic", True, True),
+    ),
+    "phase": (
+        NFEBand(7, "edm", 7.0, 10.0, 0.16, "unic", True, False),
+        NFEBand(29, "edm", 7.0, 80.0, 0.16, "unic", True, False),
+        NFEBand(None, "edm", 7.0, 80.0, 0.06, "unic", True, False),
+    ),
+}
+
+
+def band_for(num_components: int, nfe: int, preset: str = "auto") -> Tuple[str, NFEBand]:
+    """``(kind, band)``: the row of :data:`NFE_BANDS` for a recipe with ``num_components`` components (1: VP) at
+    ``nfe`` network evaluations, or ``("classic", CLASSIC)`` for ``preset="classic"``.
+
+    Raises ``ValueError`` for a preset outside :data:`SCHEDULE_PRESETS`."""
+    if preset not in SCHEDULE_PRESETS:
+        raise ValueError(f"`schedule_preset` must be one of {SCHEDULE_PRESETS}, got {preset!r}")
+    if preset == "classic":
+        return "classic", CLASSIC
+    kind = "vp" if num_components == 1 else "phase"
+    for band in NFE_BANDS[kind]:
+        if band.max_nfe is None or nfe <= band.max_nfe:
+            return kind, band
+    raise AssertionError("the last band of every kind is unbounded")
