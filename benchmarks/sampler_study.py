@@ -189,9 +189,13 @@ def _own_recipe_gddim(n: "Network") -> bool:
 
 #: package samplers: name -> (label, builder(net) -> recipe scheduler, applicable(net) -> bool, recipe)
 PACKAGE_SAMPLERS: Dict[str, Tuple[str, Callable, Callable, str]] = {
-    "gddim2": ("gDDIM order 2 (own recipe)", _package("GDDIMMultistepScheduler", solver_order=2), _own_recipe_gddim,
+    "gddim": ("gDDIM, package defaults (NFE bands; own recipe)", _package("GDDIMMultistepScheduler"),
+              _own_recipe_gddim, "native"),
+    "gddim2": ("gDDIM order 2, classic grid (own recipe)", _package("GDDIMMultistepScheduler", solver_order=2,
+                                                                   schedule_preset="classic"), _own_recipe_gddim,
                "native"),
-    "gddim3": ("gDDIM order 3 (own recipe)", _package("GDDIMMultistepScheduler", solver_order=3), _own_recipe_gddim,
+    "gddim3": ("gDDIM order 3, classic grid (own recipe)", _package("GDDIMMultistepScheduler", solver_order=3,
+                                                                   schedule_preset="classic"), _own_recipe_gddim,
                "native"),
     "sscs": ("SSCS, quadratic striding (own recipe)", _package("SSCSScheduler", sampler="sscs", striding="quadratic"),
              lambda n: n.recipe() in ("psld", "cld"), "native"),
@@ -200,11 +204,13 @@ PACKAGE_SAMPLERS: Dict[str, Tuple[str, Callable, Callable, str]] = {
     "conj": ("conjugate integrator B=0, quadratic striding (own recipe)",
              _package("ConjugateScheduler", sampler="conjugate", conjugate_b="zero", striding="quadratic"),
              lambda n: True, "native"),
-    "psld-gddim2": ("PSLD Γ=0.01 gDDIM order 2, through the bridge", _package("GDDIMMultistepScheduler", "psld",
-                                                                              solver_order=2),
+    "psld-gddim": ("PSLD Γ=0.01 gDDIM, package defaults (NFE bands), through the bridge",
+                   _package("GDDIMMultistepScheduler", "psld"), lambda n: n.recipe() != "psld", "psld"),
+    "psld-gddim2": ("PSLD Γ=0.01 gDDIM order 2, classic grid, through the bridge",
+                    _package("GDDIMMultistepScheduler", "psld", solver_order=2, schedule_preset="classic"),
                     lambda n: n.recipe() != "psld", "psld"),
-    "psld-gddim3": ("PSLD Γ=0.01 gDDIM order 3, through the bridge", _package("GDDIMMultistepScheduler", "psld",
-                                                                              solver_order=3),
+    "psld-gddim3": ("PSLD Γ=0.01 gDDIM order 3, classic grid, through the bridge",
+                    _package("GDDIMMultistepScheduler", "psld", solver_order=3, schedule_preset="classic"),
                     lambda n: n.recipe() != "psld", "psld"),
 }
 SAMPLERS = {**{k: v[0] for k, v in DIFFUSERS_SAMPLERS.items()}, **{k: v[0] for k, v in PACKAGE_SAMPLERS.items()}}
