@@ -57,14 +57,11 @@ CLASSIC = NFEBand(None, None, None, None, None, "none", False, True)
 #: state kind ("vp": one component, "phase": PSLD / CLD) -> bands in increasing ``max_nfe`` (last: unbounded)
 NFE_BANDS: dict = {
     "vp": (
-        NFEBand(7, "edm", 7.0, 10.0, 0.16, "unic", True, True),
-        NFEBand(29, "edm", 7.0, 30.0, 0.16, "unic", True, True),
-        NFEBand(None, "edm", 7.0, 80.0, 0.06, "unic", True, True),
+        NFEBand(None, "edm", 7.0, 10.0, 0.16, "unic", True, True),
     ),
     "phase": (
         NFEBand(7, "edm", 7.0, 10.0, 0.16, "unic", True, False),
-        NFEBand(29, "edm", 7.0, 80.0, 0.16, "unic", True, False),
-        NFEBand(None, "edm", 7.0, 80.0, 0.06, "unic", True, False),
+        NFEBand(None, "edm", 7.0, 80.0, 0.16, "unic", True, False),
     ),
 }
 
