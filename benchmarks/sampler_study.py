@@ -204,6 +204,8 @@ PACKAGE_SAMPLERS: Dict[str, Tuple[str, Callable, Callable, str]] = {
     "conj": ("conjugate integrator B=0, quadratic striding (own recipe)",
              _package("ConjugateScheduler", sampler="conjugate", conjugate_b="zero", striding="quadratic"),
              lambda n: True, "native"),
+    "vp-gddim": ("VP gDDIM, package defaults (NFE bands), through the bridge",
+                 _package("GDDIMMultistepScheduler", "vp"), lambda n: n.recipe() not in ("vp", "vp-discrete"), "vp"),
     "psld-gddim": ("PSLD Γ=0.01 gDDIM, package defaults (NFE bands), through the bridge",
                    _package("GDDIMMultistepScheduler", "psld"), lambda n: n.recipe() != "psld", "psld"),
     "psld-gddim2": ("PSLD Γ=0.01 gDDIM order 2, classic grid, through the bridge",
@@ -428,13 +430,17 @@ def worker(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ report
-def collect(work_dir: str) -> List[dict]:
+def collect(work_dir: str, samplers=None) -> List[dict]:
+    """The finished cells of ``work_dir``; with ``samplers``, only those of the named samplers (a work directory
+    may also hold the cells of a schedule sweep, which must not compete with the study's rows)."""
     res_dir = os.path.join(work_dir, "results")
     out = []
     for fn in sorted(os.listdir(res_dir)) if os.path.isdir(res_dir) else []:
         if fn.endswith(".json"):
             with open(os.path.join(res_dir, fn)) as f:
-                out.append(json.load(f))
+                r = json.load(f)
+            if samplers is None or r.get("sampler") in samplers:
+                out.append(r)
     return out
 
 
@@ -486,14 +492,40 @@ def goal_lines(results: List[dict], nfes: List[int]) -> List[str]:
                          f"ratio {ratio:.2f}; {verdict}")
         lines.append("")
     v = cells_at(results, 10, lambda r: r["model"] == "vp")
-    if ("vp", "gddim3") in v and ("vp", "dpmpp2m") in v:
-        for smp in ("gddim2", "gddim3"):
+    if ("vp", "dpmpp2m") in v:
+        for smp in ("gddim", "gddim2", "gddim3"):
             if ("vp", smp) in v:
                 lines.append(f"- VP network, NFE 10: package VP {smp} {_stat(v[('vp', smp)])} vs DPM-Solver++(2M) "
                              f"{_stat(v[('vp', 'dpmpp2m')])}; "
                              f"{ps._verdict(v[('vp', smp)], v[('vp', 'dpmpp2m')], ('package', 'diffusers'))}")
         lines.append("")
     return lines
+
+
+#: the README's headline rows: (label, network, [samplers]; the best of the samplers per NFE)
+HEADLINE = [
+    ("VP network: this package's VP gDDIM (defaults)", "vp", ["gddim"]),
+    ("VP network: diffusers' best (UniPC, DPM-Solver++ 2M/3M, DDIM, Euler)", "vp",
+     ["unipc", "dpmpp2m", "dpmpp3m", "dpmpp2m-karras", "dpmpp3m-karras", "ddim", "euler"]),
+    ("VP network: PSLD gDDIM (defaults) through the bridge", "vp", ["psld-gddim"]),
+    ("PSLD network (paper's ε): VP gDDIM (defaults) through the bridge", "psld_eps", ["vp-gddim"]),
+    ("PSLD network (paper's ε): PSLD gDDIM (defaults)", "psld_eps", ["gddim"]),
+    ("PSLD network (paper's ε): diffusers' best, through `to_vp()`", "psld_eps",
+     ["unipc", "dpmpp2m", "dpmpp3m", "dpmpp2m-karras", "dpmpp3m-karras", "ddim", "euler"]),
+]
+
+
+def headline_lines(results: List[dict], nfes: List[int]) -> List[str]:
+    """The headline table: per row and NFE the best listed sampler's FID, mean ± s.d. over the seeds it ran."""
+    L = ["## Headline (FID, mean ± s.d. over the sampling seeds run; best of the listed samplers)", "",
+         "| network and sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    for label, net, samplers in HEADLINE:
+        row = []
+        for n in nfes:
+            b = best_cell(cells_at(results, n, lambda r, net=net, ss=samplers: r["model"] == net and r["sampler"] in ss))
+            row.append("—" if b is None else f"{_stat(b[1])}" + ("" if len(samplers) == 1 else f" `{b[0][1]}`"))
+        L.append(f"| {label} | " + " | ".join(row) + " |")
+    return L + [""]
 
 
 def markdown(p: dict) -> str:
@@ -509,6 +541,7 @@ def markdown(p: dict) -> str:
               f"KID {1e3 * floor['kid_mean']['mean']:.2f}e-3 ({floor['what']}).", ""]
     L += ["Networks: " + "; ".join(f"`{m}` = {NETWORKS[m][0]}" for m in nets) + ".", "",
           "Commands:", "", *[f"    {c}" for c in p["commands"]], ""]
+    L += headline_lines(results, nfes)
     L += goal_lines(results, [n for n in nfes if n <= 20])
     L += ["## Best sampler per network and NFE", "", "| network | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
           "|---|" + "---:|" * len(nfes)]
@@ -544,7 +577,7 @@ def markdown(p: dict) -> str:
 
 
 def write_report(args) -> dict:
-    results = collect(args.work_dir)
+    results = collect(args.work_dir, SAMPLERS if args.only_registered else None)
     floor_path = os.path.join(args.work_dir, f"floor_n{args.num_samples}.json")
     floor = json.load(open(floor_path)) if os.path.isfile(floor_path) else None
     p = {"results": results, "floor": floor, "num_samples": args.num_samples, "main_seed": args.seeds[0],
@@ -583,6 +616,9 @@ def parse_args(argv=None):
     p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--deadline_minutes", type=float, default=None)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--all_cells", dest="only_registered", action="store_false",
+                   help="report every cell of --work_dir (default: only the samplers of this study and of "
+                        "--extra_samplers)")
     p.add_argument("--commands", nargs="*", default=[])
     p.add_argument("--out_json", default=os.path.join(HERE, "results", "sampler_study.json"))
     p.add_argument("--out_md", default=os.path.join(HERE, "results", "sampler_study.md"))
