@@ -516,14 +516,29 @@ HEADLINE = [
 
 
 def headline_lines(results: List[dict], nfes: List[int]) -> List[str]:
-    """The headline table: per row and NFE the best listed sampler's FID, mean ± s.d. over the seeds it ran."""
-    L = ["## Headline (FID, mean ± s.d. over the sampling seeds run; best of the listed samplers)", "",
-         "| network and sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    """The headline table: per row and NFE the best listed sampler's FID, mean ± s.d. over the sampling seeds that
+    every row of the same network ran at that NFE (so the rows of a network are compared on the same prior draws)."""
+    L = ["## Headline (FID, mean ± s.d. over the sampling seeds shared by the rows of a network; best of the listed "
+         "samplers)", "", "| network and sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+         "|---|" + "---:|" * len(nfes)]
+    cells = {}
+    for label, net, samplers in HEADLINE:
+        for n in nfes:
+            cells[(label, n)] = best_cell(cells_at(results, n, lambda r, net=net, ss=samplers: r["model"] == net
+                                                   and r["sampler"] in ss))
     for label, net, samplers in HEADLINE:
         row = []
         for n in nfes:
-            b = best_cell(cells_at(results, n, lambda r, net=net, ss=samplers: r["model"] == net and r["sampler"] in ss))
-            row.append("—" if b is None else f"{_stat(b[1])}" + ("" if len(samplers) == 1 else f" `{b[0][1]}`"))
+            b = cells[(label, n)]
+            if b is None:
+                row.append("—")
+                continue
+            shared = set(b[1])
+            for other, onet, _ in HEADLINE:
+                if onet == net and cells[(other, n)] is not None:
+                    shared &= set(cells[(other, n)][1])
+            fids = {k: v for k, v in b[1].items() if k in shared} or b[1]
+            row.append(_stat(fids) + ("" if len(samplers) == 1 else f" `{b[0][1]}`"))
         L.append(f"| {label} | " + " | ".join(row) + " |")
     return L + [""]
 
