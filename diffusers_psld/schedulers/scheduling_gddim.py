@@ -64,7 +64,7 @@ The uniform grid is a poor choice for every order (large errors below ~40 NFE, m
 """
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Tuple, Union
+from typing import List, Literal, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ from .. import sampling
 from ..sde import RecipeSDE, blocks
 from .scheduling_conjugate import _PIECE_RATIO, _rotation, gauss_legendre_sqrt, gddim_angle, gddim_transition
 from .scheduling_psld import _AFFINE, PSLDScheduler, PSLDSchedulerOutput, _Calls
-from .nfe_bands import band_for
+from .nfe_bands import NFEBand, band_for
 from .time_grids import DEFAULT_RHO, named_grid, noise_level, time_for_noise_level
 from .validation import check_generator, check_quadrature_nodes, check_real
 
@@ -85,6 +85,17 @@ DEFAULT_SPACING_POWER = 2.5
 #: range); larger powers collapse the last grid points onto ``sampling_eps`` in float64 (ρ = 1e6 gives a grid of
 #: repeated times), which the constructor refuses instead of ``set_timesteps``
 MAX_SPACING_POWER = 8.0
+
+class _Resolved(NamedTuple):
+    """What ``set_timesteps`` resolved: the band row (:mod:`.nfe_bands`), the grid's name and exponent, and the
+    band's ``(grid, rho, t_lo, t_hi)`` when the band (not the config) decides the grid, else None."""
+
+    kind: str
+    band: "NFEBand"
+    grid: str
+    rho: Optional[float]
+    band_grid: Optional[tuple]
+
 
 __all__ = ["GDDIMMultistepScheduler", "multistep_coefficients", "corrector_coefficients", "step_weights",
            "multistep_orders", "log_snr", "spacing_grid", "TIME_SPACINGS", "CORRECTORS"]
@@ -369,7 +380,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             return value
         if self._resolved is None:
             raise RuntimeError("call `set_timesteps` first")
-        return getattr(self._resolved[1], name)
+        return getattr(self._resolved.band, name)
 
     @property
     def resolved_options(self) -> dict:
@@ -379,10 +390,10 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         noise levels of the grid's first and last time. Raises ``ValueError`` before ``set_timesteps``."""
         if self._resolved is None or self._tables is None:
             raise ValueError("call `set_timesteps` first")
-        kind, band, grid, rho, _ = self._resolved
+        r = self._resolved
         times = torch.tensor([self._grid_start, self._grid_end], dtype=torch.float64)
         s_hi, s_lo = (float(v) for v in noise_level(self.sde, times))
-        return {"band": kind, "time_grid": grid, "rho": rho, "sigma_max": s_hi, "sigma_min": s_lo,
+        return {"band": r.kind, "time_grid": r.grid, "rho": r.rho, "sigma_max": s_hi, "sigma_min": s_lo,
                 **{name: self._option(name) for name in ("corrector", "analytic_first_step", "lower_order_final")}}
 
     def _band_grid(self, band):
@@ -406,7 +417,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         return band.time_grid, band.rho, t_lo, t_hi
 
     def _grid(self, n: int) -> torch.Tensor:
-        band_grid = None if self._resolved is None else self._resolved[4]
+        band_grid = None if self._resolved is None else self._resolved.band_grid
         if band_grid is None:
             return super()._grid(n)
         grid_name, rho, t_lo, t_hi = band_grid
@@ -424,7 +435,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
             "custom" if self._custom_grid is not None else o.grid, None if self._custom_grid is not None else o.rho)
         if rho is None and grid_name in DEFAULT_RHO:  # the exponent the grid really used
             rho = DEFAULT_RHO[grid_name]
-        self._resolved = (kind, band, grid_name, rho, band_grid)
+        self._resolved = _Resolved(kind, band, grid_name, rho, band_grid)
         ts = self._grid(n - 1)
         eps = float(ts[-1])
         orders = self._orders(n - 1)
