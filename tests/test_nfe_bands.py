@@ -22,11 +22,18 @@ def test_auto_resolves_to_the_band(diffusion, kind, nfe):
     k, band = band_for(s.sde.k, nfe)
     assert k == kind and got["band"] == kind
     assert band.max_nfe is None or nfe <= band.max_nfe
-    for name in ("time_grid", "rho", "corrector", "analytic_first_step", "lower_order_final"):
+    for name in ("corrector", "analytic_first_step", "lower_order_final"):
+        assert got[name] == getattr(band, name), name
+    assert len(s.timesteps) == nfe  # the NFE accounting is unchanged
+    if band.time_grid is None:  # a band on the classic grid: power 2.5 from t = 1 to sampling_eps
+        assert (got["time_grid"], got["rho"]) == ("power", 2.5)
+        assert float(s.exact_timesteps[0]) == 1.0
+        assert math.isclose(float(s.exact_timesteps[-1]), s.config.sampling_eps, rel_tol=1e-12)
+        return
+    for name in ("time_grid", "rho"):
         assert got[name] == getattr(band, name), name
     assert math.isclose(got["sigma_max"], band.sigma_max, rel_tol=1e-9)
     assert math.isclose(got["sigma_min"], band.sigma_min, rel_tol=1e-9)
-    assert len(s.timesteps) == nfe  # the NFE accounting is unchanged
     # the first state's law is the data-free kernel marginal at the band's start (sigma_max below σ(1))
     t0 = float(s.exact_timesteps[0])
     assert t0 < 1.0
@@ -40,7 +47,10 @@ def test_bands_are_ordered_and_end_unbounded():
         edges = [b.max_nfe for b in bands[:-1]]
         assert edges == sorted(edges) and bands[-1].max_nfe is None, kind
         for b in bands:
-            assert 0 < b.sigma_min < b.sigma_max
+            if b.time_grid is None:  # the classic grid: no σ bounds of its own
+                assert b.sigma_min is None and b.sigma_max is None and b.rho is None, kind
+            else:
+                assert 0 < b.sigma_min < b.sigma_max, kind
 
 
 def test_classic_preset_is_the_earlier_default():
