@@ -600,7 +600,9 @@ def markdown(p: dict) -> str:
 
 
 def write_report(args) -> dict:
-    results = collect(args.work_dir, SAMPLERS if args.only_registered else None)
+    results = [r for r in collect(args.work_dir, SAMPLERS if args.only_registered else None)
+               if r["model"] in args.networks and (not args.report_nfes or r["nfe"] in args.report_nfes)
+               and (not args.report_samplers or r["sampler"] in args.report_samplers)]
     floor_path = os.path.join(args.work_dir, f"floor_n{args.num_samples}.json")
     floor = json.load(open(floor_path)) if os.path.isfile(floor_path) else None
     p = {"results": results, "floor": floor, "num_samples": args.num_samples, "main_seed": args.seeds[0],
@@ -643,6 +645,9 @@ def parse_args(argv=None):
                    help="report every cell of --work_dir (default: only the samplers of this study and of "
                         "--extra_samplers)")
     p.add_argument("--commands", nargs="*", default=[])
+    p.add_argument("--report_nfes", type=int, nargs="*", default=None,
+                   help="--report: only these NFEs (default: every NFE that ran); --networks filters the networks")
+    p.add_argument("--report_samplers", nargs="*", default=None, help="--report: only these samplers (default: all)")
     p.add_argument("--out_json", default=os.path.join(HERE, "results", "sampler_study.json"))
     p.add_argument("--out_md", default=os.path.join(HERE, "results", "sampler_study.md"))
     args = p.parse_args(argv)
@@ -655,6 +660,11 @@ def parse_args(argv=None):
     for m in args.networks:
         if m not in NETWORKS:
             p.error(f"--networks: unknown network {m!r}; choose from {sorted(NETWORKS)}")
+    for s in args.report_samplers or []:
+        if s not in SAMPLERS:
+            p.error(f"--report_samplers: unknown sampler {s!r}; choose from {sorted(SAMPLERS)}")
+    if any(n < 2 for n in args.report_nfes or []):
+        p.error("--report_nfes: NFEs must be >= 2")
     try:
         parse_plan(args.plan)
     except ValueError as e:

@@ -59,6 +59,15 @@ def test_study_samples_every_family_resumes_and_reports(tmp_path):
                  "Real-data floor", "diffusers DPM-Solver++ 2M"):
         assert text in md, text
     assert json.load(open(out / "s.json"))["num_samples"] == 8
+    # a filtered report: only the listed networks, samplers and NFEs
+    sub = [a for a in common]
+    sub[sub.index("--networks") + 1: sub.index("--networks") + 4] = ["ddpm"]
+    st.main(sub + ["--report", "--report_samplers", "dpmpp2m", "unipc", "--report_nfes", "3",
+                   "--out_json", str(out / "f.json"), "--out_md", str(out / "f.md")])
+    got = {(r["model"], r["sampler"]) for r in json.load(open(out / "f.json"))["results"]}
+    assert got == {("ddpm", "dpmpp2m"), ("ddpm", "unipc")}
+    with pytest.raises(SystemExit):
+        st.parse_args(common + ["--report", "--report_samplers", "nope"])
 
 
 def test_prior_draws_are_shared_across_state_spaces():
