@@ -11,6 +11,7 @@ from diffusers_psld import GDDIMMultistepScheduler
 from diffusers_psld.exact import GaussianMixture
 from diffusers_psld.schedulers.nfe_bands import CLASSIC, NFE_BANDS, band_for
 from diffusers_psld.schedulers.scheduling_gddim import gddim_transition
+from diffusers_psld.schedulers.time_grids import noise_level
 
 
 @pytest.mark.parametrize("diffusion,kind", [("psld", "phase"), ("vp", "vp")])
@@ -29,6 +30,9 @@ def test_auto_resolves_to_the_band(diffusion, kind, nfe):
         assert (got["time_grid"], got["rho"]) == ("power", 2.5)
         assert float(s.exact_timesteps[0]) == 1.0
         assert math.isclose(float(s.exact_timesteps[-1]), s.config.sampling_eps, rel_tol=1e-12)
+        ends = noise_level(s.sde, torch.tensor([1.0, s.config.sampling_eps], dtype=torch.float64))
+        assert math.isclose(got["sigma_max"], float(ends[0]), rel_tol=1e-9)
+        assert math.isclose(got["sigma_min"], float(ends[1]), rel_tol=1e-9)
         return
     for name in ("time_grid", "rho"):
         assert got[name] == getattr(band, name), name

@@ -28,8 +28,8 @@ class ForwardProcessMixin:
     def sample_prior(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
         """Draw the state the first call of the schedule expects.
 
-        For a schedule that starts at t = 1 (every named grid unless ``sigma_max`` is set, and before
-        ``set_timesteps``): the prior N(0, diag(masses)) per component (x ~ N(0, I), m ~ N(0, M I)). With the SSCS
+        For a schedule that starts at t = 1 (a named grid without ``sigma_max``, the classic grids, and before
+        ``set_timesteps``; ``GDDIMMultistepScheduler``'s EDM NFE bands start below it): the prior N(0, diag(masses)) per component (x ~ N(0, I), m ~ N(0, M I)). With the SSCS
         sampler this is also exact for the state its first step expects (the SSCS linear part keeps the prior
         invariant, so its leading half-step needs no simulation).
 

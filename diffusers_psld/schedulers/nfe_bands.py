@@ -8,7 +8,9 @@ So the scheduler's defaults (``schedule_preset="auto"``) are a small table: for 
 options. diffusers' DPM-Solver does the same for ``lower_order_final`` (on only below 15 steps).
 
 For phase space the table has three rows: up to 7 NFE an EDM ρ = 7 σ-grid from σ 10 to 0.16, 8–12 NFE the same
-from σ 80, and from 13 NFE the classic power-2.5 grid in t from t = 1 to ``sampling_eps`` with the UniC corrector.
+from σ 80, and from 13 NFE the classic power-2.5 grid in t from t = 1 to ``sampling_eps`` with the UniC corrector and
+``lower_order_final=True`` (the analytic first step of that row acts only with a ``sigma_max`` or a custom list, whose
+grid starts below t = 1).
 The EDM grid's early stop at σ 0.16 wins with few evaluations and loses with many (it keeps the bias of the last
 denoising call at σ 0.16, which no NFE removes). Measured with PSLD gDDIM on trained digits networks (offline FID,
 N = 2000; 5 sampling seeds at NFE 20, one at 50): through the bridge on a VP network, 1.13 ± 0.19 with the classic
