@@ -603,6 +603,11 @@ def write_report(args) -> dict:
     results = [r for r in collect(args.work_dir, SAMPLERS if args.only_registered else None)
                if r["model"] in args.networks and (not args.report_nfes or r["nfe"] in args.report_nfes)
                and (not args.report_samplers or r["sampler"] in args.report_samplers)]
+    if not results:
+        raise SystemExit(f"--report: no finished cell in {args.work_dir} matches --networks {args.networks}"
+                         + (f", --report_nfes {args.report_nfes}" if args.report_nfes else "")
+                         + (f", --report_samplers {args.report_samplers}" if args.report_samplers else "")
+                         + "; nothing written")
     floor_path = os.path.join(args.work_dir, f"floor_n{args.num_samples}.json")
     floor = json.load(open(floor_path)) if os.path.isfile(floor_path) else None
     p = {"results": results, "floor": floor, "num_samples": args.num_samples, "main_seed": args.seeds[0],
@@ -645,9 +650,9 @@ def parse_args(argv=None):
                    help="report every cell of --work_dir (default: only the samplers of this study and of "
                         "--extra_samplers)")
     p.add_argument("--commands", nargs="*", default=[])
-    p.add_argument("--report_nfes", type=int, nargs="*", default=None,
+    p.add_argument("--report_nfes", type=int, nargs="+", default=None,
                    help="--report: only these NFEs (default: every NFE that ran); --networks filters the networks")
-    p.add_argument("--report_samplers", nargs="*", default=None, help="--report: only these samplers (default: all)")
+    p.add_argument("--report_samplers", nargs="+", default=None, help="--report: only these samplers (default: all)")
     p.add_argument("--out_json", default=os.path.join(HERE, "results", "sampler_study.json"))
     p.add_argument("--out_md", default=os.path.join(HERE, "results", "sampler_study.md"))
     args = p.parse_args(argv)

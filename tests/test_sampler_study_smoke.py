@@ -68,6 +68,9 @@ def test_study_samples_every_family_resumes_and_reports(tmp_path):
     assert got == {("ddpm", "dpmpp2m"), ("ddpm", "unipc")}
     with pytest.raises(SystemExit):
         st.parse_args(common + ["--report", "--report_samplers", "nope"])
+    with pytest.raises(SystemExit, match="no finished cell"):  # a filter that matches nothing writes nothing
+        st.main(sub + ["--report", "--report_nfes", "13", "--out_json", str(out / "g.json"), "--out_md", str(out / "g.md")])
+    assert not (out / "g.md").exists()
 
 
 def test_prior_draws_are_shared_across_state_spaces():
