@@ -163,6 +163,11 @@ def test_sampling_eps_stays_the_smallest_time():
     s = GDDIMMultistepScheduler(sampling_eps=0.5)  # σ(0.5) > half the band's σ_max: the classic grid to sampling_eps
     s.set_timesteps(5)
     assert float(s.exact_timesteps[-1]) == 0.5 and float(s.exact_timesteps[0]) == 1.0
+    # a weak recipe whose σ(1) is under twice the band's σ_min 0.16: no squeezed EDM grid, the classic one
+    s = GDDIMMultistepScheduler(beta_min=0.1, beta_max=1.0)
+    s.set_timesteps(12)
+    assert s.resolved_options["time_grid"] == "power" and float(s.exact_timesteps[0]) == 1.0
+    assert math.isclose(float(s.exact_timesteps[-1]), s.config.sampling_eps, rel_tol=1e-12)
 
 
 def test_resolved_rho_is_the_exponent_used_and_numpy_indices_save(tmp_path):

@@ -411,9 +411,9 @@ class GDDIMMultistepScheduler(PSLDScheduler):
         lo, hi = (float(v) for v in noise_level(self.sde, torch.tensor([self._schedule.t_lo, 1.0],
                                                                          dtype=torch.float64)))
         s_hi = min(band.sigma_max, hi)
-        if lo >= 0.5 * s_hi:  # a sampling_eps (or a weak recipe) that leaves the band no room: the classic grid
-            return None
         s_lo = max(band.sigma_min, lo)
+        if s_lo >= 0.5 * s_hi:  # a sampling_eps or a weak recipe (small σ(1)) leaves the band no room: the classic grid
+            return None
         t_hi = 1.0 if s_hi >= hi else float(time_for_noise_level(self.sde, [s_hi])[0])
         t_lo = float(time_for_noise_level(self.sde, [s_lo])[0])
         return band.time_grid, band.rho, t_lo, t_hi
