@@ -24,9 +24,10 @@ the exact sufficient-statistic bridge and natively), N = 2000 samples, offline F
 confirmed on five other seeds, and on exact Gaussian-mixture / KDE scores (``benchmarks/low_nfe_sweep.py``,
 ``benchmarks/sampler_study.py``; the figures are in the documentation's *Samplers* page).
 
-The band's σ_min is never below σ(``sampling_eps``) (``sampling_eps`` stays the smallest time of a schedule); where
-the band's σ_min (raised to σ(``sampling_eps``)) reaches half its σ_max (capped at σ(1)): a large ``sampling_eps``,
-or a recipe with little noise, the band grid is not used and the classic grid from t = 1 to ``sampling_eps`` is. σ_max is capped at the recipe's σ(1).
+The band's σ_min is never below σ(``sampling_eps``) (``sampling_eps`` stays the smallest time of a schedule), and
+its σ_max is capped at the recipe's σ(1). Where the σ_min so raised reaches half the σ_max so capped (a large
+``sampling_eps``, or a recipe with little noise) the band grid is not used and the classic grid from t = 1 to
+``sampling_eps`` is.
 
 An explicitly set config key always wins over the table: ``time_grid`` / ``sigma_min`` / ``sigma_max`` / ``time_spacing`` /
 ``spacing_power`` (then the named grid comes from the config alone: setting only ``sigma_min``, for example, gives
