@@ -69,7 +69,8 @@ def test_study_samples_every_family_resumes_and_reports(tmp_path):
     with pytest.raises(SystemExit):
         st.parse_args(common + ["--report", "--report_samplers", "nope"])
     with pytest.raises(SystemExit, match="no finished cell"):  # a filter that matches nothing writes nothing
-        st.main(sub + ["--report", "--report_nfes", "13", "--out_json", str(out / "g.json"), "--out_md", str(out / "g.md")])
+        st.main(sub + ["--report", "--report_nfes", "13", "--out_json", str(out / "g.json"),
+                       "--out_md", str(out / "g.md")])
     assert not (out / "g.md").exists()
 
 

@@ -29,8 +29,8 @@ class ForwardProcessMixin:
         """Draw the state the first call of the schedule expects.
 
         For a schedule that starts at t = 1 (a named grid without ``sigma_max``, the classic grids, and before
-        ``set_timesteps``; ``GDDIMMultistepScheduler``'s EDM NFE bands start below it): the prior N(0, diag(masses)) per component (x ~ N(0, I), m ~ N(0, M I)). With the SSCS
-        sampler this is also exact for the state its first step expects (the SSCS linear part keeps the prior
+        ``set_timesteps``; ``GDDIMMultistepScheduler``'s EDM NFE bands start below it): the prior N(0, diag(masses))
+        per component (x ~ N(0, I), m ~ N(0, M I)). With the SSCS sampler this is also exact for the state its first step expects (the SSCS linear part keeps the prior
         invariant, so its leading half-step needs no simulation).
 
         For a schedule that starts at t₀ < 1 (``timesteps`` / ``sigmas`` / ``sigma_max`` below σ(1), e.g. EDM's

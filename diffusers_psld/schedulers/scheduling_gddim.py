@@ -412,7 +412,7 @@ class GDDIMMultistepScheduler(PSLDScheduler):
                                                                          dtype=torch.float64)))
         s_hi = min(band.sigma_max, hi)
         s_lo = max(band.sigma_min, lo)
-        if s_lo >= 0.5 * s_hi:  # a sampling_eps or a weak recipe (small σ(1)) leaves the band no room: the classic grid
+        if s_lo >= 0.5 * s_hi:  # a large sampling_eps or a weak recipe (small σ(1)) leaves no room: classic grid
             return None
         t_hi = 1.0 if s_hi >= hi else float(time_for_noise_level(self.sde, [s_hi])[0])
         t_lo = float(time_for_noise_level(self.sde, [s_lo])[0])
