@@ -30,8 +30,9 @@ class ForwardProcessMixin:
 
         For a schedule that starts at t = 1 (a named grid without ``sigma_max``, the classic grids, and before
         ``set_timesteps``; ``GDDIMMultistepScheduler``'s EDM NFE bands start below it): the prior N(0, diag(masses))
-        per component (x ~ N(0, I), m ~ N(0, M I)). With the SSCS sampler this is also exact for the state its first step expects (the SSCS linear part keeps the prior
-        invariant, so its leading half-step needs no simulation).
+        per component (x ~ N(0, I), m ~ N(0, M I)). With the SSCS sampler this is also exact for the state its
+        first step expects (the SSCS linear part keeps the prior invariant, so its leading half-step needs no
+        simulation).
 
         For a schedule that starts at t₀ < 1 (``timesteps`` / ``sigmas`` / ``sigma_max`` below σ(1), e.g. EDM's
         σ_max = 80): the data-free kernel marginal N(0, Σ_t₀), the law of z_t₀ for x₀ = 0 (the HSM covariance at t₀;
