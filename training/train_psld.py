@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "converge on trained k = 2 models where uniform did not; uniform for vp")
     g.add_argument("--prediction_type", choices=["epsilon", "sample", "sufficient_epsilon"], default="epsilon",
                    help="network output: epsilon (the paper's k*C-channel ε), sample (x̂₀, C channels) or sufficient_epsilon "
-                        "(the noise of the sufficient statistic of x₀, C channels; consistent by construction). The digits "
-                        "parameterization study (documentation, Benchmarks): epsilon is best at NFE >= 20, sample at NFE "
-                        "<= 10 and for EM / the raw ODE")
+                        "(the noise of the sufficient statistic of x₀, C channels; consistent by construction). On digits with "
+                        "the recommended gDDIM samplers, epsilon and sufficient_epsilon sampled best and sample worst at "
+                        "NFE 5-20 (documentation, Samplers); sample helps EM / the raw ODE at NFE <= 10 (Benchmarks)")
     g.add_argument("--input_preconditioning", action=argparse.BooleanOptionalAction, default=False,
                    help="feed the UNet c_in(t) z_t, c_in = (Σ_t + σ_data² a_t a_tᵀ)^(-1/2) (scheduler.scale_model_input)")
     g.add_argument("--sigma_data", type=float, default=0.5, help="σ_data of --input_preconditioning (per-pixel data std, > 0)")

@@ -86,12 +86,13 @@ DEFAULT_SPACING_POWER = 2.5
 #: repeated times), which the constructor refuses instead of ``set_timesteps``
 MAX_SPACING_POWER = 8.0
 
+
 class _Resolved(NamedTuple):
     """What ``set_timesteps`` resolved: the band row (:mod:`.nfe_bands`), the grid's name and exponent, and the
     band's ``(grid, rho, t_lo, t_hi)`` when the band (not the config) decides the grid, else None."""
 
     kind: str
-    band: "NFEBand"
+    band: NFEBand
     grid: str
     rho: Optional[float]
     band_grid: Optional[tuple]
